@@ -1,0 +1,30 @@
+# The two commands a fresh clone needs: `make demo` and `make test`. `make setup` is their shared first step.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cirlab-setup
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo demo-quick test clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first (a CPU build lies on this machine's disk; an unpinned torch would pull a CUDA build),
+# then the package with its dev extra.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/cirlab demo --out $(DEMO_OUT) --seed 0
+
+demo-quick: setup
+	$(BIN)/cirlab demo --quick --out $(DEMO_OUT)-quick --seed 0
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-quick

@@ -1,0 +1,72 @@
+"""What every backbone wrapper shares: tokenising, preprocessing config, saving and loading."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cirlab.data.images import Preprocess
+from cirlab.errors import CirlabError
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def read_preprocess(folder: Path, default_size: int) -> Preprocess:
+    """Read the image size, mean and std from a Hugging Face preprocessor_config.json (CLIP/BLIP style)."""
+    path = folder / PREPROCESSOR_FILE
+    if not path.exists():
+        return Preprocess(size=default_size)
+    cfg = json.loads(path.read_text())
+    crop = cfg.get("crop_size") or cfg.get("size") or {}
+    size = crop.get("height") or crop.get("shortest_edge") or default_size
+    return Preprocess(size=int(size), mean=tuple(cfg.get("image_mean", Preprocess.mean)),
+                      std=tuple(cfg.get("image_std", Preprocess.std)))
+
+
+def write_preprocess(folder: Path, pre: Preprocess, processor_type: str) -> None:
+    cfg = {"image_processor_type": processor_type, "do_resize": True, "do_center_crop": True,
+           "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3,
+           "size": {"shortest_edge": pre.size}, "crop_size": {"height": pre.size, "width": pre.size},
+           "image_mean": list(pre.mean), "image_std": list(pre.std)}
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def resolve_source(source) -> str:
+    """A local folder (must exist) or a Hugging Face id, as `from_pretrained` takes it."""
+    s = str(source)
+    looks_local = s.startswith((".", "/", "~")) or Path(s).exists() or s.count("/") > 1
+    if looks_local and not Path(s).expanduser().exists():
+        raise CirlabError(f"backbone folder not found: {s}")
+    return str(Path(s).expanduser()) if looks_local else s
+
+
+class Backbone(nn.Module):
+    """Common surface: `tokenize`, `preprocess`, `save_pretrained`; subclasses add feature methods."""
+    kind = ""
+
+    def __init__(self, model, tokenizer, preprocess: Preprocess, source: str = ""):
+        super().__init__()
+        self.model, self.tokenizer, self.preprocess, self.source = model, tokenizer, preprocess, source
+
+    @property
+    def max_length(self) -> int:
+        raise NotImplementedError
+
+    def tokenize(self, texts, device=None) -> dict:
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        out = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save_pretrained(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        write_preprocess(folder, self.preprocess, self.processor_type)

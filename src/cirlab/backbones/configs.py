@@ -1,0 +1,47 @@
+"""Tiny backbone configs for the synthetic world: same classes as real checkpoints, built from configs."""
+from __future__ import annotations
+
+from cirlab.backbones.tokenizer import VOCAB_SIZE, clip_tokenizer
+from cirlab.data.images import Preprocess
+
+TEXT_LENGTH = 40
+
+
+def tiny_clip(image_size: int = 64, width: int = 128, layers: int = 3, dim: int = 128):
+    """A CLIPModel of about 2 M parameters (1.6 M of them in the 49,408 x 32 ... word table) and its tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from cirlab.backbones.clip import ClipBackbone
+
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=width, intermediate_size=width * 4,
+                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=TEXT_LENGTH,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=width, intermediate_size=width * 4,
+                           num_hidden_layers=layers, num_attention_heads=4),
+        projection_dim=dim,
+    )
+    model = CLIPModel(cfg)
+    return ClipBackbone(model, clip_tokenizer(TEXT_LENGTH), Preprocess(size=image_size), "tiny-clip")
+
+
+def tiny_blip2(image_size: int = 64, vision_width: int = 128, vision_layers: int = 3, qformer_width: int = 128,
+               qformer_layers: int = 2, num_query_tokens: int = 8, dim: int = 128):
+    """A Blip2ForImageTextRetrieval with a tiny ViT and Q-Former, tokenised with the CLIP BPE vocabulary."""
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    from cirlab.backbones.blip2 import Blip2Backbone
+
+    cfg = Blip2Config(
+        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=vision_width,
+                           intermediate_size=vision_width * 4, num_hidden_layers=vision_layers,
+                           num_attention_heads=4),
+        qformer_config=dict(vocab_size=VOCAB_SIZE, hidden_size=qformer_width, num_hidden_layers=qformer_layers,
+                            num_attention_heads=4, intermediate_size=qformer_width * 4,
+                            max_position_embeddings=TEXT_LENGTH, encoder_hidden_size=vision_width,
+                            cross_attention_frequency=1, pad_token_id=49407, use_qformer_text_input=True),
+        num_query_tokens=num_query_tokens,
+        image_text_hidden_size=dim,
+    )
+    model = Blip2ForImageTextRetrieval(cfg)
+    return Blip2Backbone(model, clip_tokenizer(TEXT_LENGTH), Preprocess(size=image_size), "tiny-blip2")

@@ -1,0 +1,177 @@
+"""The `cirlab` command: parse arguments, build typed configs, call the library.
+
+Errors a user can cause end with one line on stderr naming the file, field or value, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cirlab.errors import CirlabError
+
+DATASETS = ("synth", "synth-circo", "cirr", "circo")
+
+
+def _train_config(args, **extra):
+    from cirlab.training.loop import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
+                       grad_accum=args.grad_accum, amp=args.amp, seed=args.seed, device=args.device,
+                       warmup_steps=args.warmup_steps, progress=not args.no_progress, **extra)
+
+
+def _add_train_options(p, epochs: int, batch_size: int, lr: float):
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr, help="learning rate of the method's own parameters")
+    p.add_argument("--backbone-lr", type=float, default=1e-4, help="learning rate of fine-tuned backbone towers")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete epoch")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_synth(args) -> None:
+    from cirlab.data.synth.generate import write_world
+
+    root = write_world(args.out, seed=args.seed, size=args.size)
+    print(f"wrote the synthetic world (seed {args.seed}, size {args.size}) to {root}")
+
+
+def cmd_pretrain(args) -> None:
+    from cirlab.training.pretrain import pretrain
+
+    overrides = json.loads(args.backbone_config) if args.backbone_config else {}
+    out = pretrain(args.backbone, args.data, args.out, _train_config(args), overrides, resume=args.resume)
+    print(f"saved the pretrained {args.backbone} backbone to {out}")
+
+
+def _json_arg(text: str | None, what: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except json.JSONDecodeError as e:
+        raise CirlabError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CirlabError(f"{what} must be a JSON object")
+    return value
+
+
+def cmd_train(args) -> None:
+    from cirlab.methods import method_class
+    from cirlab.training.train import save_zero_shot, train_method
+
+    method_config = _json_arg(args.config, "--config")
+    if not method_class(args.method).trainable:
+        out = save_zero_shot(args.method, args.backbone, args.out, method_config)
+        print(f"{args.method} is zero-shot: saved its checkpoint to {out}")
+        return
+    result = train_method(args.method, args.data_root, args.backbone, args.out, _train_config(args), method_config,
+                          dataset=args.dataset, resume=args.resume)
+    losses = ", ".join(f"{x:.3f}" for x in result.losses)
+    print(f"trained {args.method} for {result.epochs_done} epochs ({result.seconds:.0f} s); epoch losses: {losses}")
+    print(f"checkpoint: {args.out}")
+
+
+def format_table(rows: dict, columns: list) -> str:
+    head = "| method | " + " | ".join(columns) + " |"
+    sep = "|---|" + "---:|" * len(columns)
+    lines = [head, sep]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.2f}" if c in metrics else "-" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> None:
+    import cirlab
+    from cirlab.data.readers import read_split
+    from cirlab.evaluation.protocols import checkpoint_identity, evaluate
+
+    ckpt = Path(args.checkpoint)
+    model = cirlab.load(ckpt, device=args.device)
+    split = read_split(args.dataset, args.data_root, args.split)
+    metrics, _ = evaluate(model, split, cache_dir=ckpt / "cache", model_id=checkpoint_identity(ckpt),
+                          progress=not args.no_progress)
+    print(format_table({model.name: metrics}, list(metrics)))
+    out = Path(args.json) if args.json else ckpt / f"eval-{args.dataset}-{args.split}.json"
+    out.write_text(json.dumps({"dataset": args.dataset, "split": args.split, "method": model.name,
+                               "checkpoint": str(ckpt), "metrics": metrics}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def cmd_demo(args) -> None:
+    from cirlab.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cirlab", description="Composed image retrieval: train, evaluate, search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic CIR world (CIRR and CIRCO layouts)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=("small", "default"), default="default")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pretrain", help="pretrain a tiny backbone contrastively on synthetic (scene, caption) pairs")
+    p.add_argument("--backbone", choices=("clip", "blip2"), required=True)
+    p.add_argument("--data", required=True, help="a synthetic world written by `cirlab synth`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--backbone-config", help='JSON overrides of the tiny config, e.g. {"width": 96, "layers": 2}')
+    _add_train_options(p, epochs=2, batch_size=128, lr=1e-3)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="train a registered method")
+    p.add_argument("--method", required=True)
+    p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--backbone", required=True, help="Hugging Face id or folder of the backbone")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="method config as JSON text or a JSON file")
+    _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--json", help="where to write the metrics (default: inside the checkpoint folder)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="the small world and short schedules (about 2 minutes)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CirlabError as e:
+        print(f"cirlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cirlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

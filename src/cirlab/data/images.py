@@ -1,0 +1,82 @@
+"""Image loading and preprocessing with PIL and numpy (no torchvision), plus an in-memory pixel store."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cirlab.errors import CirlabError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `size` (bicubic), centre-crop, scale to [0, 1], normalise."""
+    size: int = 224
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+
+    def key(self) -> str:
+        return f"rs{self.size}-m{','.join(f'{m:.4f}' for m in self.mean)}-s{','.join(f'{s:.4f}' for s in self.std)}"
+
+    def to_uint8(self, img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB")
+        w, h = img.size
+        if (w, h) != (self.size, self.size):
+            scale = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                             Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> float (B, 3, S, S)."""
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def __call__(self, images) -> torch.Tensor:
+        return self.normalise(torch.from_numpy(np.stack([self.to_uint8(i) for i in images])))
+
+
+def open_image(path) -> Image.Image:
+    """Open an image, with a clear error for a missing or unreadable file."""
+    p = Path(path)
+    if not p.exists():
+        raise CirlabError(f"image not found: {p}")
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise CirlabError(f"cannot read image {p}: {e}") from None
+    return img
+
+
+class PixelStore:
+    """Decoded, resized uint8 pixels of a set of named images, loaded once and kept in memory."""
+
+    def __init__(self, paths: dict, preprocess: Preprocess):
+        self.paths, self.preprocess = paths, preprocess
+        self._index: dict = {}
+        self._rows: list = []
+
+    def _load(self, name: str) -> int:
+        if name not in self._index:
+            if name not in self.paths:
+                raise CirlabError(f"image id {name!r} is not in the split's image list")
+            self._index[name] = len(self._rows)
+            self._rows.append(torch.from_numpy(self.preprocess.to_uint8(open_image(self.paths[name]))))
+        return self._index[name]
+
+    def uint8(self, names) -> torch.Tensor:
+        return torch.stack([self._rows[self._load(n)] for n in names])  # (B, 3, S, S)
+
+    def pixels(self, names) -> torch.Tensor:
+        return self.preprocess.normalise(self.uint8(names))

@@ -1,0 +1,1 @@
+"""Evaluation: pure metrics, benchmark protocols, gallery feature caching."""

@@ -1,0 +1,190 @@
+"""The `CIRModel` interface every method and baseline implements, its registry, and checkpoint save/load.
+
+A checkpoint is a folder: `cirlab.json` (method, config, backbone kind and source, cirlab version),
+`model.safetensors` (the method's own parameters) and, when the method fine-tunes its backbone, the backbone's own
+files under `backbone/` (written with `save_pretrained`, loaded back with `from_pretrained`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.errors import CirlabError
+from cirlab.types import Batch, LossOutput
+
+CHECKPOINT_FILE = "cirlab.json"
+WEIGHTS_FILE = "model.safetensors"
+REGISTRY: dict = {}  # name -> CIRModel subclass
+
+
+def register(cls):
+    """Class decorator: make a method available by its `name`."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_class(name: str):
+    import cirlab.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in REGISTRY:
+        raise CirlabError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Fields every method config has. `finetune` says which backbone towers train: none, text, image or both."""
+    finetune: str = "none"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CirlabError(f"unknown config field(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class CIRModel(nn.Module):
+    """Composed image retrieval model: composed queries and targets in one space, the method's own scoring."""
+    name = ""
+    config_class = MethodConfig
+    backbone_kind = "clip"
+    trainable = False  # False for zero-shot baselines that have nothing to learn on triplets
+    needs_captions = False  # True when encode_target uses target captions
+
+    def __init__(self, config, backbone):
+        super().__init__()
+        self.config, self.backbone = config, backbone
+        self._set_finetune(config.finetune)
+
+    # ----------------------------------------------------------------- the interface
+    def encode_query(self, images, texts) -> torch.Tensor:
+        """Composed query features, L2-normalised: (B, D)."""
+        raise NotImplementedError
+
+    def encode_target(self, images, captions=None) -> torch.Tensor:
+        """Target features, L2-normalised: (N, D) or (N, K, D)."""
+        raise NotImplementedError
+
+    def similarity(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, D) x (N, D) -> (B, N); multi-token targets (N, K, D) take the max over K."""
+        if targets.dim() == 3:
+            return torch.einsum("bd,nkd->bnk", queries, targets).amax(-1)
+        return queries @ targets.t()
+
+    def loss(self, batch: Batch) -> LossOutput:
+        raise CirlabError(f"method {self.name!r} has nothing to train")
+
+    # ----------------------------------------------------------------- helpers
+    def pixels(self, images) -> torch.Tensor:
+        """Accept preprocessed pixels (B, 3, S, S) or a list of PIL images."""
+        if isinstance(images, torch.Tensor):
+            return images.to(self.backbone.device)
+        return self.backbone.preprocess(images).to(self.backbone.device)
+
+    def _set_finetune(self, mode: str) -> None:
+        allowed = ("none", "text", "image", "both")
+        if mode not in allowed:
+            raise CirlabError(f"finetune must be one of {', '.join(allowed)}, got {mode!r}")
+        for p in self.backbone.parameters():
+            p.requires_grad = mode == "both"
+        if mode == "text":
+            self._tower(text=True).requires_grad_(True)
+        elif mode == "image":
+            self._tower(text=False).requires_grad_(True)
+
+    def _tower(self, text: bool) -> nn.Module:
+        m = self.backbone.model
+        if self.backbone.kind == "clip":
+            return nn.ModuleList([m.text_model, m.text_projection] if text else [m.vision_model, m.visual_projection])
+        return nn.ModuleList([m.embeddings, m.qformer, m.text_projection] if text else [m.vision_model])
+
+    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list:
+        """Optimiser groups: the method's own parameters and, at its own rate, the fine-tuned backbone."""
+        own = [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        bb = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": own, "lr": lr, "weight_decay": weight_decay}]
+        if bb:
+            groups.append({"params": bb, "lr": backbone_lr, "weight_decay": weight_decay})
+        return [g for g in groups if g["params"]]
+
+    @staticmethod
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, folder) -> None:
+        """Write the checkpoint folder; files go to a temporary folder first, renamed when complete."""
+        from safetensors.torch import save_file
+
+        import cirlab
+
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        own = {n: p.detach().cpu().contiguous() for n, p in self.state_dict().items()
+               if not n.startswith("backbone.")}
+        save_file(own, str(tmp / WEIGHTS_FILE))
+        finetuned = self.config.finetune != "none"
+        source = "backbone" if finetuned else _portable_source(self.backbone.source)
+        if finetuned:
+            self.backbone.save_pretrained(tmp / "backbone")
+        meta = {"method": self.name, "config": self.config.to_json(), "cirlab_version": cirlab.__version__,
+                "backbone": {"kind": self.backbone.kind, "source": source, "finetuned": finetuned}}
+        (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+
+
+def _portable_source(source: str) -> str:
+    p = Path(source)
+    return str(p.resolve()) if p.exists() else source
+
+
+def build_model(name: str, backbone, config: dict | None = None) -> CIRModel:
+    cls = method_class(name)
+    return cls(cls.config_class.from_json(config or {}), backbone)
+
+
+def load_model(path, device="cpu") -> CIRModel:
+    """Rebuild a model from a checkpoint folder written by `CIRModel.save`."""
+    from safetensors.torch import load_file
+
+    from cirlab.backbones import load_backbone
+
+    folder = Path(path)
+    meta_path = folder / CHECKPOINT_FILE
+    if not meta_path.exists():
+        raise CirlabError(f"not a cirlab checkpoint (no {CHECKPOINT_FILE}): {folder}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        bb = meta["backbone"]
+        source = folder / bb["source"] if bb.get("finetuned") else bb["source"]
+        model = build_model(meta["method"], load_backbone(bb["kind"], source), meta["config"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CirlabError(f"malformed checkpoint file {meta_path}: {e}") from None
+    own = load_file(str(folder / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    missing = [m for m in missing if not m.startswith("backbone.")]
+    if missing or unexpected:
+        raise CirlabError(f"checkpoint {folder} does not match method {meta['method']!r}: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval()

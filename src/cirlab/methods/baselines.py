@@ -1,0 +1,86 @@
+"""Baselines the seed papers compare against, on CLIP features.
+
+- `image_only`: the reference image's feature is the query (zero-shot).
+- `text_only`: the modification text's feature is the query (zero-shot).
+- `sum`: the normalised sum of both (zero-shot).
+- `combiner`: CLIP4Cir (Baldrati et al. 2022), a Combiner network trained contrastively on triplets; the CLIP
+  towers are fine-tuned too (`finetune`, default "both"), as in CLIP4Cir's two-stage training, done here in one
+  stage with a lower backbone learning rate set by the training config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cirlab.layers.combiner import Combiner
+from cirlab.losses import info_nce
+from cirlab.methods.base import CIRModel, MethodConfig, register
+from cirlab.types import Batch, LossOutput
+
+
+class ClipFeatures(CIRModel):
+    """Pooled CLIP features; targets are images."""
+
+    def image_feature(self, images) -> torch.Tensor:
+        return self.normalise(self.backbone.encode_image(self.pixels(images)))  # (B, D)
+
+    def text_feature(self, texts) -> torch.Tensor:
+        tokens = self.backbone.tokenize(texts, self.backbone.device)
+        return self.normalise(self.backbone.encode_text(tokens))  # (B, D)
+
+    def encode_target(self, images, captions=None) -> torch.Tensor:
+        return self.image_feature(images)
+
+
+@register
+class ImageOnly(ClipFeatures):
+    name = "image_only"
+
+    def encode_query(self, images, texts) -> torch.Tensor:
+        return self.image_feature(images)
+
+
+@register
+class TextOnly(ClipFeatures):
+    name = "text_only"
+
+    def encode_query(self, images, texts) -> torch.Tensor:
+        return self.text_feature(texts)
+
+
+@register
+class Sum(ClipFeatures):
+    name = "sum"
+
+    def encode_query(self, images, texts) -> torch.Tensor:
+        return self.normalise(self.image_feature(images) + self.text_feature(texts))
+
+
+@dataclass
+class CombinerConfig(MethodConfig):
+    finetune: str = "both"
+    proj_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.1
+    logit_scale: float = 100.0  # CLIP4Cir's fixed temperature
+
+
+@register
+class CombinerModel(ClipFeatures):
+    name = "combiner"
+    config_class = CombinerConfig
+    trainable = True
+
+    def __init__(self, config: CombinerConfig, backbone):
+        super().__init__(config, backbone)
+        self.combiner = Combiner(backbone.dim, config.proj_dim, config.hidden_dim, config.dropout)
+
+    def encode_query(self, images, texts) -> torch.Tensor:
+        return self.normalise(self.combiner(self.image_feature(images), self.text_feature(texts)))
+
+    def loss(self, batch: Batch) -> LossOutput:
+        q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
+        t = self.encode_target(batch.tgt_pixels)  # (B, D)
+        loss = info_nce(self.config.logit_scale * q @ t.t())
+        return LossOutput(loss, {"nce": loss.item()})

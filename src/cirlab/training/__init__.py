@@ -1,0 +1,1 @@
+"""Training: the generic loop, batch sources, method training and backbone pretraining."""

@@ -1,0 +1,60 @@
+"""Contrastive image-text pretraining of a backbone on synthetic (scene, caption) pairs.
+
+CLIP: the symmetric InfoNCE of CLIP on pooled features. BLIP-2: the image-text contrastive loss of BLIP-2 stage 1,
+where an image-text similarity is the maximum over the query tokens. The result is saved with `save_pretrained`
+and loads back with `from_pretrained` like any checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.backbones import tiny_backbone
+from cirlab.data.images import PixelStore
+from cirlab.data.readers import read_split
+from cirlab.losses import info_nce
+from cirlab.training.data import PairSource
+from cirlab.training.loop import TrainConfig, fit
+from cirlab.types import Batch, LossOutput
+
+DONE_FILE = "pretrain.json"
+
+
+class ContrastivePretrainer(nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def loss(self, batch: Batch) -> LossOutput:
+        bb = self.backbone
+        img = F.normalize(bb.encode_image(batch.ref_pixels), dim=-1)  # (B, D) or (B, Q, D)
+        txt = F.normalize(bb.encode_text(bb.tokenize(batch.texts, batch.ref_pixels.device)), dim=-1)  # (B, D)
+        if img.dim() == 3:
+            sim = torch.einsum("iqd,jd->ijq", img, txt).amax(-1)  # (B, B): image i vs text j
+        else:
+            sim = img @ txt.t()
+        logits = bb.logit_scale.exp().clamp(max=100) * sim
+        loss = 0.5 * (info_nce(logits) + info_nce(logits.t()))
+        return LossOutput(loss, {"itc": loss.item()})
+
+
+def pretrain(kind: str, data_root, out, cfg: TrainConfig, backbone_overrides: dict | None = None,
+             resume: bool = False) -> Path:
+    """Build a tiny backbone of `kind`, pretrain it on the train split's images and captions, save it in `out`."""
+    out = Path(out)
+    split = read_split("synth", data_root, "train")
+    torch.manual_seed(cfg.seed)
+    backbone = tiny_backbone(kind, **(backbone_overrides or {}))
+    store = PixelStore(split.gallery, backbone.preprocess)
+    source = PairSource(sorted(split.gallery), split.captions, store)
+    trainer = ContrastivePretrainer(backbone)
+    work = out.with_name(out.name + ".work")
+    result = fit(trainer, source, cfg, work, resume=resume, desc=f"pretrain {kind}")
+    backbone.save_pretrained(out)
+    (out / DONE_FILE).write_text(json.dumps({"kind": kind, "train": vars(cfg), "overrides": backbone_overrides or {},
+                                             "epoch_losses": result.losses, "seconds": result.seconds}, indent=1))
+    return out

@@ -1,0 +1,58 @@
+"""Typed records shared by every layer: queries, gallery items, batches, scores, search hits, loss outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Query:
+    """One composed query. `targets` holds every ground truth (one for CIRR, several for CIRCO)."""
+    key: str
+    reference: str
+    text: str
+    targets: tuple = ()
+    subset: tuple = ()  # CIRR img_set members (reference included), empty when the benchmark has none
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    name: str
+    path: str
+
+
+@dataclass
+class Batch:
+    """A training batch: reference pixels, modification texts, target pixels and optional target captions."""
+    ref_pixels: torch.Tensor  # (B, 3, H, W)
+    texts: list
+    tgt_pixels: torch.Tensor  # (B, 3, H, W)
+    tgt_captions: list | None = None
+    target_names: list = field(default_factory=list)
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ref_pixels.to(device), self.texts, self.tgt_pixels.to(device), self.tgt_captions,
+                     self.target_names)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    parts: dict = field(default_factory=dict)  # name -> float, for logging
+
+
+@dataclass
+class Scores:
+    """Similarities of queries against a gallery: `values[i, j]` scores query i against `names[j]`."""
+    values: torch.Tensor  # (Q, N)
+    names: list
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    score: float

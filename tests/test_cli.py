@@ -1,0 +1,88 @@
+"""The `cirlab` command: real subprocesses; user errors end with one line naming the file or value, no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
+
+
+def cirlab(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cirlab.cli.main", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=600)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cirlab: error:"), proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_missing_data_root(tmp_path):
+    _one_line_error(cirlab("eval", "--checkpoint", tmp_path / "ckpt", "--data-root", tmp_path / "nowhere",
+                           "--split", "val"), str(tmp_path / "ckpt"))
+    _one_line_error(cirlab("pretrain", "--backbone", "clip", "--data", tmp_path / "nowhere", "--out",
+                           tmp_path / "o"), str(tmp_path / "nowhere"))
+
+
+def test_malformed_annotation_file_names_the_file_and_row(world, clip_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(world / "captions", root / "captions")
+    shutil.copytree(world / "image_splits", root / "image_splits")
+    ckpt = tmp_path / "ckpt"
+    assert cirlab("train", "--method", "sum", "--data-root", root, "--backbone", clip_dir, "--out",
+                  ckpt).returncode == 0
+    path = root / "captions" / "cap.rc2.val.json"
+    rows = json.loads(path.read_text())
+    del rows[3]["caption"]
+    path.write_text(json.dumps(rows))
+    _one_line_error(cirlab("eval", "--checkpoint", ckpt, "--data-root", root, "--split", "val"),
+                    str(path), "row 3", "'caption'")
+    path.write_text("{not json")
+    _one_line_error(cirlab("eval", "--checkpoint", ckpt, "--data-root", root, "--split", "val"),
+                    "malformed JSON", str(path))
+
+
+def test_unknown_method_names_the_value(world, clip_dir, tmp_path):
+    _one_line_error(cirlab("train", "--method", "magic", "--data-root", world, "--backbone", clip_dir, "--out",
+                           tmp_path / "x"), "'magic'", "combiner")
+
+
+def test_synth_then_eval_writes_json(clip_dir, world, tmp_path):
+    ckpt = tmp_path / "image_only"
+    assert cirlab("train", "--method", "image_only", "--data-root", world, "--backbone", clip_dir, "--out",
+                  ckpt).returncode == 0
+    proc = cirlab("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "test1", "--json",
+                  tmp_path / "m.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "| image_only |" in proc.stdout
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert set(doc["metrics"]) == {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
+    assert list((ckpt / "cache").glob("gallery-*.pt")), "gallery features are cached per checkpoint"
+    again = cirlab("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "test1", "--json",
+                   tmp_path / "m2.json", "--no-progress")
+    assert json.loads((tmp_path / "m2.json").read_text())["metrics"] == doc["metrics"]
+
+
+def test_synth_command_writes_the_layouts(tmp_path):
+    proc = cirlab("synth", "--out", tmp_path / "w", "--seed", "5", "--size", "small")
+    assert proc.returncode == 0, proc.stderr
+    for rel in ("captions/cap.rc2.test1.json", "image_splits/split.rc2.val.json", "circo/annotations/val.json",
+                "circo/image_info_unlabeled2017.json", "synth/scenes.json", "synth/captions.jsonl"):
+        assert (tmp_path / "w" / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("args", [["synth", "--out", "x", "--size", "huge"], ["demo"]])
+def test_argument_errors_exit_non_zero(args, tmp_path):
+    proc = cirlab(*args, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
