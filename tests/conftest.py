@@ -28,4 +28,4 @@ def clip_dir(world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("backbones") / "clip"
     cfg = TrainConfig(epochs=1, batch_size=128, lr=1e-3, warmup_steps=10, progress=False)
-    return pretrain("clip", world, out, cfg, {"width": 64, "layers": 2, "dim": 64})
+    return pretrain("clip", world, out, cfg, {"patch_size": 16, "width": 64, "layers": 2, "dim": 64})

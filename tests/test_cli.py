@@ -28,7 +28,7 @@ def _one_line_error(proc, *needles):
 
 def test_missing_data_root(tmp_path):
     _one_line_error(cirlab("eval", "--checkpoint", tmp_path / "ckpt", "--data-root", tmp_path / "nowhere",
-                           "--split", "val"), str(tmp_path / "ckpt"))
+                           "--split", "val"), "data root not found", str(tmp_path / "nowhere"))
     _one_line_error(cirlab("pretrain", "--backbone", "clip", "--data", tmp_path / "nowhere", "--out",
                            tmp_path / "o"), str(tmp_path / "nowhere"))
 
@@ -53,6 +53,11 @@ def test_malformed_annotation_file_names_the_file_and_row(world, clip_dir, tmp_p
                     "malformed JSON", str(path))
 
 
+def test_missing_checkpoint_names_the_folder(world, tmp_path):
+    _one_line_error(cirlab("eval", "--checkpoint", tmp_path / "ckpt", "--data-root", world, "--split", "val"),
+                    "not a cirlab checkpoint", str(tmp_path / "ckpt"))
+
+
 def test_unknown_method_names_the_value(world, clip_dir, tmp_path):
     _one_line_error(cirlab("train", "--method", "magic", "--data-root", world, "--backbone", clip_dir, "--out",
                            tmp_path / "x"), "'magic'", "combiner")
@@ -72,6 +77,18 @@ def test_synth_then_eval_writes_json(clip_dir, world, tmp_path):
     again = cirlab("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "test1", "--json",
                    tmp_path / "m2.json", "--no-progress")
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"] == doc["metrics"]
+
+
+def test_eval_on_the_circo_layout_reports_map(clip_dir, world, tmp_path):
+    ckpt = tmp_path / "sum"
+    assert cirlab("train", "--method", "sum", "--data-root", world, "--backbone", clip_dir, "--out",
+                  ckpt).returncode == 0
+    proc = cirlab("eval", "--checkpoint", ckpt, "--dataset", "synth-circo", "--data-root", world, "--split", "val",
+                  "--json", tmp_path / "c.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "c.json").read_text())["metrics"]
+    assert {"mAP@5", "mAP@10", "mAP@25", "mAP@50", "R@5", "R@10", "R@25", "R@50"} == set(metrics)
+    assert metrics["mAP@5"] <= 100 and metrics["R@50"] >= metrics["R@5"]
 
 
 def test_synth_command_writes_the_layouts(tmp_path):

@@ -29,18 +29,18 @@ class DemoProfile:
 
 PROFILES = {
     "default": DemoProfile(
-        world="default", backbone={"width": 96, "layers": 2, "dim": 96},
-        pretrain={"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50},
-        train={"epochs": 10, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50}),
+        world="default", backbone={"patch_size": 16, "width": 128, "layers": 4, "dim": 128},
+        pretrain={"epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50},
+        train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50}),
     "quick": DemoProfile(
-        world="small", backbone={"width": 64, "layers": 2, "dim": 64},
+        world="small", backbone={"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
         pretrain={"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
-        train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20}),
+        train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20}),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
 
-def _world(data: Path, seed: int, size: str, log) -> None:
+def _world(data: Path, seed: int, size: str, progress: bool, log) -> None:
     from cirlab.data.synth.generate import write_world
 
     info = data / "synth" / "world.json"
@@ -50,7 +50,7 @@ def _world(data: Path, seed: int, size: str, log) -> None:
             log(f"world: reusing {data} (seed {seed}, size {size})")
             return
     log(f"world: writing {data} (seed {seed}, size {size})")
-    write_world(data, seed=seed, size=size)
+    write_world(data, seed=seed, size=size, progress=progress)
 
 
 def _backbone(folder: Path, data: Path, profile: DemoProfile, seed: int, progress: bool, log) -> None:
@@ -87,7 +87,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True) -> 
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     data, ckpts = out / "data", out / "checkpoints"
-    _world(data, seed, profile.world, log)
+    _world(data, seed, profile.world, progress, log)
     backbone = ckpts / "backbone-clip"
     _backbone(backbone, data, profile, seed, progress, log)
     test = read_split("synth", data, "test1")

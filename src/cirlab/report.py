@@ -13,14 +13,15 @@ TEXT_W = 200
 
 
 def retrieval_grid(split, ranking, path, title: str = "", rows: int = 6, top: int = 5) -> Path:
-    """Reference, modification text, then the top-`top` retrievals; the target framed green, others grey."""
+    """Reference, modification text, the top-`top` retrievals (the target framed green), then the target."""
     queries = [q for q in split.queries if q.targets][:rows]
-    width = CELL * (1 + top) + TEXT_W + 10 * (top + 2)
+    width = CELL * (2 + top) + TEXT_W + 10 * (top + 4)
     height = (CELL + 10) * len(queries) + 30
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((5, 5), f"{title}: reference | text | top-{top} (green = target)", fill=(0, 0, 0), font=font)
+    draw.text((5, 5), f"{title}: reference | text | top-{top} (green = target) | target", fill=(0, 0, 0),
+              font=font)
     for r, q in enumerate(queries):
         y = 30 + r * (CELL + 10)
         canvas.paste(open_image(split.gallery[q.reference]).convert("RGB").resize((CELL, CELL)), (0, y))
@@ -31,6 +32,8 @@ def retrieval_grid(split, ranking, path, title: str = "", rows: int = 6, top: in
             hit = name in q.targets
             draw.rectangle([x - 4, y - 4, x + CELL + 3, y + CELL + 3], fill=(30, 180, 60) if hit else (200, 200, 200))
             canvas.paste(open_image(split.gallery[name]).convert("RGB").resize((CELL - 4, CELL - 4)), (x + 2, y + 2))
+        x = CELL + TEXT_W + 10 + top * (CELL + 10) + 20
+        canvas.paste(open_image(split.gallery[q.targets[0]]).convert("RGB").resize((CELL, CELL)), (x, y))
     path = Path(path)
     canvas.save(path)
     return path

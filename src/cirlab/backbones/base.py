@@ -45,6 +45,18 @@ def resolve_source(source) -> str:
 class Backbone(nn.Module):
     """Common surface: `tokenize`, `preprocess`, `save_pretrained`; subclasses add feature methods."""
     kind = ""
+    hf_class = ""  # the transformers model class a checkpoint of this kind loads into
+
+    @classmethod
+    def from_pretrained(cls, source) -> "Backbone":
+        """Load from a Hugging Face id or a local folder: the model, its tokenizer and its preprocessing."""
+        import transformers
+
+        src = resolve_source(source)
+        model = getattr(transformers, cls.hf_class).from_pretrained(src)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+        folder = Path(src) if Path(src).exists() else Path()
+        return cls(model, tokenizer, read_preprocess(folder, model.config.vision_config.image_size), src)
 
     def __init__(self, model, tokenizer, preprocess: Preprocess, source: str = ""):
         super().__init__()

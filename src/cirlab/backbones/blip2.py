@@ -6,27 +6,15 @@ sequence, cross-attending to the patches), which is what composed-query methods 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from cirlab.backbones.base import Backbone, read_preprocess, resolve_source
+from cirlab.backbones.base import Backbone
 
 
 class Blip2Backbone(Backbone):
     kind = "blip2"
     processor_type = "BlipImageProcessor"
-
-    @classmethod
-    def from_pretrained(cls, source) -> "Blip2Backbone":
-        from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
-
-        src = resolve_source(source)
-        model = Blip2ForImageTextRetrieval.from_pretrained(src)
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        folder = Path(src) if Path(src).exists() else Path()
-        pre = read_preprocess(folder, model.config.vision_config.image_size)
-        return cls(model, tokenizer, pre, src)
+    hf_class = "Blip2ForImageTextRetrieval"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

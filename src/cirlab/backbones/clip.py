@@ -1,27 +1,15 @@
 """CLIP (transformers CLIPModel): pooled and token-level image and text features in the joint space."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from cirlab.backbones.base import Backbone, read_preprocess, resolve_source
+from cirlab.backbones.base import Backbone
 
 
 class ClipBackbone(Backbone):
     kind = "clip"
     processor_type = "CLIPImageProcessor"
-
-    @classmethod
-    def from_pretrained(cls, source) -> "ClipBackbone":
-        from transformers import AutoTokenizer, CLIPModel
-
-        src = resolve_source(source)
-        model = CLIPModel.from_pretrained(src)
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        folder = Path(src) if Path(src).exists() else Path()
-        pre = read_preprocess(folder, model.config.vision_config.image_size)
-        return cls(model, tokenizer, pre, src)
+    hf_class = "CLIPModel"
 
     @property
     def dim(self) -> int:

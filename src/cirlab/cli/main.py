@@ -95,8 +95,8 @@ def cmd_eval(args) -> None:
     from cirlab.evaluation.protocols import checkpoint_identity, evaluate
 
     ckpt = Path(args.checkpoint)
-    model = cirlab.load(ckpt, device=args.device)
     split = read_split(args.dataset, args.data_root, args.split)
+    model = cirlab.load(ckpt, device=args.device)
     metrics, _ = evaluate(model, split, cache_dir=ckpt / "cache", model_id=checkpoint_identity(ckpt),
                           progress=not args.no_progress)
     print(format_table({model.name: metrics}, list(metrics)))
@@ -163,6 +163,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight loading bars would bury our own progress and errors
         args.func(args)
     except CirlabError as e:
         print(f"cirlab: error: {e}", file=sys.stderr)

@@ -97,11 +97,10 @@ class CIRModel(nn.Module):
         allowed = ("none", "text", "image", "both")
         if mode not in allowed:
             raise CirlabError(f"finetune must be one of {', '.join(allowed)}, got {mode!r}")
-        for p in self.backbone.parameters():
-            p.requires_grad = mode == "both"
-        if mode == "text":
+        self.backbone.requires_grad_(False)  # the backbone's own temperature stays frozen as well
+        if mode in ("text", "both"):
             self._tower(text=True).requires_grad_(True)
-        elif mode == "image":
+        if mode in ("image", "both"):
             self._tower(text=False).requires_grad_(True)
 
     def _tower(self, text: bool) -> nn.Module:

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     steps_per_epoch: int = 0  # 0: the whole data set each epoch; otherwise at most this many steps
+    group_by_reference: bool = False  # batch whole groups of triplets that share a reference (see TripletSource)
     device: str = "cpu"
     progress: bool = True
 
@@ -110,13 +111,8 @@ class _Logger:
                     self.tb.add_scalar(k, v, record.get("step", 0))
 
 
-def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path, resume: bool = False,
-        export: Callable[[Path], None] | None = None, desc: str = "train") -> TrainResult:
-    """Train `module` (anything with `loss(batch) -> LossOutput`) on `data`; returns per-epoch mean losses."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    module.to(device)
+def _optimizer(module: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> tuple:
+    """AdamW over the module's parameter groups (its own and the fine-tuned backbone's), warm-up + cosine."""
     if hasattr(module, "param_groups"):
         groups = module.param_groups(cfg.lr, cfg.backbone_lr, cfg.weight_decay)
     else:
@@ -124,11 +120,35 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
     if not any(g["params"] for g in groups):
         raise CirlabError("nothing to train: every parameter is frozen")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total_steps))
+
+
+def _accumulate(module, data: BatchSource, order: list, step_in_epoch: int, cfg: TrainConfig, device) -> tuple:
+    """Forward and backward over `grad_accum` micro-batches; returns the step's mean loss and named parts."""
+    loss, parts = 0.0, {}
+    for a in range(cfg.grad_accum):
+        lo = (step_in_epoch * cfg.grad_accum + a) * cfg.batch_size
+        batch = data.batch(order[lo:lo + cfg.batch_size]).to(device)
+        with _autocast(cfg, device):
+            out = module.loss(batch)
+        (out.loss / cfg.grad_accum).backward()
+        loss += out.loss.item() / cfg.grad_accum
+        for k, v in out.parts.items():
+            parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+    return loss, parts
+
+
+def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path, resume: bool = False,
+        export: Callable[[Path], None] | None = None, desc: str = "train") -> TrainResult:
+    """Train `module` (anything with `loss(batch) -> LossOutput`) on `data`; returns per-epoch mean losses."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    module.to(device)
     steps_per_epoch = max(1, len(data) // (cfg.batch_size * cfg.grad_accum))
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
+    opt, sched = _optimizer(module, cfg, steps_per_epoch * cfg.epochs)
     start_epoch, step, losses = 0, 0, []
     state_path = out / STATE_FILE
     if resume and state_path.exists():
@@ -144,29 +164,21 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout and any sampling inside the model
         order = torch.randperm(len(data), generator=gen).tolist()
-        total_loss, n = 0.0, 0
+        epoch_loss = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress, mininterval=1.0)
         for s in bar:
             opt.zero_grad(set_to_none=True)
-            parts: dict = {}
-            for a in range(cfg.grad_accum):
-                lo = (s * cfg.grad_accum + a) * cfg.batch_size
-                batch = data.batch(order[lo:lo + cfg.batch_size]).to(device)
-                with _autocast(cfg, device):
-                    out_loss = module.loss(batch)
-                (out_loss.loss / cfg.grad_accum).backward()
-                for k, v in out_loss.parts.items():
-                    parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+            loss, parts = _accumulate(module, data, order, s, cfg, device)
             opt.step()
             sched.step()
             step += 1
-            total_loss, n = total_loss + out_loss.loss.item(), n + 1
-            bar.set_postfix(loss=f"{out_loss.loss.item():.3f}")
+            epoch_loss += loss
+            bar.set_postfix(loss=f"{loss:.3f}")
             if step % cfg.log_every == 0:
-                logger.log({"step": step, "epoch": epoch, "loss": out_loss.loss.item(),
-                            "lr": sched.get_last_lr()[0], **{f"loss/{k}": v for k, v in parts.items()}})
-        losses.append(total_loss / max(1, n))
+                logger.log({"step": step, "epoch": epoch, "loss": loss, "lr": sched.get_last_lr()[0],
+                            **{f"loss/{k}": v for k, v in parts.items()}})
+        losses.append(epoch_loss / steps_per_epoch)
         logger.log({"step": step, "epoch": epoch + 1, "epoch_loss": losses[-1], "seconds": time.time() - t0})
         if export is not None:
             module.eval()

@@ -23,13 +23,14 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
     """
     cls = method_class(method)
     if not cls.trainable:
-        raise CirlabError(f"method {method!r} is zero-shot and has nothing to train; save it with `cirlab train "
-                          f"--epochs 0` or evaluate it directly")
+        raise CirlabError(f"method {method!r} is zero-shot and has nothing to train; save_zero_shot() (or "
+                          f"`cirlab train --method {method}`) writes its checkpoint")
     out = Path(out)
     data = read_split(dataset, data_root, split)
     torch.manual_seed(cfg.seed)
     model = build_model(method, load_backbone(cls.backbone_kind, backbone), method_config)
-    source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), cls.needs_captions)
+    source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), cls.needs_captions,
+                           cfg.group_by_reference)
     return fit(model, source, cfg, out.with_name(out.name + ".train"), resume=resume, export=lambda _: model.save(out),
                desc=f"train {method}")
 

@@ -208,11 +208,13 @@ def generate_cirr_split(split: str, seed: int, size: WorldSize, first_pairid: in
     return rows, edits, pool
 
 
-def _write_pool(root: Path, folder: str, pool: ImagePool, desc: str, name_to_file=None) -> dict:
+def _write_pool(root: Path, folder: str, pool: ImagePool, desc: str, name_to_file=None,
+                progress: bool = True) -> dict:
     """Render every scene of the pool to PNG; returns name -> relative path."""
     paths = {}
     (root / folder).mkdir(parents=True, exist_ok=True)
-    for name, scene in tqdm(sorted(pool.scenes.items()), desc=desc, leave=False, mininterval=1.0):
+    for name, scene in tqdm(sorted(pool.scenes.items()), desc=desc, leave=False, mininterval=1.0,
+                            disable=not progress):
         fname = name_to_file(name) if name_to_file else f"{name}.png"
         target = root / folder / fname
         _write_bytes(target, _png_bytes(scene, pool.image_size))
@@ -226,7 +228,7 @@ def _oracle_record(name: str, scene) -> dict:
             "final_caption": caps["final_caption"], "model": ORACLE_MODEL, "prompt_version": ORACLE_PROMPT_VERSION}
 
 
-def write_world(out: str | Path, seed: int = 0, size: str = "default") -> Path:
+def write_world(out: str | Path, seed: int = 0, size: str = "default", progress: bool = True) -> Path:
     """Generate and write the whole world; the same seed and size give byte-identical files."""
     if size not in SIZES:
         from cirlab.errors import CirlabError
@@ -239,14 +241,14 @@ def write_world(out: str | Path, seed: int = 0, size: str = "default") -> Path:
     for split in ("train", "val", "test1"):
         rows, edits, pool = generate_cirr_split(split, seed, cfg, pairid)
         pairid += len(rows)
-        paths = _write_pool(root, SPLIT_PREFIX[split], pool, f"render {split}")
+        paths = _write_pool(root, SPLIT_PREFIX[split], pool, f"render {split}", progress=progress)
         _write_json(root / "image_splits" / f"split.rc2.{split}.json", paths)
         _write_json(root / "captions" / f"cap.rc2.{split}.json", rows)
         _write_json(root / "synth" / f"edits.{split}.json", edits)
         for name, scene in pool.scenes.items():
             graphs[name] = scene_to_graph(scene)
             oracle.append(_oracle_record(name, scene))
-    circo_graphs = write_circo(root / "circo", seed, cfg)
+    circo_graphs = write_circo(root / "circo", seed, cfg, progress)
     _write_json(root / "synth" / "scenes.json", graphs)
     _write_json(root / "circo" / "synth_scenes.json", circo_graphs)
     oracle.sort(key=lambda r: r["image"])
@@ -298,7 +300,7 @@ def _circo_query(rng, pool_add):
         return ref, text, gts, [n for n in negs if n is not None]
 
 
-def write_circo(root: Path, seed: int, cfg: WorldSize) -> dict:
+def write_circo(root: Path, seed: int, cfg: WorldSize, progress: bool = True) -> dict:
     rng = np.random.default_rng([seed, 99])
     pool = ImagePool("circo", cfg.image_size)
     ann = {}
@@ -316,7 +318,7 @@ def write_circo(root: Path, seed: int, cfg: WorldSize) -> dict:
                          "relative_caption": text, "shared_concept": oracle_captions(ref)["global"]})
         ann[split] = rows
     paths = _write_pool(root, "unlabeled2017", pool, "render circo",
-                        name_to_file=lambda n: f"{int(n.split('-')[1]):012d}.png")
+                        name_to_file=lambda n: f"{int(n.split('-')[1]):012d}.png", progress=progress)
     for split, rows in ann.items():
         _write_json(root / "annotations" / f"{split}.json", rows)
     images = [{"id": int(n.split("-")[1]), "file_name": Path(p).name} for n, p in sorted(paths.items())]
