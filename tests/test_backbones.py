@@ -13,9 +13,10 @@ TEXTS = ["a large red circle at the top left", "a small blue star at the center 
 @pytest.mark.parametrize("kind", ["clip", "blip2"])
 def test_round_trip_gives_identical_features(kind, tmp_path):
     torch.manual_seed(0)
-    bb = tiny_backbone(kind, image_size=32, patch_size=8, **({"width": 32, "layers": 1, "dim": 16} if kind == "clip" else
-                                               {"vision_width": 32, "vision_layers": 1, "qformer_width": 32,
-                                                "qformer_layers": 1, "num_query_tokens": 4, "dim": 16})).eval()
+    small = {"width": 32, "layers": 1, "dim": 16} if kind == "clip" else {
+        "vision_width": 32, "vision_layers": 1, "qformer_width": 32, "qformer_layers": 1, "num_query_tokens": 4,
+        "dim": 16}
+    bb = tiny_backbone(kind, image_size=32, patch_size=8, **small).eval()
     px = torch.randn(2, 3, 32, 32)
     tok = bb.tokenize(TEXTS)
     bb.save_pretrained(tmp_path / kind)

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -76,6 +75,7 @@ def test_synth_then_eval_writes_json(clip_dir, world, tmp_path):
     assert list((ckpt / "cache").glob("gallery-*.pt")), "gallery features are cached per checkpoint"
     again = cirlab("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "test1", "--json",
                    tmp_path / "m2.json", "--no-progress")
+    assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"] == doc["metrics"]
 
 

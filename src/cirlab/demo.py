@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from cirlab.errors import CirlabError
 
@@ -81,7 +80,6 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True) -> 
     profile = PROFILES["quick" if quick else "default"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)

@@ -18,7 +18,8 @@ class Blip2Backbone(Backbone):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        _ = self.logit_scale
+        # Blip2ForImageTextRetrieval keeps no temperature; the wrapper holds one for contrastive training.
+        self._logit_scale = torch.nn.Parameter(torch.tensor(2.659))
 
     @property
     def dim(self) -> int:
@@ -70,7 +71,4 @@ class Blip2Backbone(Backbone):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        # Blip2ForImageTextRetrieval keeps no temperature; the wrapper holds one for contrastive training.
-        if "_logit_scale" not in self._parameters:
-            self.register_parameter("_logit_scale", torch.nn.Parameter(torch.tensor(2.659)))
-        return self._parameters["_logit_scale"]
+        return self._logit_scale

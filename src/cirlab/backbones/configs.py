@@ -31,8 +31,8 @@ def tiny_clip(image_size: int = 64, patch_size: int = 16, width: int = 128, laye
     return ClipBackbone(model, clip_tokenizer(TEXT_LENGTH), Preprocess(size=image_size), "tiny-clip")
 
 
-def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 128, vision_layers: int = 4, qformer_width: int = 128,
-               qformer_layers: int = 2, num_query_tokens: int = 8, dim: int = 128):
+def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 128, vision_layers: int = 4,
+               qformer_width: int = 128, qformer_layers: int = 2, num_query_tokens: int = 8, dim: int = 128):
     """A Blip2ForImageTextRetrieval with a tiny ViT and Q-Former, tokenised with the CLIP BPE vocabulary."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 

@@ -47,7 +47,7 @@ def cmd_synth(args) -> None:
 def cmd_pretrain(args) -> None:
     from cirlab.training.pretrain import pretrain
 
-    overrides = json.loads(args.backbone_config) if args.backbone_config else {}
+    overrides = _json_arg(args.backbone_config, "--backbone-config")
     out = pretrain(args.backbone, args.data, args.out, _train_config(args), overrides, resume=args.resume)
     print(f"saved the pretrained {args.backbone} backbone to {out}")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cirlab.errors import CirlabError
-from cirlab.types import GalleryItem, Query
+from cirlab.types import Query
 
 
 @dataclass
@@ -20,9 +20,6 @@ class Split:
     queries: list
     gallery: dict  # name -> absolute path
     captions: dict = field(default_factory=dict)  # name -> final caption, when known (synthetic oracle)
-
-    def items(self) -> list:
-        return [GalleryItem(n, p) for n, p in self.gallery.items()]
 
 
 def load_json(path: Path):

@@ -42,14 +42,6 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
 
-    @classmethod
-    def from_json(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise CirlabError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
-
 
 class BatchSource(Protocol):
     def __len__(self) -> int: ...

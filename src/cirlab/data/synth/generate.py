@@ -270,7 +270,7 @@ CIRCO_TEMPLATES = {
 }
 
 
-def _circo_query(rng, pool_add):
+def _circo_query(rng):
     """An under-specified edit: every image that satisfies it is a ground truth."""
     while True:
         ref = random_scene(rng, train=False)
@@ -307,7 +307,7 @@ def write_circo(root: Path, seed: int, cfg: WorldSize, progress: bool = True) ->
     for split in ("val", "test"):
         rows = []
         for q in range(cfg.circo_queries[split]):
-            ref, text, gts, negs = _circo_query(rng, pool.add)
+            ref, text, gts, negs = _circo_query(rng)
             ref_name = pool.add(ref)
             gt_names = [pool.add(g) for g in gts]
             for n in negs:
