@@ -91,6 +91,21 @@ def test_eval_on_the_circo_layout_reports_map(clip_dir, world, tmp_path):
     assert metrics["mAP@5"] <= 100 and metrics["R@50"] >= metrics["R@5"]
 
 
+def test_pretrain_command_saves_a_loadable_clip(world, tmp_path):
+    proc = cirlab("pretrain", "--backbone", "clip", "--data", world, "--out", tmp_path / "clip", "--epochs", "1",
+                  "--steps-per-epoch", "3", "--batch-size", "16", "--no-progress",
+                  "--backbone-config", '{"width": 32, "layers": 1, "dim": 16}')
+    assert proc.returncode == 0, proc.stderr
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(tmp_path / "clip")
+    assert model.config.projection_dim == 16
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "clip")) == 49408
+    bad = cirlab("pretrain", "--backbone", "clip", "--data", world, "--out", tmp_path / "x",
+                 "--backbone-config", "{width: 3")
+    _one_line_error(bad, "--backbone-config")
+
+
 def test_synth_command_writes_the_layouts(tmp_path):
     proc = cirlab("synth", "--out", tmp_path / "w", "--seed", "5", "--size", "small")
     assert proc.returncode == 0, proc.stderr

@@ -20,7 +20,8 @@ def _train_config(args, **extra):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
                        grad_accum=args.grad_accum, amp=args.amp, seed=args.seed, device=args.device,
-                       warmup_steps=args.warmup_steps, progress=not args.no_progress, **extra)
+                       warmup_steps=args.warmup_steps, steps_per_epoch=args.steps_per_epoch,
+                       progress=not args.no_progress, **extra)
 
 
 def _add_train_options(p, epochs: int, batch_size: int, lr: float):
@@ -30,6 +31,7 @@ def _add_train_options(p, epochs: int, batch_size: int, lr: float):
     p.add_argument("--backbone-lr", type=float, default=1e-4, help="learning rate of fine-tuned backbone towers")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap the steps of each epoch (0: no cap)")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -16,6 +16,7 @@ from torch import nn
 from cirlab.backbones import tiny_backbone
 from cirlab.data.images import PixelStore
 from cirlab.data.readers import read_split
+from cirlab.errors import CirlabError
 from cirlab.losses import info_nce
 from cirlab.training.data import PairSource
 from cirlab.training.loop import TrainConfig, fit
@@ -50,6 +51,9 @@ def pretrain(kind: str, data_root, out, cfg: TrainConfig, backbone_overrides: di
     torch.manual_seed(cfg.seed)
     backbone = tiny_backbone(kind, **(backbone_overrides or {}))
     store = PixelStore(split.gallery, backbone.preprocess)
+    if not split.captions:
+        raise CirlabError(f"no captions for the train images of {data_root}: pretraining reads "
+                          "synth/captions.jsonl, which `cirlab synth` writes")
     source = PairSource(sorted(split.gallery), split.captions, store)
     trainer = ContrastivePretrainer(backbone)
     work = out.with_name(out.name + ".work")
