@@ -14,6 +14,7 @@ class Query:
     text: str
     targets: tuple = ()
     subset: tuple = ()  # CIRR img_set members (reference included), empty when the benchmark has none
+    alt_texts: tuple = ()  # other phrasings scored with `text` and averaged (FashionIQ's "both orders")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from cirlab.errors import CirlabError
 
-DATASETS = ("synth", "synth-circo", "cirr", "circo")
+DATASETS = ("synth", "synth-circo", "cirr", "circo", "fashioniq", "shoes")
+JOINS = ("and", "reversed", "both")
 
 
 def _train_config(args, **extra):
@@ -76,7 +77,7 @@ def cmd_train(args) -> None:
         print(f"{args.method} is zero-shot: saved its checkpoint to {out}")
         return
     result = train_method(args.method, args.data_root, args.backbone, args.out, _train_config(args), method_config,
-                          dataset=args.dataset, resume=args.resume)
+                          dataset=args.dataset, resume=args.resume, join=args.join)
     losses = ", ".join(f"{x:.3f}" for x in result.losses)
     print(f"trained {args.method} for {result.epochs_done} epochs ({result.seconds:.0f} s); epoch losses: {losses}")
     print(f"checkpoint: {args.out}")
@@ -91,21 +92,75 @@ def format_table(rows: dict, columns: list) -> str:
     return "\n".join(lines)
 
 
+def _reference_option(args):
+    return {"keep": False, "remove": True}.get(args.reference)
+
+
 def cmd_eval(args) -> None:
     import cirlab
     from cirlab.data.readers import read_split
-    from cirlab.evaluation.protocols import checkpoint_identity, evaluate
+    from cirlab.evaluation.protocols import checkpoint_identity, evaluate_benchmark
 
     ckpt = Path(args.checkpoint)
-    split = read_split(args.dataset, args.data_root, args.split)
+    read_split(args.dataset, args.data_root, args.split, join=args.join)  # fail fast on annotation problems
     model = cirlab.load(ckpt, device=args.device)
-    metrics, _ = evaluate(model, split, cache_dir=ckpt / "cache", model_id=checkpoint_identity(ckpt),
-                          progress=not args.no_progress)
+    metrics = evaluate_benchmark(model, args.dataset, args.data_root, args.split, args.join,
+                                 _reference_option(args), ckpt / "cache", checkpoint_identity(ckpt),
+                                 progress=not args.no_progress)
     print(format_table({model.name: metrics}, list(metrics)))
     out = Path(args.json) if args.json else ckpt / f"eval-{args.dataset}-{args.split}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "split": args.split, "method": model.name,
-                               "checkpoint": str(ckpt), "metrics": metrics}, indent=1) + "\n")
+                               "checkpoint": str(ckpt), "join": args.join, "reference": args.reference,
+                               "metrics": metrics}, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def cmd_score(args) -> None:
+    from cirlab.evaluation.scoring import score
+
+    metrics = score(args.dataset, args.data_root, args.split, args.predictions, args.subset_predictions, args.join)
+    print(format_table({Path(args.predictions).name: metrics}, list(metrics)))
+    if args.json:
+        print(json.dumps(metrics))
+
+
+def cmd_submit(args) -> None:
+    import cirlab
+    from cirlab.evaluation.submission import check_submission, write_submission
+
+    model = cirlab.load(args.checkpoint, device=args.device)
+    files = write_submission(model, args.dataset, args.data_root, args.out, args.split,
+                             progress=not args.no_progress)
+    split = args.split or {"cirr": "test1", "circo": "test"}[args.dataset]
+    problems, notes = check_submission(args.dataset, args.data_root, split, files)
+    for n in notes:
+        print(f"note: {n}")
+    if problems:
+        raise CirlabError(f"the written files would be rejected: {problems[0]} ({len(problems)} problems)")
+    print("wrote and checked: " + ", ".join(map(str, files)))
+
+
+def cmd_check_submission(args) -> int:
+    from cirlab.evaluation.submission import check_submission
+
+    problems, notes = check_submission(args.dataset, args.data_root, args.split, args.files)
+    for n in notes:
+        print(f"note: {n}")
+    if not problems:
+        print("ok")
+        return 0
+    for p in problems[:20]:
+        print(p)
+    print(f"{len(problems)} problems" + (" (first 20 shown)" if len(problems) > 20 else ""))
+    return 1
+
+
+def cmd_data_check(args) -> int:
+    from cirlab.data.check import check_data
+
+    report = check_data(args.dataset, args.data_root)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
 
 
 def cmd_demo(args) -> None:
@@ -135,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a registered method")
     p.add_argument("--method", required=True)
     p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--backbone", required=True, help="Hugging Face id or folder of the backbone")
     p.add_argument("--out", required=True)
@@ -147,10 +203,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="synth")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", required=True)
+    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
+    p.add_argument("--reference", choices=("default", "keep", "remove"), default="default",
+                   help="keep or remove the reference from its own ranking (default: the benchmark's protocol)")
     p.add_argument("--json", help="where to write the metrics (default: inside the checkpoint folder)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score a predictions file from annotation files alone")
+    p.add_argument("--dataset", choices=("cirr", "circo", "fashioniq", "shoes", "synth", "synth-circo"),
+                   required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--subset-predictions", help="CIRR recall_subset file (top 3 of the img_set)")
+    p.add_argument("--join", choices=JOINS, default="and")
+    p.add_argument("--json", action="store_true", help="end with one JSON object of the metrics")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("submit", help="write and check the test-server files of a checkpoint")
+    p.add_argument("--dataset", choices=("cirr", "circo"), required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", help="default: test1 for CIRR, test for CIRCO")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("check-submission", help="check test-server files offline before upload")
+    p.add_argument("--dataset", choices=("cirr", "circo"), required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_check_submission)
+
+    p = sub.add_parser("data", help="inspect a benchmark's data root")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="report annotation files and images present and missing")
+    p.add_argument("--dataset", choices=("cirr", "circo", "fashioniq", "shoes", "synth"), required=True)
+    p.add_argument("--data-root", required=True)
+    p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)
@@ -168,14 +262,14 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading bars would bury our own progress and errors
-        args.func(args)
+        status = args.func(args)
     except CirlabError as e:
         print(f"cirlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cirlab: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

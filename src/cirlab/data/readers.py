@@ -1,6 +1,6 @@
-"""Readers for the benchmark layouts the synthetic world is written in (CIRR and CIRCO).
+"""Readers for the benchmark layouts: CIRR and CIRCO here, FashionIQ and Shoes in their own modules.
 
-Both give a `Split`: the queries and the gallery (image name -> file path). Malformed files raise a CirlabError that
+Each gives a `Split`: the queries and the gallery (image name -> file path). Malformed files raise a CirlabError that
 names the file, the row and the field.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def load_json(path: Path):
         raise CirlabError(f"malformed JSON in {path}: {e}") from None
 
 
-def _field(row, name: str, path: Path, i: int, kind=None):
+def field(row, name: str, path: Path, i: int, kind=None):
     if not isinstance(row, dict) or name not in row:
         raise CirlabError(f"{path}: row {i} has no field {name!r}")
     value = row[name]
@@ -56,10 +56,10 @@ def read_cirr(root, split: str, dataset: str = "cirr") -> Split:
     gallery = {n: str((root / p).resolve()) for n, p in names.items()}
     queries = []
     for i, row in enumerate(rows):
-        pairid = _field(row, "pairid", cap_path, i, int)
-        ref = _field(row, "reference", cap_path, i, str)
-        text = _field(row, "caption", cap_path, i, str)
-        members = tuple(_field(_field(row, "img_set", cap_path, i, dict), "members", cap_path, i, list))
+        pairid = field(row, "pairid", cap_path, i, int)
+        ref = field(row, "reference", cap_path, i, str)
+        text = field(row, "caption", cap_path, i, str)
+        members = tuple(field(field(row, "img_set", cap_path, i, dict), "members", cap_path, i, list))
         target = row.get("target_hard")
         for n in (ref, target, *members):
             if n is not None and n not in gallery:
@@ -75,32 +75,71 @@ def read_cirr(root, split: str, dataset: str = "cirr") -> Split:
     return Split(dataset, split, queries, gallery, captions)
 
 
-def read_circo(root, split: str) -> Split:
-    """CIRCO layout: annotations/{split}.json; gallery listed by image_info_unlabeled2017.json."""
+def circo_gallery_listing(root: Path) -> tuple:
+    """(listing file, image folder) of the COCO 2017 unlabeled gallery, in either layout cirlab accepts:
+    COCO2017_unlabeled/annotations/image_info_unlabeled2017.json with COCO2017_unlabeled/unlabeled2017/ (the
+    CIRCO repository's layout), or image_info_unlabeled2017.json with unlabeled2017/ at the data root."""
+    nested = root / "COCO2017_unlabeled"
+    if (nested / "annotations" / "image_info_unlabeled2017.json").exists():
+        return nested / "annotations" / "image_info_unlabeled2017.json", nested / "unlabeled2017"
+    return root / "image_info_unlabeled2017.json", root / "unlabeled2017"
+
+
+def read_circo(root, split: str, require_gallery: bool = True) -> Split:
+    """CIRCO layout: annotations/{split}.json; the gallery is listed by image_info_unlabeled2017.json.
+
+    Without the listing (`require_gallery=False`, for scoring from annotations alone) the gallery is empty.
+    """
     root = Path(root)
     ann_path = root / "annotations" / f"{split}.json"
     rows = load_json(ann_path)
-    info_path = root / "image_info_unlabeled2017.json"
-    info = load_json(info_path)
-    folder = root / "unlabeled2017"
+    if not isinstance(rows, list):
+        raise CirlabError(f"{ann_path}: expected a JSON list of queries")
+    info_path, folder = circo_gallery_listing(root)
     gallery = {}
-    for i, img in enumerate(_field(info, "images", info_path, 0, list)):
-        gallery[str(_field(img, "id", info_path, i, int))] = str(folder / _field(img, "file_name", info_path, i, str))
+    if require_gallery or info_path.exists():
+        info = load_json(info_path)
+        for i, img in enumerate(field(info, "images", info_path, 0, list)):
+            gallery[str(field(img, "id", info_path, i, int))] = str(folder / field(img, "file_name", info_path, i,
+                                                                                   str))
     queries = []
     for i, row in enumerate(rows):
-        ref = str(_field(row, "reference_img_id", ann_path, i, int))
-        text = _field(row, "relative_caption", ann_path, i, str)
-        gts = tuple(str(g) for g in row.get("gt_img_ids", []))
-        queries.append(Query(str(_field(row, "id", ann_path, i, int)), ref, text, gts, ()))
+        ref = str(field(row, "reference_img_id", ann_path, i, int))
+        text = field(row, "relative_caption", ann_path, i, str)
+        gts = row.get("gt_img_ids", [])
+        if not isinstance(gts, list):
+            raise CirlabError(f"{ann_path}: row {i} field 'gt_img_ids' should be list")
+        queries.append(Query(str(field(row, "id", ann_path, i, int)), ref, text, tuple(str(g) for g in gts), ()))
     return Split("circo", split, queries, gallery)
 
 
-def read_split(dataset: str, root, split: str) -> Split:
-    """Entry point used by training and evaluation; `synth` is the CIRR layout written by `cirlab synth`."""
+DATASETS = ("synth", "synth-circo", "cirr", "circo", "fashioniq", "shoes")
+
+
+def read_split(dataset: str, root, split: str, join: str = "and", category: str | None = None,
+               require_gallery: bool = True) -> Split:
+    """Entry point used by training, evaluation and scoring.
+
+    `synth` is the CIRR layout written by `cirlab synth` (its CIRCO variant is `synth-circo`). FashionIQ reads one
+    category, or all three merged when `category` is None.
+    """
     if dataset in ("synth", "cirr"):
         return read_cirr(root, split, dataset)
     if dataset == "synth-circo":
-        return read_circo(Path(root) / "circo", split)
+        s = read_circo(Path(root) / "circo", split, require_gallery)
+        return Split("synth-circo", s.name, s.queries, s.gallery)
     if dataset == "circo":
-        return read_circo(root, split)
-    raise CirlabError(f"unknown dataset {dataset!r}; choose one of synth, synth-circo, cirr, circo")
+        return read_circo(root, split, require_gallery)
+    if dataset == "fashioniq":
+        from cirlab.data.fashioniq import CATEGORIES, read_fashioniq
+
+        parts = [read_fashioniq(root, split, c, join) for c in ([category] if category else CATEGORIES)]
+        if len(parts) == 1:
+            return parts[0]
+        gallery = {k: v for p in parts for k, v in p.gallery.items()}
+        return Split("fashioniq", split, [q for p in parts for q in p.queries], gallery)
+    if dataset == "shoes":
+        from cirlab.data.shoes import read_shoes
+
+        return read_shoes(root, split)
+    raise CirlabError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")

@@ -2,8 +2,9 @@
 
 CIRR: the gallery is every image of the split, the reference is removed from its own ranking, R@{1,5,10,50};
 Recall_subset@{1,2,3} ranks only the img_set members other than the reference. CIRCO: mAP@{5,10,25,50} over
-gt_img_ids and R@K against the first ground truth (target_img_id); the reference stays in the ranking by default
-(`remove_reference` switches it off). Gallery features are cached on disk per (checkpoint, gallery).
+gt_img_ids and R@K against the first ground truth (target_img_id), the reference kept (the maintainers' own example
+test submission ranks it in 10 of 800 lists). FashionIQ and Shoes keep the reference by default too.
+`remove_reference` overrides each default. Gallery features are cached on disk per (checkpoint, gallery).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from cirlab.data.images import PixelStore
 from cirlab.data.readers import Split
 from cirlab.errors import CirlabError
-from cirlab.evaluation.metrics import map_at_k, recall_at_k, subset_recall_at_k
+from cirlab.evaluation.metrics import map_at_k, recall_at_k
 
 CIRR_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -80,22 +81,33 @@ def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256
 
 @torch.no_grad()
 def encode_queries(model, queries: list, store: PixelStore, batch_size: int = 256) -> torch.Tensor:
-    feats = []
-    for lo in range(0, len(queries), batch_size):
-        chunk = queries[lo:lo + batch_size]
-        feats.append(model.encode_query(store.pixels([q.reference for q in chunk]),
-                                        [q.text for q in chunk]).float().cpu())
-    return torch.cat(feats)
+    """(V, Q, D): one row per phrasing; V = 1 + the number of alternative phrasings (the same for every query)."""
+    variants = {len(q.alt_texts) for q in queries}
+    if len(variants) > 1:
+        raise CirlabError("queries of one split must all have the same number of alternative phrasings")
+    n_alt = variants.pop() if variants else 0
+    out = []
+    for v in range(1 + n_alt):
+        feats = []
+        for lo in range(0, len(queries), batch_size):
+            chunk = queries[lo:lo + batch_size]
+            texts = [q.text if v == 0 else q.alt_texts[v - 1] for q in chunk]
+            feats.append(model.encode_query(store.pixels([q.reference for q in chunk]), texts).float().cpu())
+        out.append(torch.cat(feats))
+    return torch.stack(out)
 
 
 @torch.no_grad()
 def rank(model, queries: list, qfeat: torch.Tensor, names: list, gfeat: torch.Tensor, remove_reference: bool,
          depth: int = 50, batch_size: int = 256) -> Ranking:
     index = {n: i for i, n in enumerate(names)}
+    if qfeat.dim() == 2:
+        qfeat = qfeat.unsqueeze(0)  # (V, Q, D): one phrasing
     ranked, subset_ranked = [], []
     for lo in range(0, len(queries), batch_size):
         chunk = queries[lo:lo + batch_size]
-        scores = model.similarity(qfeat[lo:lo + batch_size], gfeat)  # (b, N)
+        # (b, N), averaged over the phrasings of each query
+        scores = torch.stack([model.similarity(q[lo:lo + batch_size], gfeat) for q in qfeat]).mean(0)
         if remove_reference:
             for i, q in enumerate(chunk):
                 if q.reference in index:
@@ -113,35 +125,86 @@ def rank(model, queries: list, qfeat: torch.Tensor, names: list, gfeat: torch.Te
     return Ranking(ranked, subset_ranked)
 
 
-def cirr_metrics(queries: list, ranking: Ranking) -> dict:
+def _recalls(queries: list, ranked: list, ks, prefix: str = "") -> dict:
     targets = [q.targets[0] for q in queries]
-    out = {f"R@{k}": recall_at_k(ranking.ranked, targets, k) for k in CIRR_KS}
-    if any(ranking.subset_ranked):
-        for k in SUBSET_KS:
-            out[f"Rsubset@{k}"] = subset_recall_at_k(ranking.subset_ranked, [q.subset for q in queries], targets, k)
+    return {f"{prefix}R@{k}": recall_at_k(ranked, targets, k) for k in ks}
+
+
+def benchmark_metrics(dataset: str, queries: list, ranked: list, subset_ranked: list | None = None,
+                      cirr_avg: bool = False) -> dict:
+    """The official metric set of each benchmark, in percent, from ranked lists taken as given.
+
+    cirr/synth: R@1/5/10/50 and, with subset rankings, Rsubset@1/2/3 (plus Avg = (R@5 + Rsubset@1) / 2 when
+    `cirr_avg`); circo: mAP@5/10/25/50 over gt_img_ids and R@5/10/25/50 against target_img_id (the first ground
+    truth); fashioniq: R@10/R@50 per category (keys "<category>/<row>"), their averages and the mean of the two;
+    shoes: R@1/10/50 and their mean.
+    """
+    if dataset in ("circo", "synth-circo"):
+        out = {f"mAP@{k}": map_at_k(ranked, [q.targets for q in queries], k) for k in CIRCO_KS}
+        return out | _recalls(queries, ranked, CIRCO_KS)
+    if dataset == "fashioniq":
+        out, cats = {}, sorted({q.key.split("/")[0] for q in queries})
+        for cat in cats:
+            idx = [i for i, q in enumerate(queries) if q.key.split("/")[0] == cat]
+            out |= _recalls([queries[i] for i in idx], [ranked[i] for i in idx], (10, 50), f"{cat}/")
+        for k in (10, 50):
+            out[f"avg/R@{k}"] = sum(out[f"{c}/R@{k}"] for c in cats) / len(cats)
+        out["avg"] = (out["avg/R@10"] + out["avg/R@50"]) / 2
+        return out
+    if dataset == "shoes":
+        out = _recalls(queries, ranked, (1, 10, 50))
+        return out | {"avg": sum(out.values()) / 3}
+    out = _recalls(queries, ranked, CIRR_KS)
+    if subset_ranked is not None and any(subset_ranked):
+        targets = [q.targets[0] for q in queries]
+        for k in SUBSET_KS:  # subset rankings hold only img_set members other than the reference
+            out[f"Rsubset@{k}"] = recall_at_k(subset_ranked, targets, k)
+        if cirr_avg:
+            out["Avg"] = (out["R@5"] + out["Rsubset@1"]) / 2
     return out
 
 
-def circo_metrics(queries: list, ranking: Ranking) -> dict:
-    gts = [q.targets for q in queries]
-    out = {f"mAP@{k}": map_at_k(ranking.ranked, gts, k) for k in CIRCO_KS}
-    out.update({f"R@{k}": recall_at_k(ranking.ranked, [g[0] for g in gts], k) for k in CIRCO_KS})
-    return out
+# benchmarks whose protocol keeps the reference in the ranking by default
+REFERENCE_KEPT = ("circo", "synth-circo", "fashioniq", "shoes")
 
 
 def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_reference: bool | None = None,
              batch_size: int = 256, progress: bool = True) -> tuple:
-    """Run the split's protocol; returns (metrics in percent, ranking)."""
+    """Run the split's protocol; returns (metrics in percent, ranking).
+
+    The reference is removed from its own ranking by default for CIRR (and synth); CIRCO, FashionIQ and Shoes
+    keep it (`remove_reference` overrides). Queries with alternative phrasings average their similarities.
+    """
     queries = [q for q in split.queries if q.targets]
     if not queries:
         raise CirlabError(f"split {split.dataset}/{split.name} has no ground truth to evaluate against")
-    circo = split.dataset in ("circo", "synth-circo")
     if remove_reference is None:
-        remove_reference = not circo
+        remove_reference = split.dataset not in REFERENCE_KEPT
     store = PixelStore(split.gallery, model.backbone.preprocess)
     model.eval()
     names, gfeat = encode_gallery(model, split, store, batch_size, cache_dir, model_id, progress)
     qfeat = encode_queries(model, queries, store, batch_size)
     ranking = rank(model, queries, qfeat, names, gfeat, remove_reference, depth=50)
-    metrics = circo_metrics(queries, ranking) if circo else cirr_metrics(queries, ranking)
+    metrics = benchmark_metrics(split.dataset, queries, ranking.ranked, ranking.subset_ranked)
     return metrics, ranking
+
+
+def evaluate_benchmark(model, dataset: str, data_root, split: str, join: str = "and",
+                       remove_reference: bool | None = None, cache_dir=None, model_id: str = "",
+                       progress: bool = True) -> dict:
+    """The benchmark's protocol on a split. FashionIQ ranks each category against its own gallery, then reports
+    R@10/R@50 per category, their averages and the mean of the two (keys as `cirlab score` writes them)."""
+    from cirlab.data.readers import read_split
+
+    if dataset != "fashioniq":
+        split_data = read_split(dataset, data_root, split)
+        return evaluate(model, split_data, cache_dir, model_id, remove_reference, progress=progress)[0]
+    from cirlab.data.fashioniq import CATEGORIES
+
+    queries, ranked = [], []
+    for cat in CATEGORIES:
+        part = read_split(dataset, data_root, split, join=join, category=cat)
+        _, ranking = evaluate(model, part, cache_dir, model_id, remove_reference, progress=progress)
+        queries += [q for q in part.queries if q.targets]
+        ranked += ranking.ranked
+    return benchmark_metrics("fashioniq", queries, ranked)

@@ -15,7 +15,7 @@ from cirlab.training.loop import TrainConfig, TrainResult, fit
 
 
 def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method_config: dict | None = None,
-                 dataset: str = "synth", split: str = "train", resume: bool = False) -> TrainResult:
+                 dataset: str = "synth", split: str = "train", resume: bool = False, join: str = "and") -> TrainResult:
     """Train `method` on top of `backbone` (HF id or folder) and write a checkpoint folder to `out`.
 
     The loop's resumable state and metrics log live beside it in `<out>.train/`; the checkpoint folder is
@@ -26,7 +26,7 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
         raise CirlabError(f"method {method!r} is zero-shot and has nothing to train; save_zero_shot() (or "
                           f"`cirlab train --method {method}`) writes its checkpoint")
     out = Path(out)
-    data = read_split(dataset, data_root, split)
+    data = read_split(dataset, data_root, split, join=join)
     torch.manual_seed(cfg.seed)
     model = build_model(method, load_backbone(cls.backbone_kind, backbone), method_config)
     source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), cls.needs_captions,
