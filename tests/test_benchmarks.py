@@ -319,3 +319,23 @@ def test_data_check_reports_present_and_missing(roots, tmp_path):
     assert "MISSING captions/cap.dress.test.json" in proc.stdout
     assert "images: 3 found" in proc.stdout and "(.png: 3)" in proc.stdout
     assert "first missing: images/" in proc.stdout
+
+
+def test_cirr_layouts_resolve_images(roots, tmp_path):
+    """CLIP4Cir's layout (annotations under cirr/, images beside) and CIRR's img_raw/ both find the images."""
+    names = json.loads((roots / "cirr" / "image_splits" / "split.rc2.val.json").read_text())
+    name, rel = next(iter(names.items()))
+    clip4cir = tmp_path / "cirr_dataset"
+    shutil.copytree(roots / "cirr" / "captions", clip4cir / "cirr" / "captions")
+    shutil.copytree(roots / "cirr" / "image_splits", clip4cir / "cirr" / "image_splits")
+    (clip4cir / rel).parent.mkdir(parents=True)
+    (clip4cir / rel).write_bytes(b"")
+    split = read_split("cirr", clip4cir, "val")
+    assert Path(split.gallery[name]) == (clip4cir / rel).resolve() and Path(split.gallery[name]).exists()
+    raw = tmp_path / "cirr_raw"
+    shutil.copytree(roots / "cirr", raw)
+    (raw / "img_raw" / rel).parent.mkdir(parents=True)
+    assert Path(read_split("cirr", raw, "val").gallery[name]) == (raw / "img_raw" / rel).resolve()
+    proc = _cli("data", "check", "--dataset", "cirr", "--data-root", clip4cir)
+    assert "ok      cirr/captions/cap.rc2.val.json" in proc.stdout and "MISSING cirr/captions/cap.rc2.train.json" \
+        in proc.stdout and "images: 1 found" in proc.stdout

@@ -67,8 +67,13 @@ def check_data(dataset: str, root, examples: int = 5) -> DataReport:
     if not root.exists():
         raise CirlabError(f"data root not found: {root}")
     report = DataReport(dataset, str(root))
+    ann = root
+    if dataset in ("cirr", "synth"):
+        from cirlab.data.readers import cirr_roots
+
+        ann = cirr_roots(root)[0]
     for rel in _annotation_files(dataset):
-        report.annotations[rel] = (root / rel).exists()
+        report.annotations[str((ann / rel).relative_to(root))] = (ann / rel).exists()
     if dataset == "circo":
         listing = circo_gallery_listing(root)[0]
         report.annotations[str(listing.relative_to(root))] = listing.exists()

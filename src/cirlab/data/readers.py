@@ -40,20 +40,32 @@ def field(row, name: str, path: Path, i: int, kind=None):
     return value
 
 
+def cirr_roots(root: Path) -> tuple:
+    """(annotation root, image root) for the layouts in use: annotations at the root (the CIRR repository's
+    cirr/ folder used as the root), or under root/cirr/ with the images beside it (CLIP4Cir's cirr_dataset/); the
+    split files' relative paths resolve against root/img_raw/ when that folder exists (CIRR's raw images)."""
+    ann = root / "cirr" if not (root / "captions").exists() and (root / "cirr" / "captions").exists() else root
+    for images in (root / "img_raw", root):
+        if images.is_dir():
+            return ann, images
+    return ann, root
+
+
 def read_cirr(root, split: str, dataset: str = "cirr") -> Split:
     """CIRR layout: captions/cap.rc2.{split}.json and image_splits/split.rc2.{split}.json."""
     root = Path(root)
     if not root.exists():
         raise CirlabError(f"data root not found: {root}")
-    cap_path = root / "captions" / f"cap.rc2.{split}.json"
-    split_path = root / "image_splits" / f"split.rc2.{split}.json"
+    ann, images = cirr_roots(root)
+    cap_path = ann / "captions" / f"cap.rc2.{split}.json"
+    split_path = ann / "image_splits" / f"split.rc2.{split}.json"
     rows = load_json(cap_path)
     names = load_json(split_path)
     if not isinstance(rows, list):
         raise CirlabError(f"{cap_path}: expected a JSON list of queries")
     if not isinstance(names, dict):
         raise CirlabError(f"{split_path}: expected a JSON object mapping image names to paths")
-    gallery = {n: str((root / p).resolve()) for n, p in names.items()}
+    gallery = {n: str((images / p).resolve()) for n, p in names.items()}
     queries = []
     for i, row in enumerate(rows):
         pairid = field(row, "pairid", cap_path, i, int)
@@ -66,7 +78,7 @@ def read_cirr(root, split: str, dataset: str = "cirr") -> Split:
                 raise CirlabError(f"{cap_path}: row {i} names image {n!r}, which is not in {split_path}")
         queries.append(Query(str(pairid), ref, text, (target,) if target else (), members))
     captions = {}
-    oracle = root / "synth" / "captions.jsonl"
+    oracle = ann / "synth" / "captions.jsonl"
     if oracle.exists():
         for line in oracle.read_text().splitlines():
             rec = json.loads(line)
