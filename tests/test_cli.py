@@ -79,6 +79,22 @@ def test_synth_then_eval_writes_json(clip_dir, world, tmp_path):
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"] == doc["metrics"]
 
 
+def test_gallery_cache_follows_the_backbone_a_zero_shot_checkpoint_points_to(clip_dir, tmp_path):
+    import shutil
+
+    from cirlab.evaluation.protocols import checkpoint_identity
+
+    backbone = tmp_path / "bb"
+    shutil.copytree(clip_dir, backbone)
+    ckpt = tmp_path / "image_only"
+    assert cirlab("train", "--method", "image_only", "--data-root", tmp_path, "--backbone", backbone, "--out",
+                  ckpt).returncode == 0
+    before = checkpoint_identity(ckpt)
+    weights = backbone / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same bytes, new file: the identity must change
+    assert checkpoint_identity(ckpt) != before
+
+
 def test_eval_on_the_circo_layout_reports_map(clip_dir, world, tmp_path):
     ckpt = tmp_path / "sum"
     assert cirlab("train", "--method", "sum", "--data-root", world, "--backbone", clip_dir, "--out",

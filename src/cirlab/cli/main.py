@@ -19,6 +19,8 @@ JOINS = ("and", "reversed", "both")
 def _train_config(args, **extra):
     from cirlab.training.loop import TrainConfig
 
+    if getattr(args, "group_by_reference", False):
+        extra["group_by_reference"] = True
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
                        grad_accum=args.grad_accum, amp=args.amp, seed=args.seed, device=args.device,
                        warmup_steps=args.warmup_steps, steps_per_epoch=args.steps_per_epoch,
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True, help="Hugging Face id or folder of the backbone")
     p.add_argument("--out", required=True)
     p.add_argument("--config", help="method config as JSON text or a JSON file")
+    p.add_argument("--group-by-reference", action="store_true",
+                   help="batch together the triplets that share a reference image (harder in-batch negatives)")
     _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train)
 

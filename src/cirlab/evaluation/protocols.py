@@ -34,14 +34,25 @@ class Ranking:
     subset_ranked: list
 
 
-def checkpoint_identity(folder) -> str:
-    """Changes whenever a file of the checkpoint changes (name, size, modification time)."""
-    folder = Path(folder)
-    parts = []
+def _file_stats(folder: Path) -> list:
+    out = []
     for p in sorted(folder.rglob("*")):
         if p.is_file() and "cache" not in p.relative_to(folder).parts:
             st = p.stat()
-            parts.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
+            out.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
+    return out
+
+
+def checkpoint_identity(folder) -> str:
+    """Changes whenever a file of the checkpoint changes (name, size, modification time), or a file of the local
+    backbone folder it points to (zero-shot checkpoints record their backbone instead of copying it)."""
+    folder = Path(folder)
+    parts = _file_stats(folder)
+    meta = folder / "cirlab.json"
+    if meta.exists():
+        source = Path(json.loads(meta.read_text()).get("backbone", {}).get("source", ""))
+        if source.is_absolute() and source.is_dir():
+            parts += [f"backbone/{x}" for x in _file_stats(source)]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
