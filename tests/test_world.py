@@ -139,7 +139,7 @@ def test_oracle_captions_cover_every_image(world):
         names = json.loads((world / "image_splits" / f"split.rc2.{split}.json").read_text())
         for n in names:
             rec = recs[n]
-            assert set(rec["levels"]) == {"global", "objects", "attributes"} and rec["final_caption"]
+            assert set(rec["levels"]) == {"global", "objects", "details"} and rec["final_caption"]
 
 
 def test_circo_layout_has_multi_target_queries(world):

@@ -165,6 +165,18 @@ def cmd_data_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_caption(args) -> None:
+    from cirlab.captioning.backends import oracle_for
+    from cirlab.captioning.run import caption_split
+
+    backend = oracle_for(args.dataset, args.data_root, args.oracle_latency)
+    stats = caption_split(args.dataset, args.data_root, args.split, backend, args.out, args.batch_size,
+                          progress=not args.no_progress)
+    print(f"{stats.images} images: {stats.cached} already cached, {stats.captioned} captioned "
+          f"({stats.repaired} after a repair prompt, {stats.fallbacks} fell back to a partial answer), "
+          f"{stats.failures} failed; cache: {args.out}")
+
+
 def cmd_demo(args) -> None:
     from cirlab.demo import run_demo
 
@@ -249,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("cirr", "circo", "fashioniq", "shoes", "synth"), required=True)
     p.add_argument("--data-root", required=True)
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("caption", help="multi-level chain-of-thought captions of a split's images, cached")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", choices=("synth", "synth-circo"), default="synth")
+    p.add_argument("--split", required=True)
+    p.add_argument("--backend", choices=("oracle",), default="oracle",
+                   help="oracle: the synthetic world's captioner (hf and openai backends come with CSMCIR)")
+    p.add_argument("--out", required=True, help="the JSONL caption cache (appended; a rerun resumes)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)

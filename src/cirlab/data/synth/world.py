@@ -267,19 +267,17 @@ def object_sentence(o: Obj) -> str:
 
 
 def oracle_captions(scene: Scene) -> dict:
-    """The oracle multi-level captioner: global, object and attribute levels, then the final caption."""
-    n = len(scene)
+    """The oracle multi-level captioner, coarse to fine like the MCoT prompt: global (category and layout),
+    objects (salient objects and their attributes), details (what tells this scene apart from similar ones: sizes
+    and positions), then the final caption."""
     rows = sorted({o.cell // 3 for o in scene})
-    layout = {1: "one object", 2: "two objects", 3: "three objects"}[n]
+    layout = {1: "one object", 2: "two objects", 3: "three objects"}[len(scene)]
     where = ", ".join(["upper", "middle", "lower"][r] for r in rows)
-    objects = [f"a {o.shape}" for o in scene]
-    attributes = [object_sentence(o) for o in scene]
-    final = join_phrases(attributes)
     return {
         "global": f"{layout} on a grey background, in the {where} part of the picture",
-        "objects": "; ".join(objects),
-        "attributes": "; ".join(attributes),
-        "final_caption": final,
+        "objects": "; ".join(f"a {o.colour} {o.shape}" for o in scene),
+        "details": "; ".join(f"the {o.colour} {o.shape} is {o.size} and at the {CELLS[o.cell]}" for o in scene),
+        "final_caption": join_phrases([object_sentence(o) for o in scene]),
     }
 
 

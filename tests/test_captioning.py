@@ -1,0 +1,113 @@
+"""MCoT captioning: parsing, repair and fallback, the resumable cache (killed for real), the oracle backend."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cirlab.captioning.cache import CaptionCache
+from cirlab.captioning.prompt import KEYS, PROMPT_VERSION, MalformedAnswer, fallback_levels, parse_answer
+from cirlab.captioning.run import caption_images
+
+GOOD = {"global": "a photo", "objects": "a red dress", "details": "lace trim", "final_caption": "a red lace dress"}
+
+
+def test_parse_answer_finds_the_json_in_fences_and_prose():
+    assert parse_answer(json.dumps(GOOD)) == GOOD
+    assert parse_answer("Sure! Here it is:\n```json\n" + json.dumps(GOOD) + "\n```\nHope it helps.") == GOOD
+    with pytest.raises(MalformedAnswer) as err:
+        parse_answer('{"global": "a photo", "objects": "a red dress"')  # cut off
+    assert err.value.levels == {"global": "a photo", "objects": "a red dress"}
+    with pytest.raises(MalformedAnswer) as err:
+        parse_answer('{"global": "x", "final_caption": ""}')
+    assert "final_caption" in str(err.value)
+
+
+def test_fallback_uses_the_finest_usable_level():
+    assert fallback_levels({"global": "g", "objects": "o"})["final_caption"] == "o"
+    assert fallback_levels({"global": "g", "details": "d"})["final_caption"] == "d"
+    assert fallback_levels({}) is None
+
+
+class ScriptedBackend:
+    """A backend that answers from a script: first answers, then answers to repair prompts."""
+    model_id = "scripted"
+
+    def __init__(self, first: dict, repaired: dict):
+        self.first, self.repaired, self.calls = first, repaired, []
+
+    def generate(self, images, messages):
+        self.calls.append(len(messages[0]))
+        table = self.first if len(messages[0]) == 1 else self.repaired
+        return [table[p] for p in images]
+
+
+def test_repair_then_fallback_then_failure_are_counted(tmp_path):
+    items = [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d")]
+    first = {"a": json.dumps(GOOD), "b": "not json", "c": "still not", "d": "nothing"}
+    repaired = {"b": json.dumps(GOOD), "c": '{"global": "g", "objects": "a blue shirt"', "d": "no idea"}
+    cache = CaptionCache(tmp_path / "c.jsonl")
+    stats = caption_images(items, ScriptedBackend(first, repaired), cache, batch_size=4, progress=False)
+    assert (stats.captioned, stats.repaired, stats.fallbacks, stats.failures) == (3, 1, 1, 1)
+    recs = CaptionCache(tmp_path / "c.jsonl").records
+    assert set(recs) == {("a", PROMPT_VERSION), ("b", PROMPT_VERSION), ("c", PROMPT_VERSION)}
+    assert recs[("c", PROMPT_VERSION)]["final_caption"] == "a blue shirt"
+    assert recs[("c", PROMPT_VERSION)]["fallback"] is True and recs[("a", PROMPT_VERSION)]["fallback"] is False
+    assert recs[("a", PROMPT_VERSION)]["model"] == "scripted"
+    assert all(set(r) >= {"image", "levels", "final_caption", "model", "prompt_version", "prompt_hash"}
+               for r in recs.values())
+    # a rerun asks only for the failed image
+    again = caption_images(items, ScriptedBackend(first, repaired), CaptionCache(tmp_path / "c.jsonl"), 4,
+                           progress=False)
+    assert (again.cached, again.failures) == (3, 1)
+
+
+def test_a_torn_last_line_is_cut_back(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = CaptionCache(path)
+    cache.append([{"image": "a", "prompt_version": "v", "final_caption": "x"}])
+    with open(path, "a") as f:
+        f.write('{"image": "b", "prompt_ver')
+    assert len(CaptionCache(path)) == 1
+    assert path.read_text().endswith("}\n")
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_oracle_captions_survive_a_kill(world, tmp_path):
+    from cirlab.data.readers import read_split
+
+    names = set(read_split("synth", world, "val").gallery)
+    cache = tmp_path / "captions.jsonl"
+    args = ("caption", "--data-root", world, "--split", "val", "--backend", "oracle", "--out", cache,
+            "--batch-size", "8", "--no-progress")
+    proc = _cli(*args, "--oracle-latency", "0.05")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not cache.exists() or cache.read_text().count("\n") < 40):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = cache.read_text().count("\n")
+    assert 40 <= partial < len(names), "the run was killed part-way"
+    done = _cli(*args)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert f"{partial} already cached" in out
+    lines = cache.read_text().splitlines()
+    keys = [(json.loads(line)["image"], json.loads(line)["prompt_version"]) for line in lines]
+    assert len(keys) == len(set(keys)) == len(names)
+    assert {k[0] for k in keys} == names
+    clean = tmp_path / "clean.jsonl"
+    assert _cli(*args[:-3], "--out", clean, "--no-progress").wait(timeout=300) == 0
+    assert sorted(lines) == sorted(clean.read_text().splitlines())
+    rec = json.loads(lines[0])
+    assert (set(rec["levels"]) | {"final_caption"}) == set(KEYS)
+    assert rec["model"] == "cirlab-oracle" and rec["fallback"] is False
