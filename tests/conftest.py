@@ -21,6 +21,23 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def blip2_dir(tmp_path_factory):
+    """A tiny BLIP-2 retrieval model, built from a config and saved (untrained)."""
+    from cirlab.backbones import tiny_backbone
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("backbones") / "blip2"
+    tiny_backbone("blip2", vision_width=64, vision_layers=1, qformer_width=64, qformer_layers=1,
+                  num_query_tokens=4, dim=32).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def backbone_dirs(clip_dir, blip2_dir):
+    return {"clip": clip_dir, "blip2": blip2_dir}
+
+
+@pytest.fixture(scope="session")
 def clip_dir(world, tmp_path_factory):
     """A tiny CLIP pretrained for one epoch on the small world's train images."""
     from cirlab.training.loop import TrainConfig

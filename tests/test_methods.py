@@ -15,16 +15,22 @@ from cirlab.types import Batch
 METHODS = sorted(REGISTRY)
 
 
+def _backbone(name, dirs):
+    kind = REGISTRY[name].backbone_kind
+    return load_backbone(kind, dirs[kind])
+
+
 def _batch(bb, n=4):
     torch.manual_seed(1)
     px = torch.randn(n, 3, bb.preprocess.size, bb.preprocess.size)
     return Batch(px, ["make the red circle blue", "remove the star", "add a small green cross at the top",
-                      "move the square to the left"][:n], torch.randn_like(px), ["a red circle at the top"] * n)
+                      "move the square to the left"][:n], torch.randn_like(px), ["a red circle at the top"] * n,
+                 [f"img{i}" for i in range(n)])
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_interface_shapes_and_normalisation(name, clip_dir):
-    model = build_model(name, load_backbone(REGISTRY[name].backbone_kind, clip_dir)).eval()
+def test_interface_shapes_and_normalisation(name, backbone_dirs):
+    model = build_model(name, _backbone(name, backbone_dirs)).eval()
     b = _batch(model.backbone)
     with torch.no_grad():
         q = model.encode_query(b.ref_pixels, b.texts)
@@ -37,8 +43,8 @@ def test_interface_shapes_and_normalisation(name, clip_dir):
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if REGISTRY[n].trainable])
-def test_every_trainable_parameter_gets_a_gradient(name, clip_dir):
-    model = build_model(name, load_backbone(REGISTRY[name].backbone_kind, clip_dir)).train()
+def test_every_trainable_parameter_gets_a_gradient(name, backbone_dirs):
+    model = build_model(name, _backbone(name, backbone_dirs)).train()
     out = model.loss(_batch(model.backbone))
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -49,8 +55,8 @@ def test_every_trainable_parameter_gets_a_gradient(name, clip_dir):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_save_and_load_round_trip(name, clip_dir, tmp_path):
-    model = build_model(name, load_backbone(REGISTRY[name].backbone_kind, clip_dir)).eval()
+def test_save_and_load_round_trip(name, backbone_dirs, tmp_path):
+    model = build_model(name, _backbone(name, backbone_dirs)).eval()
     with torch.no_grad():  # make the method's own weights differ from a fresh init
         for n, p in model.named_parameters():
             if not n.startswith("backbone."):

@@ -90,7 +90,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True) -> 
     _backbone(backbone, data, profile, seed, progress, log)
     test = read_split("synth", data, "test1")
     results, timings = {}, {}
-    for name in sorted(REGISTRY):
+    for name in sorted(n for n, c in REGISTRY.items() if c.in_demo):
         cls = REGISTRY[name]
         folder = ckpts / name
         t = time.time()

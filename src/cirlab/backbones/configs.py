@@ -34,14 +34,17 @@ def tiny_clip(image_size: int = 64, patch_size: int = 16, width: int = 128, laye
 def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 128, vision_layers: int = 4,
                qformer_width: int = 128, qformer_layers: int = 2, num_query_tokens: int = 8, dim: int = 128):
     """A Blip2ForImageTextRetrieval with a tiny ViT and Q-Former, tokenised with the CLIP BPE vocabulary."""
+    import torch
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
     from cirlab.backbones.blip2 import Blip2Backbone
 
     cfg = Blip2Config(
+        # Blip2VisionConfig's default initializer_range (1e-10) suits loading EVA weights, not training from
+        # scratch: the ViT's outputs would start at ~1e-5 and the Q-Former could not see the image.
         vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=vision_width,
                            intermediate_size=vision_width * 4, num_hidden_layers=vision_layers,
-                           num_attention_heads=4),
+                           num_attention_heads=4, initializer_range=0.02),
         qformer_config=dict(vocab_size=VOCAB_SIZE, hidden_size=qformer_width, num_hidden_layers=qformer_layers,
                             num_attention_heads=4, intermediate_size=qformer_width * 4,
                             max_position_embeddings=TEXT_LENGTH, encoder_hidden_size=vision_width,
@@ -50,4 +53,7 @@ def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 1
         image_text_hidden_size=dim,
     )
     model = Blip2ForImageTextRetrieval(cfg)
+    # BLIP-2 draws its learned query tokens from N(0, initializer_range); left at zero, their self-attention
+    # queries vanish and the attention weights of a fresh model get no gradient through them
+    torch.nn.init.normal_(model.query_tokens, std=cfg.initializer_range)
     return Blip2Backbone(model, clip_tokenizer(TEXT_LENGTH), Preprocess(size=image_size), "tiny-blip2")

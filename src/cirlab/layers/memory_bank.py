@@ -86,25 +86,29 @@ class MemoryBank(nn.Module):
         self.serial[slots] = self.pushed + torch.arange(n, device=self.serial.device)
         self.pushed += n
 
-    def scores(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int) -> torch.Tensor:
-        """Selection scores (B, C); -inf where an entry may not be used for that query."""
+    def scores(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int, similarity=None) -> torch.Tensor:
+        """Selection scores (B, C); -inf where an entry may not be used for that query.
+
+        `similarity(queries, features) -> (B, C)` scores queries against stored features (default: dot product;
+        a method with multi-token targets stores them flattened and passes its own)."""
         banned = ~self.valid[None, :] | (self.ids[None, :] == positive_ids[:, None])  # (B, C)
         if self.config.mode == "fifo":
             score = self.serial[None, :].float().expand(queries.shape[0], -1).clone()
         else:
-            sim = queries.detach() @ self.features.t() / self.config.temperature  # (B, C)
+            raw = similarity(queries.detach(), self.features) if similarity else queries.detach() @ self.features.t()
+            sim = raw / self.config.temperature  # (B, C)
             p = sim.masked_fill(banned, float("-inf")).softmax(-1)
             score = -(p * p.clamp_min(1e-12).log())  # (B, C): each entry's entropy term
             age = (step - self.steps).clamp_min(0).float()
             score = score * 0.5 ** (age / self.config.half_life)[None, :]
         return score.masked_fill(banned, float("-inf"))
 
-    def negatives(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int) -> tuple:
+    def negatives(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int, similarity=None) -> tuple:
         """Per-query negatives (B, n, D) and a mask (B, n) of the slots that hold a real entry."""
         b, n = queries.shape[0], min(self.config.num_negatives, self.config.capacity)
         if self.config.mode == "off" or not bool(self.valid.any()):
-            return queries.new_zeros(b, 0, self.features.shape[1]), queries.new_zeros(b, 0, dtype=torch.bool)
-        score = self.scores(queries, positive_ids, step)
+            return self.features.new_zeros(b, 0, self.features.shape[1]), queries.new_zeros(b, 0, dtype=torch.bool)
+        score = self.scores(queries, positive_ids, step, similarity)
         top = score.topk(n, dim=1)  # (B, n)
         if self.config.mode == "entropy":
             with torch.no_grad():

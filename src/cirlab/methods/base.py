@@ -62,6 +62,7 @@ class CIRModel(nn.Module):
     backbone_kind = "clip"
     trainable = False  # False for zero-shot baselines that have nothing to learn on triplets
     needs_captions = False  # True when encode_target uses target captions
+    in_demo = True  # trained and evaluated by `cirlab demo`
 
     def __init__(self, config, backbone):
         super().__init__()

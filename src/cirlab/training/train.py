@@ -29,7 +29,7 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
     data = read_split(dataset, data_root, split, join=join)
     torch.manual_seed(cfg.seed)
     model = build_model(method, load_backbone(cls.backbone_kind, backbone), method_config)
-    source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), cls.needs_captions,
+    source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), model.needs_captions,
                            cfg.group_by_reference)
     return fit(model, source, cfg, out.with_name(out.name + ".train"), resume=resume, export=lambda _: model.save(out),
                desc=f"train {method}")

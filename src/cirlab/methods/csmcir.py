@@ -1,0 +1,118 @@
+"""CSMCIR (seed 000): one shared Q-Former encodes both the composed query and the captioned target.
+
+Query: the BLIP-2 Q-Former runs its query tokens together with the modification text, cross-attending to the
+reference image's ViT patches; the hidden state at the first text position, projected and normalised, is the query.
+Target (`target_tower="symmetric"`): the same Q-Former, same parameters, runs on the target image's patches with
+that image's caption (the MCoT `final_caption`). Loss: InfoNCE over the batch plus negatives from the memory bank
+(layers/memory_bank.py). The ViT is frozen; the Q-Former, its embeddings, query tokens and projections train.
+
+Interpretation (the full paper is not available), each a config field:
+- `target_tokens="multi"`: the target is its Q query-token outputs (N, Q, D) and the similarity is the maximum over
+  them (BLIP-2's ITC convention); "pooled" uses the first text position, exactly like the query.
+- Both sides go through one projection (the Q-Former's text projection) so that the two towers are symmetric in
+  every parameter.
+- `target_tower="image_only"` is the asymmetric design of BLIP-2-based methods such as SPRC: the target is the
+  Q-Former's image-only query features (no caption) through the vision projection.
+- `captions="none"` keeps the symmetric tower but gives it an empty caption.
+- The temperature is learnable, initialised at 0.07 as in BLIP-2.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cirlab.layers.memory_bank import MemoryBank, MemoryBankConfig
+from cirlab.losses import info_nce
+from cirlab.methods.base import CIRModel, MethodConfig, register
+from cirlab.types import Batch, LossOutput
+
+
+@dataclass
+class CsmcirConfig(MethodConfig):
+    finetune: str = "text"  # for blip2: the Q-Former side trains, the ViT stays frozen
+    target_tower: str = "symmetric"  # symmetric | image_only
+    target_tokens: str = "multi"  # multi | pooled
+    captions: str = "mcot"  # mcot | none
+    memory_bank: dict = field(default_factory=lambda: {"mode": "entropy"})  # MemoryBankConfig fields
+
+
+def image_id(name: str) -> int:
+    """A stable integer id for an image name (the memory bank's false-negative key)."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:15], 16)
+
+
+@register
+class Csmcir(CIRModel):
+    name = "csmcir"
+    config_class = CsmcirConfig
+    backbone_kind = "blip2"
+    trainable = True
+    in_demo = False  # joins `cirlab demo` once its pretraining and training fit the demo's time budget
+
+    def __init__(self, config: CsmcirConfig, backbone):
+        for value, allowed, what in ((config.target_tower, ("symmetric", "image_only"), "target_tower"),
+                                     (config.target_tokens, ("multi", "pooled"), "target_tokens"),
+                                     (config.captions, ("mcot", "none"), "captions")):
+            if value not in allowed:
+                from cirlab.errors import CirlabError
+                raise CirlabError(f"csmcir {what} must be one of {', '.join(allowed)}, got {value!r}")
+        super().__init__(config, backbone)
+        m = backbone.model
+        m.query_tokens.requires_grad_(True)
+        m.text_projection.requires_grad_(True)
+        m.vision_projection.requires_grad_(config.target_tower == "image_only")  # used by that tower only
+        self.needs_captions = config.target_tower == "symmetric" and config.captions != "none"
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.bank = MemoryBank(MemoryBankConfig(**config.memory_bank), self._target_width())
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _target_width(self) -> int:
+        k = self.backbone.num_query_tokens if self.config.target_tokens == "multi" else 1
+        return k * self.backbone.dim
+
+    # ----------------------------------------------------------------- the interface
+    def encode_query(self, images, texts) -> torch.Tensor:
+        bb = self.backbone
+        patches = bb.image_patches(self.pixels(images))  # (B, 1+P, Dv)
+        hidden = bb.joint(patches, bb.tokenize(texts, bb.device))  # (B, Q+L, Dq)
+        return self.normalise(bb.model.text_projection(hidden[:, bb.num_query_tokens]))  # (B, D)
+
+    def encode_target(self, images, captions=None) -> torch.Tensor:
+        bb = self.backbone
+        patches = bb.image_patches(self.pixels(images))
+        if self.config.target_tower == "image_only":
+            feats = bb.query_features(patches)  # (N, Q, D)
+            return self.normalise(feats if self.config.target_tokens == "multi" else feats.mean(1))
+        if captions is None or self.config.captions == "none":
+            captions = [""] * patches.shape[0]
+        hidden = bb.joint(patches, bb.tokenize(captions, bb.device))  # (N, Q+L, Dq)
+        q = bb.num_query_tokens
+        if self.config.target_tokens == "multi":
+            return self.normalise(bb.model.text_projection(hidden[:, :q]))  # (N, Q, D)
+        return self.normalise(bb.model.text_projection(hidden[:, q]))  # (N, D)
+
+    def _bank_similarity(self, queries: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """(B, D) x (C, K*D) -> (B, C), the same scoring as `similarity`."""
+        return self.similarity(queries, flat.view(flat.shape[0], -1, queries.shape[-1]))
+
+    def loss(self, batch: Batch) -> LossOutput:
+        q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
+        t = self.encode_target(batch.tgt_pixels, batch.tgt_captions)  # (B, D) or (B, K, D)
+        scale = self.logit_scale.exp().clamp(max=100)
+        logits = self.similarity(q, t)  # (B, B)
+        ids = torch.tensor([image_id(n) for n in batch.target_names], device=q.device)
+        step = int(self.step)
+        negs, valid = self.bank.negatives(q, ids, step, self._bank_similarity)  # (B, n, K*D), (B, n)
+        n_neg = negs.shape[1]
+        if n_neg:
+            neg = negs.view(q.shape[0], n_neg, -1, q.shape[-1])  # (B, n, K, D)
+            neg_logits = torch.einsum("bd,bnkd->bnk", q, neg).amax(-1).masked_fill(~valid, float("-inf"))
+            logits = torch.cat([logits, neg_logits], dim=1)  # (B, B + n)
+        loss = info_nce(scale * logits)
+        self.bank.push(t.detach().reshape(t.shape[0], -1), ids, step)
+        self.step += 1
+        return LossOutput(loss, {"nce": loss.item(), "bank_negatives": float(n_neg)})
