@@ -16,10 +16,36 @@ class Blip2Backbone(Backbone):
     processor_type = "BlipImageProcessor"
     hf_class = "Blip2ForImageTextRetrieval"
 
-    def __init__(self, *args, **kwargs):
+    OPTIONS_FILE = "cirlab_backbone.json"
+
+    def __init__(self, *args, text_pool: str = "cls", **kwargs):
         super().__init__(*args, **kwargs)
+        if text_pool not in ("cls", "mean"):
+            raise ValueError(f"text_pool must be cls or mean, got {text_pool!r}")
+        # "cls" reads the first text position, as BLIP-2 does; "mean" averages the text tokens, which a Q-Former
+        # trained from scratch needs: at initialisation the first position (the same start token for every text)
+        # barely depends on the rest of the text, and contrastive training from it collapses to chance.
+        self.text_pool = text_pool
         # Blip2ForImageTextRetrieval keeps no temperature; the wrapper holds one for contrastive training.
         self._logit_scale = torch.nn.Parameter(torch.tensor(2.659))
+
+    @classmethod
+    def from_pretrained(cls, source) -> "Blip2Backbone":
+        import json
+        from pathlib import Path
+
+        bb = super().from_pretrained(source)
+        options = Path(bb.source) / cls.OPTIONS_FILE
+        if options.exists():
+            bb.text_pool = json.loads(options.read_text()).get("text_pool", "cls")
+        return bb
+
+    def save_pretrained(self, folder) -> None:
+        import json
+        from pathlib import Path
+
+        super().save_pretrained(folder)
+        (Path(folder) / self.OPTIONS_FILE).write_text(json.dumps({"text_pool": self.text_pool}) + "\n")
 
     @property
     def dim(self) -> int:
@@ -54,7 +80,11 @@ class Blip2Backbone(Backbone):
         m = self.model
         embeds = m.embeddings(input_ids=tokens["input_ids"])
         out = m.qformer(query_embeds=embeds, query_length=0, attention_mask=tokens["attention_mask"])
-        return m.text_projection(out.last_hidden_state[:, 0])
+        hidden = out.last_hidden_state  # (B, L, Dq)
+        if self.text_pool == "mean":
+            mask = tokens["attention_mask"][..., None].to(hidden.dtype)
+            return m.text_projection((hidden * mask).sum(1) / mask.sum(1))
+        return m.text_projection(hidden[:, 0])
 
     def joint(self, patches: torch.Tensor, tokens: dict) -> torch.Tensor:
         """Query tokens and text in one Q-Former pass over the patches: hidden states (B, Q + L, Dq)."""

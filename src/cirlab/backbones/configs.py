@@ -32,7 +32,8 @@ def tiny_clip(image_size: int = 64, patch_size: int = 16, width: int = 128, laye
 
 
 def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 128, vision_layers: int = 4,
-               qformer_width: int = 128, qformer_layers: int = 2, num_query_tokens: int = 8, dim: int = 128):
+               qformer_width: int = 128, qformer_layers: int = 2, text_pool: str = "mean",
+               num_query_tokens: int = 8, dim: int = 128):
     """A Blip2ForImageTextRetrieval with a tiny ViT and Q-Former, tokenised with the CLIP BPE vocabulary."""
     import torch
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
@@ -56,4 +57,5 @@ def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 1
     # BLIP-2 draws its learned query tokens from N(0, initializer_range); left at zero, their self-attention
     # queries vanish and the attention weights of a fresh model get no gradient through them
     torch.nn.init.normal_(model.query_tokens, std=cfg.initializer_range)
-    return Blip2Backbone(model, clip_tokenizer(TEXT_LENGTH), Preprocess(size=image_size), "tiny-blip2")
+    return Blip2Backbone(model, clip_tokenizer(TEXT_LENGTH), Preprocess(size=image_size), "tiny-blip2",
+                         text_pool=text_pool)
