@@ -183,50 +183,8 @@ def cmd_demo(args) -> None:
     run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cirlab", description="Composed image retrieval: train, evaluate, search.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("synth", help="write the synthetic CIR world (CIRR and CIRCO layouts)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=("small", "default"), default="default")
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("pretrain", help="pretrain a tiny backbone contrastively on synthetic (scene, caption) pairs")
-    p.add_argument("--backbone", choices=("clip", "blip2"), required=True)
-    p.add_argument("--data", required=True, help="a synthetic world written by `cirlab synth`")
-    p.add_argument("--out", required=True)
-    p.add_argument("--backbone-config", help='JSON overrides of the tiny config, e.g. {"width": 96, "layers": 2}')
-    _add_train_options(p, epochs=2, batch_size=128, lr=1e-3)
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("train", help="train a registered method")
-    p.add_argument("--method", required=True)
-    p.add_argument("--dataset", choices=DATASETS, default="synth")
-    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--backbone", required=True, help="Hugging Face id or folder of the backbone")
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="method config as JSON text or a JSON file")
-    p.add_argument("--group-by-reference", action="store_true",
-                   help="batch together the triplets that share a reference image (harder in-batch negatives)")
-    _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dataset", choices=DATASETS, default="synth")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
-    p.add_argument("--reference", choices=("default", "keep", "remove"), default="default",
-                   help="keep or remove the reference from its own ranking (default: the benchmark's protocol)")
-    p.add_argument("--json", help="where to write the metrics (default: inside the checkpoint folder)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_eval)
-
+def _add_benchmark_parsers(sub) -> None:
+    """score, submit, check-submission, data check and caption."""
     p = sub.add_parser("score", help="score a predictions file from annotation files alone")
     p.add_argument("--dataset", choices=("cirr", "circo", "fashioniq", "shoes", "synth", "synth-circo"),
                    required=True)
@@ -273,6 +231,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_caption)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cirlab", description="Composed image retrieval: train, evaluate, search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic CIR world (CIRR and CIRCO layouts)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=("small", "default"), default="default")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pretrain", help="pretrain a tiny backbone contrastively on synthetic (scene, caption) pairs")
+    p.add_argument("--backbone", choices=("clip", "blip2"), required=True)
+    p.add_argument("--data", required=True, help="a synthetic world written by `cirlab synth`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--backbone-config", help='JSON overrides of the tiny config, e.g. {"width": 96, "layers": 2}')
+    _add_train_options(p, epochs=2, batch_size=128, lr=1e-3)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="train a registered method")
+    p.add_argument("--method", required=True)
+    p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--backbone", required=True, help="Hugging Face id or folder of the backbone")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="method config as JSON text or a JSON file")
+    p.add_argument("--group-by-reference", action="store_true",
+                   help="batch together the triplets that share a reference image (harder in-batch negatives)")
+    _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
+    p.add_argument("--reference", choices=("default", "keep", "remove"), default="default",
+                   help="keep or remove the reference from its own ranking (default: the benchmark's protocol)")
+    p.add_argument("--json", help="where to write the metrics (default: inside the checkpoint folder)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    _add_benchmark_parsers(sub)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)
