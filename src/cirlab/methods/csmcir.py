@@ -103,16 +103,18 @@ class Csmcir(CIRModel):
         q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
         t = self.encode_target(batch.tgt_pixels, batch.tgt_captions)  # (B, D) or (B, K, D)
         scale = self.logit_scale.exp().clamp(max=100)
-        logits = self.similarity(q, t)  # (B, B)
+        logits = scale * self.similarity(q, t)  # (B, B)
         ids = torch.tensor([image_id(n) for n in batch.target_names], device=q.device)
         step = int(self.step)
         negs, valid = self.bank.negatives(q, ids, step, self._bank_similarity)  # (B, n, K*D), (B, n)
-        n_neg = negs.shape[1]
-        if n_neg:
-            neg = negs.view(q.shape[0], n_neg, -1, q.shape[-1])  # (B, n, K, D)
-            neg_logits = torch.einsum("bd,bnkd->bnk", q, neg).amax(-1).masked_fill(~valid, float("-inf"))
+        n_neg = int(valid.sum(1).min()) if negs.shape[1] else 0
+        if negs.shape[1]:
+            neg = negs.view(q.shape[0], negs.shape[1], -1, q.shape[-1])  # (B, n, K, D)
+            neg_logits = scale * torch.einsum("bd,bnkd->bnk", q, neg).amax(-1)  # (B, n)
+            # empty slots get a large finite negative, not -inf: -inf times the temperature's gradient is NaN
+            neg_logits = torch.where(valid, neg_logits, torch.full_like(neg_logits, -1e4))
             logits = torch.cat([logits, neg_logits], dim=1)  # (B, B + n)
-        loss = info_nce(scale * logits)
+        loss = info_nce(logits)
         self.bank.push(t.detach().reshape(t.shape[0], -1), ids, step)
         self.step += 1
         return LossOutput(loss, {"nce": loss.item(), "bank_negatives": float(n_neg)})
