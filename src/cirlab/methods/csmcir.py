@@ -15,6 +15,10 @@ Interpretation (the full paper is not available), each a config field:
   Q-Former's image-only query features (no caption) through the vision projection.
 - `captions="none"` keeps the symmetric tower but gives it an empty caption.
 - The temperature is learnable, initialised at 0.07 as in BLIP-2.
+- `query_pool`: the paper's query is the first text position. A tiny Q-Former trained from scratch cannot use that
+  position (it barely depends on the text, see Blip2Backbone.text_pool; measured: csmcir's loss stayed at chance,
+  5.1 for 64 + 128 candidates, over 2 epochs on the default world), so "auto" follows the backbone: the first
+  position for real BLIP-2 checkpoints, the mean of the text positions for tiny mean-pooling ones.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class CsmcirConfig(MethodConfig):
     target_tower: str = "symmetric"  # symmetric | image_only
     target_tokens: str = "multi"  # multi | pooled
     captions: str = "mcot"  # mcot | none
+    query_pool: str = "auto"  # first | mean | auto (mean when the backbone mean-pools text, else first)
     memory_bank: dict = field(default_factory=lambda: {"mode": "entropy"})  # MemoryBankConfig fields
 
 
@@ -54,7 +59,8 @@ class Csmcir(CIRModel):
     in_demo = False  # joins `cirlab demo` once its pretraining and training fit the demo's time budget
 
     def __init__(self, config: CsmcirConfig, backbone):
-        for value, allowed, what in ((config.target_tower, ("symmetric", "image_only"), "target_tower"),
+        for value, allowed, what in ((config.query_pool, ("auto", "first", "mean"), "query_pool"),
+                                     (config.target_tower, ("symmetric", "image_only"), "target_tower"),
                                      (config.target_tokens, ("multi", "pooled"), "target_tokens"),
                                      (config.captions, ("mcot", "none"), "captions")):
             if value not in allowed:
@@ -70,6 +76,17 @@ class Csmcir(CIRModel):
         self.bank = MemoryBank(MemoryBankConfig(**config.memory_bank), self._target_width())
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
+    def _pool_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, Q+L, Dq) joint hidden states -> (B, Dq) at the text positions, per `query_pool`."""
+        q = self.backbone.num_query_tokens
+        pool = self.config.query_pool
+        if pool == "auto":
+            pool = "mean" if getattr(self.backbone, "text_pool", "cls") == "mean" else "first"
+        if pool == "first":
+            return hidden[:, q]
+        m = mask[..., None].to(hidden.dtype)  # (B, L, 1)
+        return (hidden[:, q:] * m).sum(1) / m.sum(1)
+
     def _target_width(self) -> int:
         k = self.backbone.num_query_tokens if self.config.target_tokens == "multi" else 1
         return k * self.backbone.dim
@@ -78,8 +95,9 @@ class Csmcir(CIRModel):
     def encode_query(self, images, texts) -> torch.Tensor:
         bb = self.backbone
         patches = bb.image_patches(self.pixels(images))  # (B, 1+P, Dv)
-        hidden = bb.joint(patches, bb.tokenize(texts, bb.device))  # (B, Q+L, Dq)
-        return self.normalise(bb.model.text_projection(hidden[:, bb.num_query_tokens]))  # (B, D)
+        tokens = bb.tokenize(texts, bb.device)
+        hidden = bb.joint(patches, tokens)  # (B, Q+L, Dq)
+        return self.normalise(bb.model.text_projection(self._pool_text(hidden, tokens["attention_mask"])))
 
     def encode_target(self, images, captions=None) -> torch.Tensor:
         bb = self.backbone
@@ -89,11 +107,11 @@ class Csmcir(CIRModel):
             return self.normalise(feats if self.config.target_tokens == "multi" else feats.mean(1))
         if captions is None or self.config.captions == "none":
             captions = [""] * patches.shape[0]
-        hidden = bb.joint(patches, bb.tokenize(captions, bb.device))  # (N, Q+L, Dq)
-        q = bb.num_query_tokens
+        tokens = bb.tokenize(captions, bb.device)
+        hidden = bb.joint(patches, tokens)  # (N, Q+L, Dq)
         if self.config.target_tokens == "multi":
-            return self.normalise(bb.model.text_projection(hidden[:, :q]))  # (N, Q, D)
-        return self.normalise(bb.model.text_projection(hidden[:, q]))  # (N, D)
+            return self.normalise(bb.model.text_projection(hidden[:, :bb.num_query_tokens]))  # (N, Q, D)
+        return self.normalise(bb.model.text_projection(self._pool_text(hidden, tokens["attention_mask"])))
 
     def _bank_similarity(self, queries: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """(B, D) x (C, K*D) -> (B, C), the same scoring as `similarity`."""
