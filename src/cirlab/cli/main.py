@@ -100,15 +100,13 @@ def _reference_option(args):
 
 def cmd_eval(args) -> None:
     import cirlab
-    from cirlab.data.readers import read_split
-    from cirlab.evaluation.protocols import checkpoint_identity, evaluate_benchmark
+    from cirlab.evaluation.protocols import checkpoint_identity, evaluate_benchmark, read_benchmark
 
     ckpt = Path(args.checkpoint)
-    read_split(args.dataset, args.data_root, args.split, join=args.join)  # fail fast on annotation problems
+    splits = read_benchmark(args.dataset, args.data_root, args.split, args.join)  # annotation errors come first
     model = cirlab.load(ckpt, device=args.device)
-    metrics = evaluate_benchmark(model, args.dataset, args.data_root, args.split, args.join,
-                                 _reference_option(args), ckpt / "cache", checkpoint_identity(ckpt),
-                                 progress=not args.no_progress)
+    metrics = evaluate_benchmark(model, args.dataset, splits, _reference_option(args), ckpt / "cache",
+                                 checkpoint_identity(ckpt), progress=not args.no_progress)
     print(format_table({model.name: metrics}, list(metrics)))
     out = Path(args.json) if args.json else ckpt / f"eval-{args.dataset}-{args.split}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "split": args.split, "method": model.name,
@@ -128,12 +126,12 @@ def cmd_score(args) -> None:
 
 def cmd_submit(args) -> None:
     import cirlab
-    from cirlab.evaluation.submission import check_submission, write_submission
+    from cirlab.evaluation.submission import TEST_SPLITS, check_submission, write_submission
 
     model = cirlab.load(args.checkpoint, device=args.device)
     files = write_submission(model, args.dataset, args.data_root, args.out, args.split,
                              progress=not args.no_progress)
-    split = args.split or {"cirr": "test1", "circo": "test"}[args.dataset]
+    split = args.split or TEST_SPLITS[args.dataset]
     problems, notes = check_submission(args.dataset, args.data_root, split, files)
     for n in notes:
         print(f"note: {n}")

@@ -200,21 +200,26 @@ def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_ref
     return metrics, ranking
 
 
-def evaluate_benchmark(model, dataset: str, data_root, split: str, join: str = "and",
-                       remove_reference: bool | None = None, cache_dir=None, model_id: str = "",
-                       progress: bool = True) -> dict:
-    """The benchmark's protocol on a split. FashionIQ ranks each category against its own gallery, then reports
-    R@10/R@50 per category, their averages and the mean of the two (keys as `cirlab score` writes them)."""
+def read_benchmark(dataset: str, data_root, split: str, join: str = "and") -> list:
+    """The splits a benchmark's protocol ranks separately: one per FashionIQ category, otherwise one."""
     from cirlab.data.readers import read_split
 
     if dataset != "fashioniq":
-        split_data = read_split(dataset, data_root, split)
-        return evaluate(model, split_data, cache_dir, model_id, remove_reference, progress=progress)[0]
+        return [read_split(dataset, data_root, split)]
     from cirlab.data.fashioniq import CATEGORIES
 
+    return [read_split(dataset, data_root, split, join=join, category=cat) for cat in CATEGORIES]
+
+
+def evaluate_benchmark(model, dataset: str, splits: list, remove_reference: bool | None = None, cache_dir=None,
+                       model_id: str = "", progress: bool = True) -> dict:
+    """The benchmark's protocol on the splits `read_benchmark` gives. FashionIQ ranks each category against its
+    own gallery, then reports R@10/R@50 per category, their averages and the mean of the two (keys as
+    `cirlab score` writes them)."""
+    if dataset != "fashioniq":
+        return evaluate(model, splits[0], cache_dir, model_id, remove_reference, progress=progress)[0]
     queries, ranked = [], []
-    for cat in CATEGORIES:
-        part = read_split(dataset, data_root, split, join=join, category=cat)
+    for part in splits:
         _, ranking = evaluate(model, part, cache_dir, model_id, remove_reference, progress=progress)
         queries += [q for q in part.queries if q.targets]
         ranked += ranking.ranked

@@ -21,6 +21,7 @@ from cirlab.evaluation.scoring import load_predictions
 CIRR_LENGTHS = {"recall": 50, "recall_subset": 3}
 CIRCO_LENGTH = 50
 CIRR_MAX_BYTES = 5 * 1024 * 1024
+TEST_SPLITS = {"cirr": "test1", "circo": "test"}  # the split each test server scores
 
 
 def _check_lists(name: str, preds: dict, queries: dict, gallery: set | None, length: int, no_reference: bool,
@@ -136,7 +137,7 @@ def write_submission(model, dataset: str, data_root, out, split: str | None = No
     from cirlab.data.images import PixelStore
     from cirlab.evaluation.protocols import encode_gallery, encode_queries, rank
 
-    split = split or {"cirr": "test1", "circo": "test"}.get(dataset)
+    split = split or TEST_SPLITS.get(dataset)
     if split is None:
         raise CirlabError(f"test-server files exist for cirr and circo, not {dataset!r}")
     data = read_split(dataset, data_root, split)
