@@ -19,8 +19,7 @@ from cirlab.errors import CirlabError
 @dataclass(frozen=True)
 class DemoProfile:
     world: str
-    backbone: dict  # tiny CLIP overrides
-    pretrain: dict  # TrainConfig fields
+    backbones: dict  # kind -> {"config": tiny-config overrides, "pretrain": TrainConfig fields}
     train: dict  # TrainConfig fields shared by the trained methods
     method_train: dict = field(default_factory=dict)  # method -> TrainConfig overrides
     method_config: dict = field(default_factory=dict)  # method -> method config
@@ -28,13 +27,23 @@ class DemoProfile:
 
 PROFILES = {
     "default": DemoProfile(
-        world="default", backbone={"patch_size": 16, "width": 128, "layers": 4, "dim": 128},
-        pretrain={"epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50},
-        train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50}),
+        world="default",
+        backbones={
+            "clip": {"config": {"patch_size": 16, "width": 128, "layers": 4, "dim": 128},
+                     "pretrain": {"epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}},
+            "blip2": {"config": {},
+                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
+        train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
+        method_train={"csmcir": {"epochs": 6, "backbone_lr": 1e-3}}),
     "quick": DemoProfile(
-        world="small", backbone={"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
-        pretrain={"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
-        train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20}),
+        world="small",
+        backbones={
+            "clip": {"config": {"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
+                     "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}},
+            "blip2": {"config": {"vision_width": 96, "vision_layers": 3, "qformer_width": 96, "dim": 96},
+                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
+        train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
+        method_train={"csmcir": {"epochs": 4, "backbone_lr": 1e-3}}),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
@@ -52,20 +61,22 @@ def _world(data: Path, seed: int, size: str, progress: bool, log) -> None:
     write_world(data, seed=seed, size=size, progress=progress)
 
 
-def _backbone(folder: Path, data: Path, profile: DemoProfile, seed: int, progress: bool, log) -> None:
+def ensure_backbone(kind: str, folder: Path, data: Path, spec: dict, seed: int, progress: bool, log) -> Path:
+    """Pretrain the tiny `kind` backbone into `folder`, or reuse it when seed, config and world are unchanged."""
     from cirlab.training.loop import TrainConfig
     from cirlab.training.pretrain import DONE_FILE, pretrain
 
-    cfg = TrainConfig(seed=seed, progress=progress, **profile.pretrain)
-    key = {"kind": "clip", "train": dataclasses.asdict(cfg) | {"progress": None}, "overrides": profile.backbone,
+    cfg = TrainConfig(seed=seed, progress=progress, **spec["pretrain"])
+    key = {"kind": kind, "train": dataclasses.asdict(cfg) | {"progress": None}, "overrides": spec["config"],
            "world": json.loads((data / "synth" / "world.json").read_text())}
     key_file = folder / "demo_key.json"
     if key_file.exists() and (folder / DONE_FILE).exists() and json.loads(key_file.read_text()) == key:
-        log(f"backbone: reusing {folder}")
-        return
-    log("backbone: pretraining the tiny CLIP on (scene, caption) pairs")
-    pretrain("clip", data, folder, cfg, profile.backbone)
+        log(f"backbone {kind}: reusing {folder}")
+        return folder
+    log(f"backbone {kind}: pretraining the tiny {kind} on (scene, caption) pairs ({cfg.epochs} epochs)")
+    pretrain(kind, data, folder, cfg, spec["config"])
     key_file.write_text(json.dumps(key, indent=1))
+    return folder
 
 
 def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True) -> dict:
@@ -85,14 +96,20 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True) -> 
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     data, ckpts = out / "data", out / "checkpoints"
-    _world(data, seed, profile.world, progress, log)
-    backbone = ckpts / "backbone-clip"
-    _backbone(backbone, data, profile, seed, progress, log)
-    test = read_split("synth", data, "test1")
     results, timings = {}, {}
-    for name in sorted(n for n, c in REGISTRY.items() if c.in_demo):
+    _world(data, seed, profile.world, progress, log)
+    methods = sorted(n for n, c in REGISTRY.items() if c.in_demo)
+    backbones = {}
+    for kind in sorted({REGISTRY[n].backbone_kind for n in methods}):
+        t = time.time()
+        backbones[kind] = ensure_backbone(kind, ckpts / f"backbone-{kind}", data, profile.backbones[kind], seed,
+                                          progress, log)
+        timings[f"pretrain {kind}"] = round(time.time() - t, 1)
+    test = read_split("synth", data, "test1")
+    for name in methods:
         cls = REGISTRY[name]
         folder = ckpts / name
+        backbone = backbones[cls.backbone_kind]
         t = time.time()
         if cls.trainable:
             cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))

@@ -70,6 +70,6 @@ def caption_images(items: list, backend, cache: CaptionCache, batch_size: int = 
 
 
 def caption_split(dataset: str, data_root, split: str, backend, out, batch_size: int = 16,
-                  progress: bool = True) -> CaptionStats:
-    data = read_split(dataset, data_root, split)
+                  progress: bool = True, category: str | None = None) -> CaptionStats:
+    data = read_split(dataset, data_root, split, category=category, require_gallery=True)
     return caption_images(sorted(data.gallery.items()), backend, CaptionCache(out), batch_size, progress)

@@ -79,7 +79,7 @@ def cmd_train(args) -> None:
         print(f"{args.method} is zero-shot: saved its checkpoint to {out}")
         return
     result = train_method(args.method, args.data_root, args.backbone, args.out, _train_config(args), method_config,
-                          dataset=args.dataset, resume=args.resume, join=args.join)
+                          dataset=args.dataset, resume=args.resume, join=args.join, captions=args.captions)
     losses = ", ".join(f"{x:.3f}" for x in result.losses)
     print(f"trained {args.method} for {result.epochs_done} epochs ({result.seconds:.0f} s); epoch losses: {losses}")
     print(f"checkpoint: {args.out}")
@@ -104,6 +104,11 @@ def cmd_eval(args) -> None:
 
     ckpt = Path(args.checkpoint)
     splits = read_benchmark(args.dataset, args.data_root, args.split, args.join)  # annotation errors come first
+    if args.captions:
+        from cirlab.data.readers import attach_captions
+
+        for split in splits:
+            attach_captions(split, args.captions)
     model = cirlab.load(ckpt, device=args.device)
     metrics = evaluate_benchmark(model, args.dataset, splits, _reference_option(args), ckpt / "cache",
                                  checkpoint_identity(ckpt), progress=not args.no_progress)
@@ -164,15 +169,27 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_caption(args) -> None:
-    from cirlab.captioning.backends import oracle_for
+    from cirlab.captioning.backends import make_backend
     from cirlab.captioning.run import caption_split
 
-    backend = oracle_for(args.dataset, args.data_root, args.oracle_latency)
+    if args.backend == "oracle" and args.dataset not in ("synth", "synth-circo"):
+        raise CirlabError(f"the oracle captioner knows only the synthetic world; use --backend hf or openai for "
+                          f"{args.dataset}")
+    backend = make_backend(args.backend, args.dataset, args.data_root, latency_s=args.oracle_latency,
+                           model=args.model, device=args.device, max_new_tokens=args.max_new_tokens,
+                           base_url=args.base_url, api_key=args.api_key, timeout_s=args.timeout,
+                           retries=args.retries, concurrency=args.concurrency, max_tokens=args.max_new_tokens)
     stats = caption_split(args.dataset, args.data_root, args.split, backend, args.out, args.batch_size,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, category=args.category)
     print(f"{stats.images} images: {stats.cached} already cached, {stats.captioned} captioned "
           f"({stats.repaired} after a repair prompt, {stats.fallbacks} fell back to a partial answer), "
           f"{stats.failures} failed; cache: {args.out}")
+
+
+def cmd_ablate(args) -> None:
+    from cirlab.ablate import run_ablation
+
+    run_ablation(args.method, args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
 
 
 def cmd_demo(args) -> None:
@@ -220,10 +237,22 @@ def _add_benchmark_parsers(sub) -> None:
 
     p = sub.add_parser("caption", help="multi-level chain-of-thought captions of a split's images, cached")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--dataset", choices=("synth", "synth-circo"), default="synth")
+    p.add_argument("--dataset", choices=("synth", "synth-circo", "cirr", "circo", "fashioniq", "shoes"),
+                   default="synth")
     p.add_argument("--split", required=True)
-    p.add_argument("--backend", choices=("oracle",), default="oracle",
-                   help="oracle: the synthetic world's captioner (hf and openai backends come with CSMCIR)")
+    p.add_argument("--category", help="FashionIQ category (dress, shirt, toptee); default: all three")
+    p.add_argument("--backend", choices=("oracle", "hf", "openai"), default="oracle",
+                   help="oracle: the synthetic world's captioner; hf: a transformers image-text-to-text model; "
+                        "openai: an OpenAI-compatible chat endpoint")
+    p.add_argument("--model", help="hf: Hugging Face id or folder; openai: the served model's name")
+    p.add_argument("--device", default="cpu", help="hf: torch device")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="hf and openai: answer length cap")
+    p.add_argument("--base-url", help="openai: e.g. http://127.0.0.1:8000/v1 (default: $CIRLAB_OPENAI_BASE_URL, "
+                                      "then $OPENAI_BASE_URL)")
+    p.add_argument("--api-key", help="openai: default $CIRLAB_OPENAI_API_KEY, then $OPENAI_API_KEY")
+    p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
+    p.add_argument("--retries", type=int, default=4, help="openai: retries per request, with exponential back-off")
+    p.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight at once")
     p.add_argument("--out", required=True, help="the JSONL caption cache (appended; a rerun resumes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
@@ -259,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="method config as JSON text or a JSON file")
     p.add_argument("--group-by-reference", action="store_true",
                    help="batch together the triplets that share a reference image (harder in-batch negatives)")
+    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) of the train images, for methods "
+                                      "that read target captions (csmcir); the synthetic world brings its own")
     _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train)
 
@@ -271,11 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=("default", "keep", "remove"), default="default",
                    help="keep or remove the reference from its own ranking (default: the benchmark's protocol)")
     p.add_argument("--json", help="where to write the metrics (default: inside the checkpoint folder)")
+    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) for methods that read target "
+                                      "captions (csmcir); the synthetic world brings its own")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     _add_benchmark_parsers(sub)
+
+    p = sub.add_parser("ablate", help="train a method's ablation grid on the synthetic world; ablation.json + .md")
+    p.add_argument("method", choices=("csmcir",))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="the small world and the quick demo schedule")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)

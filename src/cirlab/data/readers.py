@@ -19,7 +19,39 @@ class Split:
     name: str
     queries: list
     gallery: dict  # name -> absolute path
-    captions: dict = field(default_factory=dict)  # name -> final caption, when known (synthetic oracle)
+    captions: dict = field(default_factory=dict)  # name -> final caption (MCoT cache or the synthetic oracle)
+    caption_levels: dict = field(default_factory=dict)  # name -> {level: text} of the same records
+
+    def caption_texts(self, names, level: str = "final_caption") -> list:
+        """Captions of `names` at one level ("final_caption" or an MCoT level such as "objects")."""
+        if level == "final_caption":
+            return [self.captions[n] for n in names]
+        return [self.caption_levels[n][level] for n in names]
+
+
+def attach_captions(split: Split, path, required: bool = True) -> Split:
+    """Read a caption cache (JSONL records with image, levels, final_caption) into the split's gallery captions.
+
+    Records of images outside the gallery are skipped; a malformed line names the file and line number.
+    """
+    path = Path(path)
+    if not path.exists():
+        if required:
+            raise CirlabError(f"caption file not found: {path}")
+        return split
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            name, final = rec["image"], rec["final_caption"]
+            levels = dict(rec.get("levels", {}))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CirlabError(f"{path}: line {i} is not a caption record ({e})") from None
+        if name in split.gallery:
+            split.captions[name] = final
+            split.caption_levels[name] = levels
+    return split
 
 
 def load_json(path: Path):
@@ -77,14 +109,7 @@ def read_cirr(root, split: str, dataset: str = "cirr") -> Split:
             if n is not None and n not in gallery:
                 raise CirlabError(f"{cap_path}: row {i} names image {n!r}, which is not in {split_path}")
         queries.append(Query(str(pairid), ref, text, (target,) if target else (), members))
-    captions = {}
-    oracle = ann / "synth" / "captions.jsonl"
-    if oracle.exists():
-        for line in oracle.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["image"] in gallery:
-                captions[rec["image"]] = rec["final_caption"]
-    return Split(dataset, split, queries, gallery, captions)
+    return attach_captions(Split(dataset, split, queries, gallery), ann / "synth" / "captions.jsonl", required=False)
 
 
 def circo_gallery_listing(root: Path) -> tuple:

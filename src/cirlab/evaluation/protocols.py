@@ -67,11 +67,11 @@ def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256
         if missing:
             raise CirlabError(f"{len(missing)} gallery images of {split.dataset}/{split.name} have no caption "
                               f"(first: {missing[0]}); caption the gallery first")
-        captions = [split.captions[n] for n in names]
+        captions = split.caption_texts(names, model.caption_level)
     cache = None
     if cache_dir is not None:
         key = hashlib.sha1(json.dumps([model_id, split.dataset, split.name, names, store.preprocess.key(),
-                                       captions is not None]).encode()).hexdigest()[:16]
+                                       captions]).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"gallery-{split.dataset}-{split.name}-{key}.pt"
         if cache.exists():
             return names, torch.load(cache, weights_only=True)

@@ -62,6 +62,7 @@ class CIRModel(nn.Module):
     backbone_kind = "clip"
     trainable = False  # False for zero-shot baselines that have nothing to learn on triplets
     needs_captions = False  # True when encode_target uses target captions
+    caption_level = "final_caption"  # which caption of a record encode_target reads (see Split.caption_texts)
     in_demo = True  # trained and evaluated by `cirlab demo`
 
     def __init__(self, config, backbone):
@@ -86,6 +87,14 @@ class CIRModel(nn.Module):
 
     def loss(self, batch: Batch) -> LossOutput:
         raise CirlabError(f"method {self.name!r} has nothing to train")
+
+    def frozen_image_stage(self):
+        """A function pixels -> features for a first image stage that does not train, else None.
+
+        Training then feeds the method that stage's cached outputs in place of pixels (FrozenFeatureStore), so
+        `encode_query` and `encode_target` of a method that returns one accept either.
+        """
+        return None
 
     # ----------------------------------------------------------------- helpers
     def pixels(self, images) -> torch.Tensor:

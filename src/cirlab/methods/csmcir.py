@@ -13,7 +13,10 @@ Interpretation (the full paper is not available), each a config field:
   every parameter.
 - `target_tower="image_only"` is the asymmetric design of BLIP-2-based methods such as SPRC: the target is the
   Q-Former's image-only query features (no caption) through the vision projection.
-- `captions="none"` keeps the symmetric tower but gives it an empty caption.
+- `captions="single_level"` gives the target tower one level of the MCoT record instead of its final caption
+  (`single_level`, default "objects": the salient objects and their attributes, without layout or the telling
+  details), standing in for a caption from a plain one-step prompt; `captions="none"` keeps the symmetric tower
+  but gives it an empty caption.
 - The temperature is learnable, initialised at 0.07 as in BLIP-2.
 - `query_pool`: the paper's query is the first text position. A tiny Q-Former trained from scratch cannot use that
   position (it barely depends on the text, see Blip2Backbone.text_pool; measured: csmcir's loss stayed at chance,
@@ -40,7 +43,8 @@ class CsmcirConfig(MethodConfig):
     finetune: str = "text"  # for blip2: the Q-Former side trains, the ViT stays frozen
     target_tower: str = "symmetric"  # symmetric | image_only
     target_tokens: str = "multi"  # multi | pooled
-    captions: str = "mcot"  # mcot | none
+    captions: str = "mcot"  # mcot | single_level | none
+    single_level: str = "objects"  # the caption level `captions="single_level"` reads
     query_pool: str = "auto"  # first | mean | auto (mean when the backbone mean-pools text, else first)
     memory_bank: dict = field(default_factory=lambda: {"mode": "entropy"})  # MemoryBankConfig fields
 
@@ -62,7 +66,7 @@ class Csmcir(CIRModel):
         for value, allowed, what in ((config.query_pool, ("auto", "first", "mean"), "query_pool"),
                                      (config.target_tower, ("symmetric", "image_only"), "target_tower"),
                                      (config.target_tokens, ("multi", "pooled"), "target_tokens"),
-                                     (config.captions, ("mcot", "none"), "captions")):
+                                     (config.captions, ("mcot", "single_level", "none"), "captions")):
             if value not in allowed:
                 from cirlab.errors import CirlabError
                 raise CirlabError(f"csmcir {what} must be one of {', '.join(allowed)}, got {value!r}")
@@ -72,6 +76,7 @@ class Csmcir(CIRModel):
         m.text_projection.requires_grad_(True)
         m.vision_projection.requires_grad_(config.target_tower == "image_only")  # used by that tower only
         self.needs_captions = config.target_tower == "symmetric" and config.captions != "none"
+        self.caption_level = config.single_level if config.captions == "single_level" else "final_caption"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.bank = MemoryBank(MemoryBankConfig(**config.memory_bank), self._target_width())
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -91,17 +96,37 @@ class Csmcir(CIRModel):
         k = self.backbone.num_query_tokens if self.config.target_tokens == "multi" else 1
         return k * self.backbone.dim
 
+    def frozen_image_stage(self):
+        vit = self.backbone.model.vision_model
+        if any(p.requires_grad for p in vit.parameters()):
+            return None
+
+        def patches(pixels: torch.Tensor) -> torch.Tensor:
+            was = vit.training
+            vit.eval()
+            try:
+                return self.backbone.image_patches(pixels.to(self.backbone.device))
+            finally:
+                vit.train(was)
+        return patches
+
+    def _patches(self, images) -> torch.Tensor:
+        """ViT patches (B, 1+P, Dv) of pixels, PIL images, or already computed patches (a 3-D tensor)."""
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            return images.to(self.backbone.device)
+        return self.backbone.image_patches(self.pixels(images))
+
     # ----------------------------------------------------------------- the interface
     def encode_query(self, images, texts) -> torch.Tensor:
         bb = self.backbone
-        patches = bb.image_patches(self.pixels(images))  # (B, 1+P, Dv)
+        patches = self._patches(images)  # (B, 1+P, Dv)
         tokens = bb.tokenize(texts, bb.device)
         hidden = bb.joint(patches, tokens)  # (B, Q+L, Dq)
         return self.normalise(bb.model.text_projection(self._pool_text(hidden, tokens["attention_mask"])))
 
     def encode_target(self, images, captions=None) -> torch.Tensor:
         bb = self.backbone
-        patches = bb.image_patches(self.pixels(images))
+        patches = self._patches(images)
         if self.config.target_tower == "image_only":
             feats = bb.query_features(patches)  # (N, Q, D)
             return self.normalise(feats if self.config.target_tokens == "multi" else feats.mean(1))

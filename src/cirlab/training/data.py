@@ -1,6 +1,8 @@
 """Batch sources for the training loop: CIR triplets of a split, and (image, caption) pairs for pretraining."""
 from __future__ import annotations
 
+import torch
+
 from cirlab.data.images import PixelStore
 from cirlab.data.readers import Split
 from cirlab.errors import CirlabError
@@ -17,7 +19,7 @@ class TripletSource:
     """
 
     def __init__(self, split: Split, store: PixelStore, with_captions: bool = False,
-                 group_by_reference: bool = False):
+                 group_by_reference: bool = False, caption_level: str = "final_caption"):
         rows = [q for q in split.queries if q.targets]
         if not rows:
             raise CirlabError(f"split {split.dataset}/{split.name} has no queries with targets to train on")
@@ -25,9 +27,10 @@ class TripletSource:
         for q in rows:
             groups.setdefault(q.reference if group_by_reference else q.key, []).append(q)
         self.groups = list(groups.values())
-        self.store, self.captions, self.with_captions = store, split.captions, with_captions
+        self.store, self.split, self.with_captions = store, split, with_captions
+        self.caption_level = caption_level
         if with_captions:
-            missing = [q.targets[0] for q in rows if q.targets[0] not in self.captions]
+            missing = [q.targets[0] for q in rows if q.targets[0] not in split.captions]
             if missing:
                 raise CirlabError(f"{len(missing)} training targets have no caption (first: {missing[0]}); "
                                   "caption the split first")
@@ -40,7 +43,7 @@ class TripletSource:
         targets = [q.targets[0] for q in rows]
         return Batch(self.store.pixels([q.reference for q in rows]), [q.text for q in rows],
                      self.store.pixels(targets),
-                     [self.captions[t] for t in targets] if self.with_captions else None, targets)
+                     self.split.caption_texts(targets, self.caption_level) if self.with_captions else None, targets)
 
 
 class PairSource:
@@ -59,3 +62,28 @@ class PairSource:
         names = [self.names[i] for i in indices]
         px = self.store.pixels(names)
         return Batch(px, [self.captions[n] for n in names], px, None, names)
+
+
+class FrozenFeatureStore:
+    """A PixelStore stand-in that hands out a frozen image encoder's outputs instead of pixels.
+
+    When a method's first image stage does not train (csmcir's ViT), encoding each image once and keeping the
+    result makes every later epoch skip that stage. Features are computed on first use, in chunks, under no_grad,
+    with the encoder in eval mode, and kept in memory (float32).
+    """
+
+    def __init__(self, store: PixelStore, encoder, chunk: int = 256):
+        self.store, self.encoder, self.chunk = store, encoder, chunk
+        self._feats: dict = {}
+
+    def pixels(self, names) -> torch.Tensor:
+        todo = list(dict.fromkeys(n for n in names if n not in self._feats))
+        for lo in range(0, len(todo), self.chunk):
+            part = todo[lo:lo + self.chunk]
+            with torch.no_grad():
+                out = self.encoder(self.store.pixels(part)).float().cpu()
+            self._feats.update(zip(part, out))
+        return torch.stack([self._feats[n] for n in names])
+
+    def __len__(self) -> int:
+        return len(self._feats)

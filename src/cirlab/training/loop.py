@@ -39,6 +39,7 @@ class TrainConfig:
     log_every: int = 20
     steps_per_epoch: int = 0  # 0: the whole data set each epoch; otherwise at most this many steps
     group_by_reference: bool = False  # batch whole groups of triplets that share a reference (see TripletSource)
+    cache_frozen: bool = True  # feed cached outputs of a method's frozen image stage (see CIRModel.frozen_image_stage)
     device: str = "cpu"
     progress: bool = True
 

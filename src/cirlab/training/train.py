@@ -7,19 +7,21 @@ import torch
 
 from cirlab.backbones import load_backbone
 from cirlab.data.images import PixelStore
-from cirlab.data.readers import read_split
+from cirlab.data.readers import attach_captions, read_split
 from cirlab.errors import CirlabError
 from cirlab.methods import build_model, method_class
-from cirlab.training.data import TripletSource
+from cirlab.training.data import FrozenFeatureStore, TripletSource
 from cirlab.training.loop import TrainConfig, TrainResult, fit
 
 
 def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method_config: dict | None = None,
-                 dataset: str = "synth", split: str = "train", resume: bool = False, join: str = "and") -> TrainResult:
+                 dataset: str = "synth", split: str = "train", resume: bool = False, join: str = "and",
+                 captions=None, on_epoch=None) -> TrainResult:
     """Train `method` on top of `backbone` (HF id or folder) and write a checkpoint folder to `out`.
 
     The loop's resumable state and metrics log live beside it in `<out>.train/`; the checkpoint folder is
-    replaced whole after each epoch, so it always holds one complete epoch.
+    replaced whole after each epoch, so it always holds one complete epoch. `captions` is a caption cache (JSONL)
+    for the split's images; `on_epoch(model, out)` runs after each epoch's checkpoint is written.
     """
     cls = method_class(method)
     if not cls.trainable:
@@ -27,11 +29,21 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
                           f"`cirlab train --method {method}`) writes its checkpoint")
     out = Path(out)
     data = read_split(dataset, data_root, split, join=join)
+    if captions is not None:
+        attach_captions(data, captions)
     torch.manual_seed(cfg.seed)
     model = build_model(method, load_backbone(cls.backbone_kind, backbone), method_config)
-    source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), model.needs_captions,
-                           cfg.group_by_reference)
-    return fit(model, source, cfg, out.with_name(out.name + ".train"), resume=resume, export=lambda _: model.save(out),
+    store = PixelStore(data.gallery, model.backbone.preprocess)
+    frozen = model.frozen_image_stage() if cfg.cache_frozen else None
+    if frozen is not None:
+        store = FrozenFeatureStore(store, frozen)
+    source = TripletSource(data, store, model.needs_captions, cfg.group_by_reference, model.caption_level)
+    def export(_):
+        model.save(out)
+        if on_epoch is not None:
+            on_epoch(model, out)
+
+    return fit(model, source, cfg, out.with_name(out.name + ".train"), resume=resume, export=export,
                desc=f"train {method}")
 
 

@@ -1,0 +1,133 @@
+"""The hf and openai captioning backends: a tiny local VLM, and a real HTTP server on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cirlab.captioning.backends import HFBackend, OpenAIBackend
+from cirlab.captioning.cache import CaptionCache
+from cirlab.captioning.prompt import PROMPT_VERSION, messages, parse_answer
+from cirlab.captioning.run import caption_images
+from cirlab.errors import CirlabError
+
+HELPERS = Path(__file__).parent / "helpers"
+ANSWER = {"global": "a grey picture", "objects": "some shapes", "details": "none", "final_caption": "shapes on grey"}
+
+
+def _images(world, n):
+    """The first n val images whose pixels no other val image shares (the test server tells images by pixels)."""
+    from collections import Counter
+
+    from PIL import Image
+
+    sys.path.insert(0, str(HELPERS))
+    from chat_server import pixel_key
+
+    from cirlab.data.readers import read_split
+
+    items = sorted(read_split("synth", world, "val").gallery.items())[:3 * n]
+    keys = {name: pixel_key(Image.open(path)) for name, path in items}
+    count = Counter(keys.values())
+    return [(name, path) for name, path in items if count[keys[name]] == 1][:n]
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(world, tmp_path_factory):
+    sys.path.insert(0, str(HELPERS))
+    from tiny_vlm import build_tiny_vlm
+
+    folder = tmp_path_factory.mktemp("vlm") / "tiny-llava"
+    return build_tiny_vlm(folder, json.dumps(ANSWER), [p for _, p in _images(world, 2)])
+
+
+def test_hf_backend_loads_a_folder_and_captions_through_the_pipeline(tiny_vlm, world, tmp_path):
+    backend = HFBackend(str(tiny_vlm), max_new_tokens=len(json.dumps(ANSWER)) + 4)
+    items = _images(world, 3)
+    answers = backend.generate([items[0][1]], [messages(repair_of="oops")])  # a repair conversation renders too
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    stats = caption_images(items, backend, CaptionCache(tmp_path / "c.jsonl"), batch_size=3, progress=False)
+    assert (stats.captioned, stats.failures) == (3, 0)
+    recs = CaptionCache(tmp_path / "c.jsonl").records
+    rec = recs[(items[2][0], PROMPT_VERSION)]
+    assert rec["final_caption"] == "shapes on grey" and rec["model"] == "tiny-llava"
+    assert rec["levels"] == {k: ANSWER[k] for k in ("global", "objects", "details")}
+
+
+def test_hf_backend_names_what_it_cannot_load(tmp_path):
+    with pytest.raises(CirlabError, match="cannot load image-text-to-text model"):
+        HFBackend(str(tmp_path / "nothing-here"))
+
+
+@pytest.fixture()
+def chat_server(world, tmp_path):
+    procs = []
+
+    def start(*extra):
+        log = tmp_path / f"requests{len(procs)}.jsonl"
+        proc = subprocess.Popen([sys.executable, str(HELPERS / "chat_server.py"), "--data-root", str(world),
+                                 "--log", str(log), *extra], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), line
+        return f"http://127.0.0.1:{line.split()[1]}/v1", log
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_openai_backend_against_a_real_server(chat_server, world, tmp_path):
+    """Retries past 503s, repairs a prose answer, and the cache holds exactly the oracle's captions."""
+    from cirlab.data.synth.world import graph_to_scene, oracle_captions
+
+    items = _images(world, 30)
+    bad = items[7][0]
+    url, log = chat_server("--fail-first", "2", "--malformed", bad, "--api-key", "k3y", "--delay", "0.05")
+    backend = OpenAIBackend("oracle-chat", base_url=url, api_key="k3y", concurrency=4, backoff_s=0.05)
+    stats = caption_images(items, backend, CaptionCache(tmp_path / "c.jsonl"), batch_size=8, progress=False)
+    assert (stats.captioned, stats.repaired, stats.fallbacks, stats.failures) == (30, 1, 0, 0)
+    assert backend.retried >= 2
+    served = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(r["image"] for r in served if not r["repair"]) == sorted(n for n, _ in items)
+    assert [r["image"] for r in served if r["repair"]] == [bad]
+    graphs = json.loads((Path(world) / "synth" / "scenes.json").read_text())
+    for (name, _), rec in zip(items, [CaptionCache(tmp_path / "c.jsonl").records[(n, PROMPT_VERSION)]
+                                      for n, _ in items]):
+        assert rec["final_caption"] == oracle_captions(graph_to_scene(graphs[name]))["final_caption"]
+        assert rec["model"] == "oracle-chat"
+
+
+def test_openai_backend_errors_are_clear(chat_server, world, monkeypatch):
+    url, _ = chat_server("--api-key", "right")
+    img = [_images(world, 1)[0][1]]
+    with pytest.raises(CirlabError, match="answered 401"):
+        OpenAIBackend("m", base_url=url, api_key="wrong").generate(img, [messages()])
+    monkeypatch.setenv("CIRLAB_OPENAI_BASE_URL", url)  # base URL and key from the environment
+    monkeypatch.setenv("CIRLAB_OPENAI_API_KEY", "right")
+    assert parse_answer(OpenAIBackend("m").generate(img, [messages()])[0])["final_caption"]
+    dead = OpenAIBackend("m", base_url="http://127.0.0.1:9/v1", retries=2, backoff_s=0.01, timeout_s=2)
+    with pytest.raises(CirlabError, match="failed after 3 attempts"):
+        dead.generate(img, [messages()])
+    monkeypatch.delenv("CIRLAB_OPENAI_BASE_URL")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(CirlabError, match="needs a base URL"):
+        OpenAIBackend("m")
+
+
+def test_caption_cli_with_the_openai_backend(chat_server, world, tmp_path):
+    from cirlab.data.readers import read_split
+
+    url, _ = chat_server()
+    out = tmp_path / "val.jsonl"
+    done = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "caption", "--data-root", str(world), "--split",
+                           "val", "--backend", "openai", "--model", "oracle-chat", "--base-url", url,
+                           "--concurrency", "8", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    n = len(read_split("synth", world, "val").gallery)
+    assert f"{n} captioned" in done.stdout and len(out.read_text().splitlines()) == n
