@@ -91,3 +91,88 @@ def test_training_keeps_the_bank_in_the_checkpoint(world, blip2_dir, tmp_path):
     assert len(model.bank) == 256 and int(model.step) == 10
     log = [json.loads(x) for x in (tmp_path / "csmcir.train" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["epoch"] == 1 and log[-1]["epoch_loss"] > 0
+
+
+def test_a_real_blip2_layout_goes_through_the_same_code(tmp_path):
+    """A local copy laid out like Salesforce/blip2-itm-vit-g (same classes, BERT tokenizer, BlipImageProcessor,
+    no cirlab_backbone.json), built tiny from a config: loads, reads the first text position, trains a step,
+    saves and loads back."""
+    from transformers import (Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor, BertTokenizerFast)
+
+    folder = tmp_path / "blip2-itm-vit-g-tiny"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + \
+        "make the red blue circle square a small large scene number object of with and".split() + \
+        [str(i) for i in range(10)]
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    cfg = Blip2Config(vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2),
+                      qformer_config=dict(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32,
+                                          max_position_embeddings=64, use_qformer_text_input=True),
+                      num_query_tokens=4, image_text_hidden_size=16)
+    torch.manual_seed(0)
+    Blip2ForImageTextRetrieval(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+
+    bb = load_backbone("blip2", folder)
+    assert bb.text_pool == "cls" and bb.preprocess.size == 32 and bb.num_query_tokens == 4
+    assert type(bb.tokenizer).__name__.startswith("BertTokenizer")
+    model = build_model("csmcir", bb, {"memory_bank": {"mode": "entropy", "capacity": 16, "num_negatives": 4}})
+    b = _batch(bb, n=4)
+    q = model.encode_query(b.ref_pixels, b.texts)
+    t = model.encode_target(b.tgt_pixels, b.tgt_captions)
+    assert q.shape == (4, 16) and t.shape == (4, 4, 16)
+    hidden = bb.joint(bb.image_patches(b.ref_pixels), bb.tokenize(b.texts))
+    ref = model.normalise(bb.model.text_projection(hidden[:, bb.num_query_tokens]))
+    assert torch.allclose(q, ref, atol=1e-6)  # the query is the first text position, as in the paper
+    loss = model.loss(b).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    model.save(tmp_path / "ckpt")
+    again = cirlab.load(tmp_path / "ckpt")
+    assert torch.allclose(again.encode_query(b.ref_pixels, b.texts), model.eval().encode_query(b.ref_pixels, b.texts),
+                          atol=1e-5)
+
+
+def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
+    """`run_ablation` with a tiny profile and two rows; then `cirlab viz tsne` on one of its checkpoints."""
+    import subprocess
+    import sys
+
+    from cirlab.ablate import run_ablation
+    from cirlab.demo import DemoProfile
+
+    profile = DemoProfile(
+        world="small",
+        backbones={"blip2": {"config": {"vision_width": 32, "vision_layers": 1, "qformer_width": 32,
+                                        "qformer_layers": 1, "num_query_tokens": 4, "dim": 32},
+                             "pretrain": {"epochs": 1, "batch_size": 32, "steps_per_epoch": 3, "warmup_steps": 1}}},
+        train={"epochs": 2, "batch_size": 16, "steps_per_epoch": 3, "warmup_steps": 1, "lr": 1e-3})
+    doc = run_ablation("csmcir", tmp_path / "abl", profile=profile, data=world, progress=False,
+                       rows=[{}, {"target_tower": "image_only", "memory_bank": {"mode": "off"}}])
+    saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert saved["rows"] == doc["rows"] and len(saved["rows"]) == 2
+    first, second = saved["rows"]
+    assert first["variant"] == {"target_tower": "symmetric", "captions": "mcot", "memory_bank": "entropy"}
+    assert second["variant"] == {"target_tower": "image_only", "captions": "mcot", "memory_bank": "off"}
+    for row in saved["rows"]:
+        assert set(row["metrics"]) >= {"R@1", "R@10"} and 0 <= row["metrics"]["R@1"] <= row["metrics"]["R@10"]
+        assert len(row["val_curve"]) == 2 and row["epochs_to_best"] in (1, 2) and row["train_seconds"] > 0
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| symmetric | mcot | entropy |" in md and "| image_only | mcot | off |" in md
+
+    png = tmp_path / "tsne.png"
+    done = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "viz", "tsne", "--checkpoint",
+                           str(tmp_path / "abl" / "checkpoints" / "csmcir-0"), "--data-root", str(world),
+                           "--split", "val", "--n", "40", "--out", str(png)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 300
+    stats = json.loads(png.with_suffix(".json").read_text())["stats"]
+    assert set(stats) == {f"{m}(query, {v})" for m in ("cos", "centroid distance")
+                          for v in ("target", "target image", "target caption")}
+    assert all(-1 <= stats[f"cos(query, {v})"] <= 1 for v in ("target", "target image", "target caption"))

@@ -87,3 +87,12 @@ def test_state_round_trips_through_a_state_dict():
     q = torch.randn(2, 4)
     a, b = bank.negatives(q, torch.tensor([1, 2]), 5), again.negatives(q, torch.tensor([1, 2]), 5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and len(again) == 10
+
+
+def test_warmup_fills_the_bank_but_gives_no_negatives():
+    bank = _bank(warmup_steps=5)
+    for step in range(7):
+        negs, valid = bank.negatives(_unit([1, 0, 0, 0]), torch.tensor([99]), step)
+        assert negs.shape[1] == (0 if step < 5 else 3) and bool(valid.all())
+        bank.push(torch.randn(2, 4), torch.arange(2) + 2 * step, step)
+    assert len(bank) == 8

@@ -51,7 +51,9 @@ def format_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress: bool = True, profile=None,
+                 rows: list | None = None, data=None) -> dict:
+    """Train and evaluate each row; `profile`, `rows` and an existing world folder `data` override the defaults."""
     from cirlab.data.readers import read_split
     from cirlab.demo import PROFILES, _world, ensure_backbone
     from cirlab.errors import CirlabError
@@ -69,16 +71,20 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    profile = PROFILES["quick" if quick else "default"]
-    data, ckpts = out / "data", out / "checkpoints"
-    _world(data, seed, profile.world, progress, log)
+    profile = profile or PROFILES["quick" if quick else "default"]
+    ckpts = out / "checkpoints"
+    if data is None:
+        data = out / "data"
+        _world(data, seed, profile.world, progress, log)
+    data = Path(data)
     kind = method_class(method).backbone_kind
     backbone = ensure_backbone(kind, ckpts / f"backbone-{kind}", data, profile.backbones[kind], seed, progress, log)
     val, test = read_split("synth", data, "val"), read_split("synth", data, "test1")
     cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(method, {})))
     base = profile.method_config.get(method, {})
+    grid = ROWS[method] if rows is None else rows
     rows = []
-    for i, change in enumerate(ROWS[method]):
+    for i, change in enumerate(grid):
         config, shown = _variant(method, base, change)
         folder = ckpts / f"{method}-{i}"
         curve, eval_seconds = [], [0.0]
@@ -89,7 +95,7 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
             curve.append(round(metrics["R@1"], 2))
             eval_seconds[0] += time.time() - t
 
-        log(f"row {i + 1}/{len(ROWS[method])}: {shown}")
+        log(f"row {i + 1}/{len(grid)}: {shown}")
         t = time.time()
         train_method(method, data, backbone, folder, cfg, config, on_epoch=on_epoch)
         train_seconds = time.time() - t - eval_seconds[0]

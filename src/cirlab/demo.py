@@ -34,7 +34,7 @@ PROFILES = {
             "blip2": {"config": {},
                       "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
         train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
-        method_train={"csmcir": {"epochs": 6, "backbone_lr": 1e-3}}),
+        method_train={"csmcir": {"epochs": 4, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}}),
     "quick": DemoProfile(
         world="small",
         backbones={
@@ -43,7 +43,7 @@ PROFILES = {
             "blip2": {"config": {"vision_width": 96, "vision_layers": 3, "qformer_width": 96, "dim": 96},
                       "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
         train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
-        method_train={"csmcir": {"epochs": 4, "backbone_lr": 1e-3}}),
+        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}}),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
@@ -79,7 +79,8 @@ def ensure_backbone(kind: str, folder: Path, data: Path, spec: dict, seed: int, 
     return folder
 
 
-def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True) -> dict:
+def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, extra: tuple = ()) -> dict:
+    """The demo; `extra` names registered methods to run besides those marked `in_demo`."""
     from cirlab.cli.main import format_table
     from cirlab.data.readers import read_split
     from cirlab.evaluation.protocols import checkpoint_identity, evaluate
@@ -98,7 +99,10 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True) -> 
     data, ckpts = out / "data", out / "checkpoints"
     results, timings = {}, {}
     _world(data, seed, profile.world, progress, log)
-    methods = sorted(n for n, c in REGISTRY.items() if c.in_demo)
+    unknown = [n for n in extra if n not in REGISTRY]
+    if unknown:
+        raise CirlabError(f"unknown method(s) for --with: {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+    methods = sorted({n for n, c in REGISTRY.items() if c.in_demo} | set(extra))
     backbones = {}
     for kind in sorted({REGISTRY[n].backbone_kind for n in methods}):
         t = time.time()

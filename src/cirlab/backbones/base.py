@@ -13,9 +13,17 @@ from cirlab.errors import CirlabError
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-def read_preprocess(folder: Path, default_size: int) -> Preprocess:
-    """Read the image size, mean and std from a Hugging Face preprocessor_config.json (CLIP/BLIP style)."""
+def read_preprocess(folder: Path, default_size: int, source: str | None = None) -> Preprocess:
+    """Read the image size, mean and std from a Hugging Face preprocessor_config.json (CLIP/BLIP style).
+
+    `source` is a Hugging Face id whose file is looked up in the local hub cache (downloaded unless offline).
+    """
     path = folder / PREPROCESSOR_FILE
+    if source is not None:
+        from transformers.utils import cached_file
+
+        found = cached_file(source, PREPROCESSOR_FILE, _raise_exceptions_for_missing_entries=False)
+        path = Path(found) if found else folder / "-"
     if not path.exists():
         return Preprocess(size=default_size)
     cfg = json.loads(path.read_text())
@@ -55,8 +63,10 @@ class Backbone(nn.Module):
         src = resolve_source(source)
         model = getattr(transformers, cls.hf_class).from_pretrained(src)
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-        folder = Path(src) if Path(src).exists() else Path()
-        return cls(model, tokenizer, read_preprocess(folder, model.config.vision_config.image_size), src)
+        local = Path(src).exists()
+        pre = read_preprocess(Path(src) if local else Path(), model.config.vision_config.image_size,
+                              None if local else src)
+        return cls(model, tokenizer, pre, src)
 
     def __init__(self, model, tokenizer, preprocess: Preprocess, source: str = ""):
         super().__init__()

@@ -192,10 +192,21 @@ def cmd_ablate(args) -> None:
     run_ablation(args.method, args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
 
 
+def cmd_viz_tsne(args) -> None:
+    from cirlab.viz import run_tsne
+
+    doc = run_tsne(args.checkpoint, args.data_root, args.out, args.dataset, args.split, args.n, args.captions,
+                   args.seed, args.device)
+    for k, v in doc["stats"].items():
+        print(f"{k}: {v}")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+
+
 def cmd_demo(args) -> None:
     from cirlab.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress)
+    extra = tuple(m for m in (args.with_methods or "").split(",") if m)
+    run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress, extra=extra)
 
 
 def _add_benchmark_parsers(sub) -> None:
@@ -318,10 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
+    p = sub.add_parser("viz", help="figures of a checkpoint's embedding space")
+    viz_sub = p.add_subparsers(dest="viz_command", required=True)
+    p = viz_sub.add_parser("tsne", help="t-SNE of queries, target images and target captions (PNG + JSON figures)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--split", default="test1")
+    p.add_argument("--n", type=int, default=300, help="queries to plot")
+    p.add_argument("--captions", help="caption cache (JSONL) when the split has no captions of its own")
+    p.add_argument("--out", default="tsne.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_viz_tsne)
+
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the small world and short schedules (about 2 minutes)")
+    p.add_argument("--with", dest="with_methods", metavar="METHODS",
+                   help="comma-separated methods to run besides the default ones, e.g. csmcir (pretrains a tiny "
+                        "BLIP-2 as well; about 9 more minutes on the default world)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -12,6 +12,9 @@ evolving model. The abstract gives no formula; cirlab's interpretation, each par
   features from an older model count less.
 - An entry carrying the positive's image id is never chosen for that query.
 - Mode "fifo" takes the newest entries instead (a MoCo-style queue); "off" gives none.
+- Warm-up: for the first `warmup_steps` steps the bank fills but hands out no negatives. Early in training the
+  target features change fast and a fresh model's features are nearly all alike; measured on the default world,
+  bank negatives from step 0 drove csmcir's loss back up to chance within two epochs.
 - Refresh: "oldest" overwrites the oldest entries; "least_informative" overwrites those with the lowest running
   informativeness (an exponential average of their scores).
 The bank's buffers are part of the module's state, so checkpoints carry it.
@@ -36,6 +39,7 @@ class MemoryBankConfig:
     temperature: float = 0.05
     refresh: str = "oldest"
     score_momentum: float = 0.9  # for the running informativeness used by refresh="least_informative"
+    warmup_steps: int = 0  # steps during which the bank fills but gives no negatives
 
 
 class MemoryBank(nn.Module):
@@ -106,7 +110,7 @@ class MemoryBank(nn.Module):
     def negatives(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int, similarity=None) -> tuple:
         """Per-query negatives (B, n, D) and a mask (B, n) of the slots that hold a real entry."""
         b, n = queries.shape[0], min(self.config.num_negatives, self.config.capacity)
-        if self.config.mode == "off" or not bool(self.valid.any()):
+        if self.config.mode == "off" or not bool(self.valid.any()) or step < self.config.warmup_steps:
             return self.features.new_zeros(b, 0, self.features.shape[1]), queries.new_zeros(b, 0, dtype=torch.bool)
         score = self.scores(queries, positive_ids, step, similarity)
         top = score.topk(n, dim=1)  # (B, n)
