@@ -2,9 +2,10 @@
 
 Each row changes one design choice of the full method (symmetric target tower, MCoT final captions, entropy memory
 bank): the asymmetric image-only target tower of SPRC-like methods, a single-level caption or none, and the memory
-bank off or first-in-first-out. Every row uses the demo profile's world, BLIP-2 backbone (pretrained once, shared)
-and csmcir schedule, and is evaluated on val after each epoch (`epochs_to_best` is the epoch of the best val R@1,
-the training-efficiency figure) and on test1 after the last epoch (`metrics`).
+bank off or first-in-first-out. Every row starts from the method's config defaults (not the demo's variant) and
+uses the demo profile's world, BLIP-2 backbone (pretrained once, shared) and csmcir schedule, and is evaluated on
+val after each epoch (`epochs_to_best` is the epoch of the best val R@1, the training-efficiency figure) and on
+test1 after the last epoch (`metrics`).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     backbone = ensure_backbone(kind, ckpts / f"backbone-{kind}", data, profile.backbones[kind], seed, progress, log)
     val, test = read_split("synth", data, "val"), read_split("synth", data, "test1")
     cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(method, {})))
-    base = profile.method_config.get(method, {})
+    base: dict = {}  # the method's own defaults (the full design), not the demo's choice of variant
     grid = ROWS[method] if rows is None else rows
     rows = []
     for i, change in enumerate(grid):

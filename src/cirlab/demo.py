@@ -32,18 +32,20 @@ PROFILES = {
             "clip": {"config": {"patch_size": 16, "width": 128, "layers": 4, "dim": 128},
                      "pretrain": {"epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}},
             "blip2": {"config": {},
-                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
+                      "pretrain": {"epochs": 6, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
         train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
-        method_train={"csmcir": {"epochs": 4, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}}),
+        method_train={"csmcir": {"epochs": 5, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}},
+        method_config={"csmcir": {"memory_bank": {"mode": "off"}}}),
     "quick": DemoProfile(
         world="small",
         backbones={
             "clip": {"config": {"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}},
             "blip2": {"config": {"vision_width": 96, "vision_layers": 3, "qformer_width": 96, "dim": 96},
-                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
+                      "pretrain": {"epochs": 4, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
         train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
-        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}}),
+        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}},
+        method_config={"csmcir": {"memory_bank": {"mode": "off"}}}),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
@@ -134,7 +136,8 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     wall = time.time() - t0
     table = format_table(results, METRIC_COLUMNS)
     print(table)
-    doc = {"dataset": "synth", "split": "test1", "seed": seed, "methods": results}
+    doc = {"dataset": "synth", "split": "test1", "seed": seed, "methods": results,
+           "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config}}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     from cirlab.report import write_report
 

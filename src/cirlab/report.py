@@ -1,6 +1,7 @@
 """Human-readable outputs: a PNG grid of retrievals and the markdown report of a demo run."""
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -48,9 +49,12 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
         "",
         table,
         "",
-        "| method | train + eval seconds |",
+        "| step (pretraining, or a method's training and evaluation) | seconds |",
         "|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
+        "",
+        *[f"{name} config: `{json.dumps(cfg)}` (the rest as the method's defaults)."
+          for name, cfg in results.get("method_config", {}).items()],
         "",
         f"Wall time: {wall:.0f} s. Retrievals: retrievals.png. Checkpoints: checkpoints/<method>/.",
         "",
