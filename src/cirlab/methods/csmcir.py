@@ -52,7 +52,7 @@ class CsmcirConfig(MethodConfig):
     captions: str = "mcot"  # mcot | single_level | none
     single_level: str = "objects"  # the caption level `captions="single_level"` reads
     query_pool: str = "auto"  # first | mean | all | auto (all when the backbone mean-pools text, else first)
-    memory_bank: dict = field(default_factory=lambda: {"mode": "entropy", "warmup_steps": 300, "num_negatives": 64})
+    memory_bank: dict = field(default_factory=lambda: {"mode": "entropy", "warmup_steps": 100, "num_negatives": 64})
 
 
 def image_id(name: str) -> int:
