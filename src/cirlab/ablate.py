@@ -27,17 +27,16 @@ FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank")}
 COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1")
 
 
-def _variant(method: str, base: dict, change: dict) -> tuple:
-    """(config for the run, the ablated fields' values as the row shows them)."""
+def _variant(method: str, change: dict) -> tuple:
+    """(config for the run: the method's defaults with `change`, the ablated fields' values as the row shows them)."""
     from cirlab.methods import method_class
 
-    config = base | change
-    full = method_class(method).config_class.from_json(config)
+    full = method_class(method).config_class.from_json(change)
     shown = {}
     for f in FIELDS[method]:
         value = getattr(full, f)
         shown[f] = value.get("mode", "entropy") if isinstance(value, dict) else value
-    return config, shown
+    return change, shown
 
 
 def format_markdown(doc: dict) -> str:
@@ -52,16 +51,50 @@ def format_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path, cfg, val, test, stores) -> dict:
+    """Train one row, evaluating val after each epoch; test1 after the last."""
+    from cirlab.evaluation.protocols import evaluate
+    from cirlab.methods import load_model
+    from cirlab.training.train import train_method
+
+    curve, eval_seconds = [], [0.0]
+
+    def on_epoch(model, _folder):
+        t = time.time()
+        metrics, _ = evaluate(model, val, progress=False, store=stores["val"])
+        curve.append(round(metrics["R@1"], 2))
+        eval_seconds[0] += time.time() - t
+
+    t = time.time()
+    train_method(method, data, backbone, folder, cfg, config, on_epoch=on_epoch)
+    train_seconds = time.time() - t - eval_seconds[0]
+    metrics, _ = evaluate(load_model(folder), test, progress=False, store=stores["test"])
+    best = max(range(len(curve)), key=lambda e: (curve[e], -e))
+    return {"metrics": {k: round(v, 2) for k, v in metrics.items()}, "val_curve": curve,
+            "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1)}
+
+
+def _write(out: Path, doc: dict) -> str:
+    tmp = out / "ablation.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out / "ablation.json")
+    table = format_markdown(doc)
+    (out / "ablation.md").write_text(f"# Ablation of {doc['method']} (synthetic world: {doc['world']}, seed "
+                                     f"{doc['seed']})\n\nTest1 metrics after the last epoch; val R@1 after each "
+                                     f"epoch.\n\n{table}")
+    return table
+
+
 def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress: bool = True, profile=None,
                  rows: list | None = None, data=None) -> dict:
     """Train and evaluate each row; `profile`, `rows` and an existing world folder `data` override the defaults."""
+    from cirlab.backbones import load_backbone
+    from cirlab.data.images import PixelStore
     from cirlab.data.readers import read_split
-    from cirlab.demo import PROFILES, _world, ensure_backbone
+    from cirlab.demo import PROFILES, ensure_backbone, ensure_world
     from cirlab.errors import CirlabError
-    from cirlab.evaluation.protocols import evaluate
-    from cirlab.methods import load_model, method_class
+    from cirlab.methods import method_class
     from cirlab.training.loop import TrainConfig
-    from cirlab.training.train import train_method
 
     if method not in ROWS:
         raise CirlabError(f"no ablation grid for {method!r}; grids exist for {', '.join(ROWS)}")
@@ -73,48 +106,30 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     profile = profile or PROFILES["quick" if quick else "default"]
-    ckpts = out / "checkpoints"
     if data is None:
         data = out / "data"
-        _world(data, seed, profile.world, progress, log)
+        ensure_world(data, seed, profile.world, progress, log)
     data = Path(data)
     kind = method_class(method).backbone_kind
-    backbone = ensure_backbone(kind, ckpts / f"backbone-{kind}", data, profile.backbones[kind], seed, progress, log)
+    backbone = ensure_backbone(kind, out / "checkpoints" / f"backbone-{kind}", data, profile.backbones[kind], seed,
+                               progress, log)
     val, test = read_split("synth", data, "val"), read_split("synth", data, "test1")
+    pre = load_backbone(kind, backbone).preprocess  # every row shares the backbone, so decoded images are shared
+    stores = {"val": PixelStore(val.gallery, pre), "test": PixelStore(test.gallery, pre)}
     cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(method, {})))
-    base: dict = {}  # the method's own defaults (the full design), not the demo's choice of variant
     grid = ROWS[method] if rows is None else rows
-    rows = []
+    results = []
     for i, change in enumerate(grid):
-        config, shown = _variant(method, base, change)
-        folder = ckpts / f"{method}-{i}"
-        curve, eval_seconds = [], [0.0]
-
-        def on_epoch(model, _folder):
-            t = time.time()
-            metrics, _ = evaluate(model, val, progress=False)
-            curve.append(round(metrics["R@1"], 2))
-            eval_seconds[0] += time.time() - t
-
+        config, shown = _variant(method, change)
         log(f"row {i + 1}/{len(grid)}: {shown}")
-        t = time.time()
-        train_method(method, data, backbone, folder, cfg, config, on_epoch=on_epoch)
-        train_seconds = time.time() - t - eval_seconds[0]
-        metrics, _ = evaluate(load_model(folder), test, progress=False)
-        best = max(range(len(curve)), key=lambda e: (curve[e], -e))
-        rows.append({"variant": shown, "config": config, "metrics": {k: round(v, 2) for k, v in metrics.items()},
-                     "val_curve": curve, "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1)})
-        log(f"  test1 R@1 {metrics['R@1']:.2f}  R@10 {metrics['R@10']:.2f}; val R@1 by epoch {curve}; "
-            f"{train_seconds:.0f} s")
-    doc = {"method": method, "world": profile.world, "seed": seed, "train": {k: v for k, v in vars(cfg).items()
-                                                                             if k != "progress"},
-           "rows": rows, "seconds": round(time.time() - t0, 1)}
-    tmp = out / "ablation.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out / "ablation.json")
-    table = format_markdown(doc)
-    (out / "ablation.md").write_text(f"# Ablation of {method} (synthetic world: {profile.world}, seed {seed})\n\n"
-                                     f"Test1 metrics after the last epoch; val R@1 after each epoch.\n\n{table}")
+        row = _run_row(method, config, data, backbone, out / "checkpoints" / f"{method}-{i}", cfg, val, test, stores)
+        results.append({"variant": shown, "config": config, **row})
+        log(f"  test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 by epoch "
+            f"{row['val_curve']}; {row['train_seconds']:.0f} s")
+    doc = {"method": method, "world": profile.world, "seed": seed,
+           "train": {k: v for k, v in vars(cfg).items() if k != "progress"},
+           "rows": results, "seconds": round(time.time() - t0, 1)}
+    table = _write(out, doc)
     print(table)
     log(f"done: {out / 'ablation.json'}, {out / 'ablation.md'}")
     return doc

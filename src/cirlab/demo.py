@@ -50,7 +50,7 @@ PROFILES = {
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
 
-def _world(data: Path, seed: int, size: str, progress: bool, log) -> None:
+def ensure_world(data: Path, seed: int, size: str, progress: bool, log) -> None:
     from cirlab.data.synth.generate import write_world
 
     info = data / "synth" / "world.json"
@@ -100,7 +100,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
 
     data, ckpts = out / "data", out / "checkpoints"
     results, timings = {}, {}
-    _world(data, seed, profile.world, progress, log)
+    ensure_world(data, seed, profile.world, progress, log)
     unknown = [n for n in extra if n not in REGISTRY]
     if unknown:
         raise CirlabError(f"unknown method(s) for --with: {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")

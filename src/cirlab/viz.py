@@ -44,19 +44,18 @@ def embed_views(model, split, n: int = 300, batch_size: int = 128) -> dict:
                           "needs them: pass --captions, a cache from `cirlab caption`")
     store = PixelStore(split.gallery, model.backbone.preprocess)
     bb = model.backbone
-    views: dict = {k: [] for k in COLOURS}
+    names = [k for k in COLOURS if model.needs_captions or k != "target image"]  # else "target image" == "target"
+    views: dict = {k: [] for k in names}
     for lo in range(0, len(queries), batch_size):
         qs, ts = queries[lo:lo + batch_size], targets[lo:lo + batch_size]
         caps = split.caption_texts(ts, model.caption_level)
         tgt_px = store.pixels(ts)
         views["query"].append(model.encode_query(store.pixels([q.reference for q in qs]), [q.text for q in qs]))
         views["target"].append(_pooled(model.encode_target(tgt_px, caps if model.needs_captions else None)))
-        views["target image"].append(_pooled(model.encode_target(tgt_px, None)))
+        if "target image" in views:
+            views["target image"].append(_pooled(model.encode_target(tgt_px, None)))
         views["target caption"].append(_pooled(bb.encode_text(bb.tokenize(caps, bb.device))))
-    out = {k: torch.cat(v).float().cpu() for k, v in views.items()}
-    if not model.needs_captions:
-        del out["target image"]  # identical to "target"
-    return out
+    return {k: torch.cat(v).float().cpu() for k, v in views.items()}
 
 
 def fragmentation(views: dict) -> dict:

@@ -23,8 +23,8 @@ def read_preprocess(folder: Path, default_size: int, source: str | None = None) 
         from transformers.utils import cached_file
 
         found = cached_file(source, PREPROCESSOR_FILE, _raise_exceptions_for_missing_entries=False)
-        path = Path(found) if found else folder / "-"
-    if not path.exists():
+        path = Path(found) if found else None
+    if path is None or not path.exists():
         return Preprocess(size=default_size)
     cfg = json.loads(path.read_text())
     crop = cfg.get("crop_size") or cfg.get("size") or {}

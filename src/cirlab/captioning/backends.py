@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+from cirlab.data.images import open_image
 from cirlab.errors import CirlabError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -70,12 +71,6 @@ def oracle_for(dataset: str, data_root, latency_s: float = 0.0) -> OracleBackend
     raise CirlabError(f"the oracle captioner knows only the synthetic world, not {dataset!r}")
 
 
-def _open_rgb(path):
-    from cirlab.data.images import open_image
-
-    return open_image(path)
-
-
 class HFBackend:
     """A transformers image-text-to-text model; `generate` runs one batch with greedy decoding."""
 
@@ -101,7 +96,7 @@ class HFBackend:
         import torch
 
         texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-        pics = [[_open_rgb(p)] for p in images]
+        pics = [[open_image(p)] for p in images]
         inputs = self.processor(text=texts, images=pics, padding=True, return_tensors="pt").to(self.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -111,7 +106,7 @@ class HFBackend:
 
 def _data_url(path) -> str:
     buf = io.BytesIO()
-    _open_rgb(path).save(buf, format="PNG")
+    open_image(path).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -148,8 +143,7 @@ class OpenAIBackend:
         self.api_key = api_key or os.environ.get("CIRLAB_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.model_id, self.timeout_s, self.retries, self.backoff_s = model, timeout_s, retries, backoff_s
         self.concurrency, self.max_tokens = concurrency, max_tokens
-        self.requests = 0  # HTTP requests made, retries included
-        self.retried = 0
+        self.retried = 0  # retries made, over all requests
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body).encode()
@@ -161,7 +155,6 @@ class OpenAIBackend:
             if attempt:
                 self.retried += 1
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            self.requests += 1
             req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -192,7 +185,8 @@ class OpenAIBackend:
 
 
 def make_backend(name: str, dataset: str, data_root, **options):
-    """The backend `name` (oracle, hf or openai) with its options; unknown options are errors."""
+    """The backend `name` (oracle, hf or openai); each reads the options it knows (None means its default) and
+    ignores the others, so one set of command-line options serves all three."""
     if name == "oracle":
         return oracle_for(dataset, data_root, options.get("latency_s", 0.0))
     if name == "hf":
@@ -202,6 +196,9 @@ def make_backend(name: str, dataset: str, data_root, **options):
     if name == "openai":
         if not options.get("model"):
             raise CirlabError("the openai backend needs --model (the model name the server serves)")
-        keep = ("base_url", "api_key", "timeout_s", "retries", "concurrency", "max_tokens")
-        return OpenAIBackend(options["model"], **{k: v for k, v in options.items() if k in keep and v is not None})
+        keep = ("base_url", "api_key", "timeout_s", "retries", "concurrency")
+        kwargs = {k: v for k, v in options.items() if k in keep and v is not None}
+        if options.get("max_new_tokens"):
+            kwargs["max_tokens"] = options["max_new_tokens"]
+        return OpenAIBackend(options["model"], **kwargs)
     raise CirlabError(f"unknown captioning backend {name!r}: oracle, hf or openai")

@@ -178,7 +178,7 @@ def cmd_caption(args) -> None:
     backend = make_backend(args.backend, args.dataset, args.data_root, latency_s=args.oracle_latency,
                            model=args.model, device=args.device, max_new_tokens=args.max_new_tokens,
                            base_url=args.base_url, api_key=args.api_key, timeout_s=args.timeout,
-                           retries=args.retries, concurrency=args.concurrency, max_tokens=args.max_new_tokens)
+                           retries=args.retries, concurrency=args.concurrency)
     stats = caption_split(args.dataset, args.data_root, args.split, backend, args.out, args.batch_size,
                           progress=not args.no_progress, category=args.category)
     print(f"{stats.images} images: {stats.cached} already cached, {stats.captioned} captioned "
@@ -271,6 +271,31 @@ def _add_benchmark_parsers(sub) -> None:
     p.set_defaults(func=cmd_caption)
 
 
+def _add_research_parsers(sub) -> None:
+    """ablate and viz: a method's ablation grid and figures of a checkpoint's embedding space."""
+    p = sub.add_parser("ablate", help="train a method's ablation grid on the synthetic world; ablation.json + .md")
+    p.add_argument("method", choices=("csmcir",))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="the small world and the quick demo schedule")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("viz", help="figures of a checkpoint's embedding space")
+    viz_sub = p.add_subparsers(dest="viz_command", required=True)
+    p = viz_sub.add_parser("tsne", help="t-SNE of queries, target images and target captions (PNG + JSON figures)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--split", default="test1")
+    p.add_argument("--n", type=int, default=300, help="queries to plot")
+    p.add_argument("--captions", help="caption cache (JSONL) when the split has no captions of its own")
+    p.add_argument("--out", default="tsne.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_viz_tsne)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cirlab", description="Composed image retrieval: train, evaluate, search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,27 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_benchmark_parsers(sub)
 
-    p = sub.add_parser("ablate", help="train a method's ablation grid on the synthetic world; ablation.json + .md")
-    p.add_argument("method", choices=("csmcir",))
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="the small world and the quick demo schedule")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_ablate)
-
-    p = sub.add_parser("viz", help="figures of a checkpoint's embedding space")
-    viz_sub = p.add_subparsers(dest="viz_command", required=True)
-    p = viz_sub.add_parser("tsne", help="t-SNE of queries, target images and target captions (PNG + JSON figures)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--dataset", choices=DATASETS, default="synth")
-    p.add_argument("--split", default="test1")
-    p.add_argument("--n", type=int, default=300, help="queries to plot")
-    p.add_argument("--captions", help="caption cache (JSONL) when the split has no captions of its own")
-    p.add_argument("--out", default="tsne.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_viz_tsne)
+    _add_research_parsers(sub)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)

@@ -180,18 +180,20 @@ REFERENCE_KEPT = ("circo", "synth-circo", "fashioniq", "shoes")
 
 
 def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_reference: bool | None = None,
-             batch_size: int = 256, progress: bool = True) -> tuple:
+             batch_size: int = 256, progress: bool = True, store: PixelStore | None = None) -> tuple:
     """Run the split's protocol; returns (metrics in percent, ranking).
 
     The reference is removed from its own ranking by default for CIRR (and synth); CIRCO, FashionIQ and Shoes
     keep it (`remove_reference` overrides). Queries with alternative phrasings average their similarities.
+    `store` reuses decoded images across calls (one evaluation per epoch, say); it must use the model's
+    preprocessing.
     """
     queries = [q for q in split.queries if q.targets]
     if not queries:
         raise CirlabError(f"split {split.dataset}/{split.name} has no ground truth to evaluate against")
     if remove_reference is None:
         remove_reference = split.dataset not in REFERENCE_KEPT
-    store = PixelStore(split.gallery, model.backbone.preprocess)
+    store = store or PixelStore(split.gallery, model.backbone.preprocess)
     model.eval()
     names, gfeat = encode_gallery(model, split, store, batch_size, cache_dir, model_id, progress)
     qfeat = encode_queries(model, queries, store, batch_size)

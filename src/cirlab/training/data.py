@@ -84,6 +84,3 @@ class FrozenFeatureStore:
                 out = self.encoder(self.store.pixels(part)).float().cpu()
             self._feats.update(zip(part, out))
         return torch.stack([self._feats[n] for n in names])
-
-    def __len__(self) -> int:
-        return len(self._feats)
