@@ -19,7 +19,9 @@ from cirlab.errors import CirlabError
 @dataclass(frozen=True)
 class DemoProfile:
     world: str
-    backbones: dict  # kind -> {"config": tiny-config overrides, "pretrain": TrainConfig fields}
+    # kind -> {"config": tiny-config overrides, "pretrain": TrainConfig fields, optional "init_from": a kind whose
+    # pretrained weights it starts from (blip2 from clip: CLIP's ViT, frozen, under a fresh Q-Former)}
+    backbones: dict
     train: dict  # TrainConfig fields shared by the trained methods
     method_train: dict = field(default_factory=dict)  # method -> TrainConfig overrides
     method_config: dict = field(default_factory=dict)  # method -> method config
@@ -31,20 +33,20 @@ PROFILES = {
         backbones={
             "clip": {"config": {"patch_size": 16, "width": 128, "layers": 4, "dim": 128},
                      "pretrain": {"epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}},
-            "blip2": {"config": {},
-                      "pretrain": {"epochs": 6, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
+            "blip2": {"init_from": "clip", "config": {},
+                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
         train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
-        method_train={"csmcir": {"epochs": 5, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}},
+        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
         method_config={"csmcir": {"memory_bank": {"mode": "off"}}}),
     "quick": DemoProfile(
         world="small",
         backbones={
             "clip": {"config": {"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}},
-            "blip2": {"config": {"vision_width": 96, "vision_layers": 3, "qformer_width": 96, "dim": 96},
-                      "pretrain": {"epochs": 4, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
+            "blip2": {"init_from": "clip", "config": {},
+                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
         train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
-        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 2e-4}},
+        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
         method_config={"csmcir": {"memory_bank": {"mode": "off"}}}),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
@@ -63,32 +65,121 @@ def ensure_world(data: Path, seed: int, size: str, progress: bool, log) -> None:
     write_world(data, seed=seed, size=size, progress=progress)
 
 
-def ensure_backbone(kind: str, folder: Path, data: Path, spec: dict, seed: int, progress: bool, log) -> Path:
-    """Pretrain the tiny `kind` backbone into `folder`, or reuse it when seed, config and world are unchanged."""
+def ensure_backbone(kind: str, ckpts: Path, data: Path, profile: DemoProfile, seed: int, progress: bool,
+                    log) -> Path:
+    """Pretrain the tiny `kind` backbone into `ckpts/backbone-<kind>`, or reuse it when seed, config and world
+    are unchanged. A spec with `init_from` (blip2 from clip) ensures that backbone first and starts from it."""
     from cirlab.training.loop import TrainConfig
     from cirlab.training.pretrain import DONE_FILE, pretrain
 
+    spec = profile.backbones[kind]
+    folder = ckpts / f"backbone-{kind}"
     cfg = TrainConfig(seed=seed, progress=progress, **spec["pretrain"])
+    init = None
     key = {"kind": kind, "train": dataclasses.asdict(cfg) | {"progress": None}, "overrides": spec["config"],
            "world": json.loads((data / "synth" / "world.json").read_text())}
+    if spec.get("init_from"):
+        init = ensure_backbone(spec["init_from"], ckpts, data, profile, seed, progress, log)
+        key["init_from"] = json.loads((init / "demo_key.json").read_text())
     key_file = folder / "demo_key.json"
     if key_file.exists() and (folder / DONE_FILE).exists() and json.loads(key_file.read_text()) == key:
         log(f"backbone {kind}: reusing {folder}")
         return folder
-    log(f"backbone {kind}: pretraining the tiny {kind} on (scene, caption) pairs ({cfg.epochs} epochs)")
-    pretrain(kind, data, folder, cfg, spec["config"])
+    if init is not None:
+        log(f"backbone {kind}: the {spec['init_from']} ViT, frozen, under a Q-Former trained on (scene, caption) "
+            f"pairs ({cfg.epochs} epochs)")
+    else:
+        log(f"backbone {kind}: pretraining the tiny {kind} on (scene, caption) pairs ({cfg.epochs} epochs)")
+    pretrain(kind, data, folder, cfg, spec["config"], init_from=init)
     key_file.write_text(json.dumps(key, indent=1))
     return folder
 
 
-def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, extra: tuple = ()) -> dict:
-    """The demo; `extra` names registered methods to run besides those marked `in_demo`."""
-    from cirlab.cli.main import format_table
+def _lanes(methods: list, registry, profile: DemoProfile) -> list:
+    """Methods grouped by backbone kind: one lane per backbone, run in order inside it."""
+    kinds = sorted({registry[n].backbone_kind for n in methods})
+    return [{"kind": k, "methods": [n for n in methods if registry[n].backbone_kind == k]} for k in kinds]
+
+
+def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0: float, threads: int,
+              grid: str) -> dict:
+    """Ensure the lane's backbone, then train (or save) and evaluate each of its methods on test1.
+
+    Runs in the demo's process or in a worker process (then `threads` sets torch's intra-op threads).
+    """
+    import torch
+
     from cirlab.data.readers import read_split
     from cirlab.evaluation.protocols import checkpoint_identity, evaluate
     from cirlab.methods import REGISTRY, load_model
     from cirlab.training.loop import TrainConfig
     from cirlab.training.train import save_zero_shot, train_method
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    profile = PROFILES["quick" if quick else "default"]
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    data, ckpts = out / "data", out / "checkpoints"
+    results, timings = {}, {}
+    t = time.time()
+    backbone = ensure_backbone(lane["kind"], ckpts, data, profile, seed, progress, log)
+    timings[f"pretrain {lane['kind']}"] = round(time.time() - t, 1)
+    test = read_split("synth", data, "test1")
+    for name in lane["methods"]:
+        cls = REGISTRY[name]
+        folder = ckpts / name
+        t = time.time()
+        if cls.trainable:
+            cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
+            log(f"{name}: training ({cfg.epochs} epochs)")
+            done = []
+
+            def on_epoch(_model, _out, name=name, cfg=cfg, done=done):
+                done.append(1)
+                log(f"{name}: epoch {len(done)}/{cfg.epochs} done")
+
+            train_method(name, data, backbone, folder, cfg, profile.method_config.get(name), on_epoch=on_epoch)
+        else:
+            save_zero_shot(name, backbone, folder, profile.method_config.get(name))
+        model = load_model(folder)
+        metrics, ranking = evaluate(model, test, cache_dir=folder / "cache", model_id=checkpoint_identity(folder),
+                                    progress=progress)
+        results[name] = {k: round(v, 2) for k, v in metrics.items()}
+        timings[name] = round(time.time() - t, 1)
+        log(f"{name}: R@1 {metrics['R@1']:.1f}  R@10 {metrics['R@10']:.1f}  ({timings[name]:.0f} s)")
+        if name == grid:
+            from cirlab.report import retrieval_grid
+
+            retrieval_grid(test, ranking, out / "retrievals.png", title=name)
+    return {"results": results, "timings": timings}
+
+
+def default_workers() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, extra: tuple = (),
+             workers: int | None = None) -> dict:
+    """The demo; `extra` names registered methods to run besides those marked `in_demo`.
+
+    After the world and the backbones other backbones start from (CLIP), the methods run in lanes, one per
+    backbone (CLIP methods; BLIP-2 pretraining then csmcir), in `workers` processes side by side. The tiny models'
+    small matrix products keep two cores only ~1.2x busier than one, so two one-thread lanes finish ~1.7x sooner
+    than the same work on two threads in turn (measured on a combiner step). Each lane's figures depend on its
+    thread count only through float summation order: with the same `workers` on the same machine a run repeats
+    exactly.
+    """
+    from cirlab.cli.main import format_table
+    from cirlab.methods import REGISTRY
 
     t0 = time.time()
     profile = PROFILES["quick" if quick else "default"]
@@ -99,40 +190,39 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     data, ckpts = out / "data", out / "checkpoints"
-    results, timings = {}, {}
     ensure_world(data, seed, profile.world, progress, log)
     unknown = [n for n in extra if n not in REGISTRY]
     if unknown:
         raise CirlabError(f"unknown method(s) for --with: {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
     methods = sorted({n for n, c in REGISTRY.items() if c.in_demo} | set(extra))
-    backbones = {}
-    for kind in sorted({REGISTRY[n].backbone_kind for n in methods}):
+    lanes = _lanes(methods, REGISTRY, profile)
+    timings = {}
+    roots = sorted({profile.backbones[k].get("init_from") for k in (lane["kind"] for lane in lanes)} - {None})
+    for kind in roots:  # backbones other lanes start from are pretrained first, with every core
         t = time.time()
-        backbones[kind] = ensure_backbone(kind, ckpts / f"backbone-{kind}", data, profile.backbones[kind], seed,
-                                          progress, log)
+        ensure_backbone(kind, ckpts, data, profile, seed, progress, log)
         timings[f"pretrain {kind}"] = round(time.time() - t, 1)
-    test = read_split("synth", data, "test1")
-    for name in methods:
-        cls = REGISTRY[name]
-        folder = ckpts / name
-        backbone = backbones[cls.backbone_kind]
-        t = time.time()
-        if cls.trainable:
-            cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
-            log(f"{name}: training ({cfg.epochs} epochs)")
-            train_method(name, data, backbone, folder, cfg, profile.method_config.get(name))
-        else:
-            save_zero_shot(name, backbone, folder, profile.method_config.get(name))
-        model = load_model(folder)
-        metrics, ranking = evaluate(model, test, cache_dir=folder / "cache", model_id=checkpoint_identity(folder),
-                                    progress=progress)
-        results[name] = {k: round(v, 2) for k, v in metrics.items()}
-        timings[name] = round(time.time() - t, 1)
-        log(f"{name}: R@1 {metrics['R@1']:.1f}  R@10 {metrics['R@10']:.1f}  ({timings[name]:.0f} s)")
-        if name == _grid_method(REGISTRY):
-            from cirlab.report import retrieval_grid
+    cores = default_workers()
+    workers = max(1, min(workers or cores, len(lanes)))
+    grid = _grid_method(REGISTRY)
+    if workers == 1:
+        done = [_run_lane(lane, out, seed, quick, progress, t0, 0, grid) for lane in lanes]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            retrieval_grid(test, ranking, out / "retrievals.png", title=name)
+        threads = max(1, cores // workers)
+        log(f"{len(lanes)} lanes ({', '.join('+'.join(lane['methods']) for lane in lanes)}) in {workers} "
+            f"processes, {threads} thread(s) each")
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_lane, lane, out, seed, quick, False, t0, threads, grid) for lane in lanes]
+            done = [f.result() for f in futures]
+    results = {}
+    for lane in done:
+        results.update(lane["results"])
+        for k, v in lane["timings"].items():
+            timings[k] = timings.get(k, 0.0) + v
+    results = {n: results[n] for n in methods}
     wall = time.time() - t0
     table = format_table(results, METRIC_COLUMNS)
     print(table)
@@ -141,7 +231,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     from cirlab.report import write_report
 
-    write_report(out / "report.md", table, doc, timings, wall, quick)
+    write_report(out / "report.md", table, doc, timings, wall, quick, workers)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
 

@@ -40,7 +40,7 @@ def retrieval_grid(split, ranking, path, title: str = "", rows: int = 6, top: in
     return path
 
 
-def write_report(path, table: str, results: dict, timings: dict, wall: float, quick: bool) -> Path:
+def write_report(path, table: str, results: dict, timings: dict, wall: float, quick: bool, workers: int = 1) -> Path:
     lines = [
         f"# cirlab demo ({'quick' if quick else 'default'}, seed {results['seed']})",
         "",
@@ -56,7 +56,8 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
         *[f"{name} config: `{json.dumps(cfg)}` (the rest as the method's defaults)."
           for name, cfg in results.get("method_config", {}).items()],
         "",
-        f"Wall time: {wall:.0f} s. Retrievals: retrievals.png. Checkpoints: checkpoints/<method>/.",
+        f"Wall time: {wall:.0f} s ({workers} lane process{'es' if workers > 1 else ''} side by side, so the steps "
+        "above overlap). Retrievals: retrievals.png. Checkpoints: checkpoints/<method>/.",
         "",
     ]
     path = Path(path)

@@ -33,8 +33,12 @@ def tiny_clip(image_size: int = 64, patch_size: int = 16, width: int = 128, laye
 
 def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 128, vision_layers: int = 4,
                qformer_width: int = 128, qformer_layers: int = 2, text_pool: str = "mean",
-               num_query_tokens: int = 8, dim: int = 128):
-    """A Blip2ForImageTextRetrieval with a tiny ViT and Q-Former, tokenised with the CLIP BPE vocabulary."""
+               num_query_tokens: int = 8, dim: int = 128, vision_act: str = "gelu", vision_eps: float = 1e-6):
+    """A Blip2ForImageTextRetrieval with a tiny ViT and Q-Former, tokenised with the CLIP BPE vocabulary.
+
+    `vision_act` and `vision_eps` follow Blip2VisionConfig's defaults; a ViT converted from CLIP (convert.py) uses
+    CLIP's quick_gelu and 1e-5.
+    """
     import torch
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
@@ -45,7 +49,8 @@ def tiny_blip2(image_size: int = 64, patch_size: int = 16, vision_width: int = 1
         # scratch: the ViT's outputs would start at ~1e-5 and the Q-Former could not see the image.
         vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=vision_width,
                            intermediate_size=vision_width * 4, num_hidden_layers=vision_layers,
-                           num_attention_heads=4, initializer_range=0.02),
+                           num_attention_heads=4, initializer_range=0.02, hidden_act=vision_act,
+                           layer_norm_eps=vision_eps),
         qformer_config=dict(vocab_size=VOCAB_SIZE, hidden_size=qformer_width, num_hidden_layers=qformer_layers,
                             num_attention_heads=4, intermediate_size=qformer_width * 4,
                             max_position_embeddings=TEXT_LENGTH, encoder_hidden_size=vision_width,

@@ -66,7 +66,6 @@ class Csmcir(CIRModel):
     config_class = CsmcirConfig
     backbone_kind = "blip2"
     trainable = True
-    in_demo = False  # `cirlab demo --with csmcir` runs it; in the default demo once it fits the time budget
 
     def __init__(self, config: CsmcirConfig, backbone):
         for value, allowed, what in ((config.query_pool, ("auto", "first", "mean", "all"), "query_pool"),
