@@ -192,6 +192,19 @@ def cmd_caption(args) -> None:
           f"{stats.failures} failed; cache: {args.out}")
 
 
+def cmd_edit(args) -> None:
+    from cirlab.editing.oracle import OracleEditor
+    from cirlab.editing.run import edit_split
+
+    if args.dataset != "synth":
+        raise CirlabError(f"the oracle editor knows only the synthetic world, not {args.dataset}")
+    editor = OracleEditor(args.data_root, args.split, args.imperfection, args.seed, args.oracle_latency)
+    stats = edit_split(args.dataset, args.data_root, args.split, editor, args.out, args.n, args.batch_size,
+                       progress=not args.no_progress, limit=args.limit)
+    print(f"{stats.triplets} triplets x {args.n}: {stats.cached} pseudo-targets already made, {stats.made} made; "
+          f"manifest: {Path(args.out) / 'manifest.jsonl'}")
+
+
 def cmd_ablate(args) -> None:
     from cirlab.ablate import run_ablation
 
@@ -280,6 +293,25 @@ def _add_benchmark_parsers(sub) -> None:
     p.set_defaults(func=cmd_caption)
 
 
+def _add_edit_parser(sub) -> None:
+    p = sub.add_parser("edit", help="pseudo-target images of a split's triplets from an image editor (TMCIR)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", choices=("synth",), default="synth")
+    p.add_argument("--split", default="train")
+    p.add_argument("--backend", choices=("oracle",), default="oracle",
+                   help="oracle: the synthetic world renders the edited scene")
+    p.add_argument("--n", type=int, default=1, help="pseudo-targets per triplet")
+    p.add_argument("--imperfection", type=float, default=0.0,
+                   help="oracle: probability that each attribute the text does not mention is changed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the first N triplets")
+    p.add_argument("--out", required=True, help="folder for images/ and manifest.jsonl (a rerun resumes)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_edit)
+
+
 def _add_research_parsers(sub) -> None:
     """ablate and viz: a method's ablation grid and figures of a checkpoint's embedding space."""
     p = sub.add_parser("ablate", help="train a method's ablation grid on the synthetic world; ablation.json + .md")
@@ -359,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_benchmark_parsers(sub)
 
     _add_research_parsers(sub)
+    _add_edit_parser(sub)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)

@@ -1,0 +1,1 @@
+"""Pseudo-target images for TMCIR: an image editor applied to (reference image, modification text) pairs."""

@@ -1,0 +1,84 @@
+"""`cirlab edit`: N pseudo-target images per training triplet, written beside a JSONL manifest.
+
+Each image is written to a temporary file and renamed, then its manifest record is appended and synced with the
+rest of its batch; a run killed at any moment resumes where the manifest ends (an image whose record was lost is
+simply made again, with the same seed, so the same pixels).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cirlab.data.readers import read_split
+from cirlab.errors import CirlabError
+from cirlab.jsonl import JsonlRecords
+
+MANIFEST = "manifest.jsonl"
+
+
+class EditManifest(JsonlRecords):
+    what = "pseudo-target record"
+
+    def key(self, record: dict):
+        return (record["query"], record["sample"])
+
+    def files(self) -> dict:
+        """query key -> [image file paths, by sample]."""
+        out: dict = {}
+        for (query, sample), rec in sorted(self.records.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            out.setdefault(query, []).append(self.path.parent / rec["file"])
+        return out
+
+
+@dataclass
+class EditStats:
+    triplets: int = 0
+    images: int = 0  # asked for: triplets x n
+    cached: int = 0  # already in the manifest
+    made: int = 0
+
+
+def _save_png(img, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def safe_name(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
+def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, batch_size: int = 32,
+               progress: bool = True, limit: int | None = None) -> EditStats:
+    """Make `n` pseudo-targets for each query with a target in the split (the first `limit` queries if given)."""
+    if n < 1:
+        raise CirlabError(f"the number of pseudo-targets per triplet must be at least 1, got {n}")
+    data = read_split(dataset, data_root, split)
+    queries = [q for q in data.queries if q.targets][:limit]
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    manifest = EditManifest(out / MANIFEST)
+    todo = [(q, k) for q in queries for k in range(n) if (q.key, k) not in manifest]
+    stats = EditStats(len(queries), len(queries) * n, len(queries) * n - len(todo), 0)
+    bar = tqdm(total=len(todo), desc=f"edit ({editor.name})", disable=not progress, mininterval=1.0)
+    for lo in range(0, len(todo), batch_size):
+        chunk = todo[lo:lo + batch_size]
+        made = editor.edit_batch(chunk, data) if hasattr(editor, "edit_batch") else \
+            [editor.edit(q.key, q.reference, k) for q, k in chunk]
+        records = []
+        for (q, k), (img, info) in zip(chunk, made):
+            rel = f"images/{safe_name(q.key)}-{k}.png"
+            _save_png(img, out / rel)
+            records.append({"query": q.key, "sample": k, "reference": q.reference, "text": q.text, "file": rel,
+                            "backend": editor.name, "model": editor.model_id, "options": editor.options(),
+                            **info})
+        manifest.append(records)
+        stats.made += len(records)
+        bar.update(len(chunk))
+    bar.close()
+    return stats

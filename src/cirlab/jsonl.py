@@ -1,0 +1,60 @@
+"""Append-only JSONL record files that survive a kill: the caption cache and the edit manifest build on it.
+
+Records are appended, flushed and synced per batch. A run killed mid-write leaves at most a partial last line;
+opening the file cuts it back to its last complete line, so a resumed run neither duplicates nor loses a record.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cirlab.errors import CirlabError
+
+
+class JsonlRecords:
+    """Records keyed by `key(record)`; a later record with the same key replaces the earlier one in memory."""
+
+    what = "record"
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.records: dict = {}
+        if self.path.exists():
+            self._load()
+
+    def key(self, record: dict):
+        raise NotImplementedError
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a partial last line from an interrupted write
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+            data = data[:end]
+        for n, line in enumerate(data.decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                self.records[self.key(rec)] = rec
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CirlabError(f"{self.path}: line {n} is not a {self.what} ({e})") from None
+
+    def __contains__(self, key) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, records: list) -> None:
+        if not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.records[self.key(r)] = r
