@@ -205,6 +205,16 @@ def cmd_edit(args) -> None:
           f"manifest: {Path(args.out) / 'manifest.jsonl'}")
 
 
+def cmd_align_intent(args) -> None:
+    from cirlab.backbones.base import resolve_source
+    from cirlab.training.intent_align import align_intent
+
+    out = align_intent(args.data_root, resolve_source(args.backbone), args.pseudo_targets, args.out,
+                       _train_config(args), unfreeze=args.unfreeze, dataset=args.dataset, split=args.split,
+                       resume=args.resume)
+    print(f"saved the intent-aligned CLIP to {out}")
+
+
 def cmd_ablate(args) -> None:
     from cirlab.ablate import run_ablation
 
@@ -310,6 +320,17 @@ def _add_edit_parser(sub) -> None:
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("align-intent", help="TMCIR stage 1: fine-tune CLIP on (modification text, pseudo-target)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", choices=("synth",), default="synth")
+    p.add_argument("--split", default="train")
+    p.add_argument("--backbone", required=True, help="a CLIP folder or Hugging Face id")
+    p.add_argument("--pseudo-targets", required=True, help="a folder written by `cirlab edit`")
+    p.add_argument("--unfreeze", default="all", help="all, or how many last layers of each encoder train")
+    p.add_argument("--out", required=True)
+    _add_train_options(p, epochs=1, batch_size=64, lr=1e-5)
+    p.set_defaults(func=cmd_align_intent)
 
 
 def _add_research_parsers(sub) -> None:
