@@ -41,3 +41,47 @@ def metrics_monotone(methods: dict) -> bool:
         if not m["Rsubset@1"] <= m["Rsubset@2"] <= m["Rsubset@3"]:
             return False
     return True
+
+
+def test_killing_the_demo_kills_its_lane_workers(tmp_path):
+    """SIGKILL on the demo process leaves no lane process training on (the workers die with their parent)."""
+    import signal
+    import time
+    import uuid
+
+    mark = uuid.uuid4().hex
+    log = tmp_path / "demo.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--workers", "2",
+                                 "--out", str(tmp_path / "demo"), "--no-progress"], stdout=f, stderr=subprocess.STDOUT,
+                                env=os.environ | {"HF_HUB_OFFLINE": "1", "CIRLAB_TEST_MARK": mark})
+    deadline = time.time() + 300
+    while time.time() < deadline and "lanes" not in log.read_text():
+        time.sleep(0.5)
+    assert "lanes" in log.read_text(), log.read_text()[-2000:]
+    time.sleep(3)
+    assert len(_marked(mark)) >= 3  # the demo and its two lane workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _marked(mark):
+        time.sleep(0.5)
+    assert _marked(mark) == []
+
+
+def _marked(mark: str) -> list:
+    """Live processes whose environment carries `mark`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"CIRLAB_TEST_MARK={mark}".encode() in env and state != "Z":
+            found.append(int(pid))
+    return found

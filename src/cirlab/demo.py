@@ -161,6 +161,20 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     return {"results": results, "timings": timings}
 
 
+def _die_with_parent() -> None:
+    """Worker initialiser: on Linux, ask the kernel to kill this worker when the demo process dies, so a
+    killed or interrupted demo leaves no lane training on in the background."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def default_workers() -> int:
     import os
 
@@ -214,9 +228,17 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         threads = max(1, cores // workers)
         log(f"{len(lanes)} lanes ({', '.join('+'.join(lane['methods']) for lane in lanes)}) in {workers} "
             f"processes, {threads} thread(s) each")
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_die_with_parent)
+        try:
             futures = [pool.submit(_run_lane, lane, out, seed, quick, False, t0, threads, grid) for lane in lanes]
             done = [f.result() for f in futures]
+        except BaseException:  # a failed lane or Ctrl-C: stop the other lane too, then report
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     results = {}
     for lane in done:
         results.update(lane["results"])
