@@ -18,7 +18,7 @@ from torch import nn
 from cirlab.data.images import PixelStore
 from cirlab.data.readers import read_split
 from cirlab.errors import CirlabError
-from cirlab.losses import info_nce
+from cirlab.losses import clip_loss
 from cirlab.training.loop import TrainConfig, fit
 from cirlab.types import Batch, LossOutput
 
@@ -84,8 +84,7 @@ class IntentAligner(nn.Module):
         bb = self.backbone
         img = nn.functional.normalize(bb.encode_image(batch.tgt_pixels), dim=-1)
         txt = nn.functional.normalize(bb.encode_text(bb.tokenize(batch.texts, batch.tgt_pixels.device)), dim=-1)
-        logits = bb.logit_scale.exp().clamp(max=100) * txt @ img.t()
-        loss = 0.5 * (info_nce(logits) + info_nce(logits.t()))
+        loss = clip_loss(txt, img, bb.logit_scale)
         return LossOutput(loss, {"align": loss.item()})
 
 
