@@ -100,3 +100,45 @@ def test_killed_run_resumes_without_duplicates_or_losses(world, tmp_path):
     again = {(r["query"], r["sample"]): r for r in map(json.loads, (fresh / "manifest.jsonl").read_text().splitlines())}
     for r in lines:
         assert again[(r["query"], r["sample"])]["changes"] == r["changes"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ip2p(tmp_path_factory):
+    pytest.importorskip("diffusers", reason="diffusers is in the dev extra; `make setup` installs it")
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from tiny_ip2p import build_tiny_ip2p
+
+    return build_tiny_ip2p(tmp_path_factory.mktemp("ip2p") / "pipeline")
+
+
+def test_diffusers_editor_records_its_options_and_repeats_exactly(world, tiny_ip2p, tmp_path):
+    def run(out):
+        cmd = [sys.executable, "-m", "cirlab.cli.main", "edit", "--data-root", str(world), "--backend", "diffusers",
+               "--model", tiny_ip2p, "--n", "2", "--limit", "3", "--steps", "2", "--guidance-scale", "5",
+               "--seed", "7", "--out", str(out), "--no-progress"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert len(first) == 6 and len({(r["query"], r["sample"]) for r in first}) == 6
+    for r in first:
+        assert r["backend"] == "diffusers" and r["model"] == tiny_ip2p
+        assert r["options"] == {"steps": 2, "guidance_scale": 5.0, "image_guidance_scale": 1.5}
+        assert isinstance(r["seed"], int)
+    pixels = {(r["query"], r["sample"]): np.asarray(Image.open(tmp_path / "a" / r["file"])) for r in first}
+    assert all(p.shape == (64, 64, 3) for p in pixels.values())
+    for r in second:  # the same seed gives the same pixels
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / r["file"])), pixels[(r["query"], r["sample"])])
+    q = first[0]["query"]
+    assert not np.array_equal(pixels[(q, 0)], pixels[(q, 1)])  # two samples of one triplet differ
+
+
+def test_diffusers_editor_names_a_missing_model(tmp_path):
+    pytest.importorskip("diffusers", reason="diffusers is in the dev extra; `make setup` installs it")
+    from cirlab.editing.diffusion import DiffusersEditor
+
+    with pytest.raises(CirlabError, match="not found"):
+        DiffusersEditor(str(tmp_path / "no-such-pipeline"))

@@ -193,12 +193,19 @@ def cmd_caption(args) -> None:
 
 
 def cmd_edit(args) -> None:
-    from cirlab.editing.oracle import OracleEditor
     from cirlab.editing.run import edit_split
 
-    if args.dataset != "synth":
-        raise CirlabError(f"the oracle editor knows only the synthetic world, not {args.dataset}")
-    editor = OracleEditor(args.data_root, args.split, args.imperfection, args.seed, args.oracle_latency)
+    if args.backend == "oracle":
+        from cirlab.editing.oracle import OracleEditor
+
+        if args.dataset != "synth":
+            raise CirlabError(f"the oracle editor knows only the synthetic world, not {args.dataset}")
+        editor = OracleEditor(args.data_root, args.split, args.imperfection, args.seed, args.oracle_latency)
+    else:
+        from cirlab.editing.diffusion import DEFAULT_MODEL, DiffusersEditor
+
+        editor = DiffusersEditor(args.model or DEFAULT_MODEL, args.steps, args.guidance_scale,
+                                 args.image_guidance_scale, args.seed, args.device)
     stats = edit_split(args.dataset, args.data_root, args.split, editor, args.out, args.n, args.batch_size,
                        progress=not args.no_progress, limit=args.limit)
     print(f"{stats.triplets} triplets x {args.n}: {stats.cached} pseudo-targets already made, {stats.made} made; "
@@ -306,17 +313,23 @@ def _add_benchmark_parsers(sub) -> None:
 def _add_edit_parser(sub) -> None:
     p = sub.add_parser("edit", help="pseudo-target images of a split's triplets from an image editor (TMCIR)")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--dataset", choices=("synth",), default="synth")
+    p.add_argument("--dataset", choices=("synth", "cirr", "fashioniq", "shoes"), default="synth")
     p.add_argument("--split", default="train")
-    p.add_argument("--backend", choices=("oracle",), default="oracle",
-                   help="oracle: the synthetic world renders the edited scene")
+    p.add_argument("--backend", choices=("oracle", "diffusers"), default="oracle",
+                   help="oracle: the synthetic world renders the edited scene; diffusers: an InstructPix2Pix "
+                        "pipeline")
+    p.add_argument("--model", help="diffusers: Hugging Face id or folder (default timbrooks/instruct-pix2pix)")
+    p.add_argument("--steps", type=int, default=20, help="diffusers: denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="diffusers: text guidance")
+    p.add_argument("--image-guidance-scale", type=float, default=1.5, help="diffusers: image guidance")
+    p.add_argument("--device", default="cpu", help="diffusers: torch device")
     p.add_argument("--n", type=int, default=1, help="pseudo-targets per triplet")
     p.add_argument("--imperfection", type=float, default=0.0,
                    help="oracle: probability that each attribute the text does not mention is changed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N triplets")
     p.add_argument("--out", required=True, help="folder for images/ and manifest.jsonl (a rerun resumes)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_edit)
