@@ -124,3 +124,94 @@ def test_tmcir_training_lowers_loss_and_raises_recall(world, clip_dir, tmp_path)
     assert q.shape == (3, model.backbone.dim) and torch.allclose(q.norm(dim=-1), torch.ones(3), atol=1e-5)
     with pytest.raises(CirlabError, match="pool"):
         cirlab.methods.build_model("tmcir", load_backbone("clip", clip_dir), {"pool": "max"})
+
+
+def test_frozen_image_tower_trains_from_cached_tokens_with_the_same_loss(world, clip_dir):
+    """finetune="text": the image tokens come from the frozen-stage cache; the loss equals the pixel path's."""
+    from cirlab.data.images import PixelStore
+    from cirlab.training.data import FrozenFeatureStore, TripletSource
+
+    model = cirlab.methods.build_model("tmcir", load_backbone("clip", clip_dir), {"finetune": "text"})
+    frozen = model.frozen_image_stage()
+    assert frozen is not None
+    assert cirlab.methods.build_model("tmcir", load_backbone("clip", clip_dir)).frozen_image_stage() is None
+    split = read_split("synth", world, "train")
+    store = PixelStore(split.gallery, model.backbone.preprocess)
+    names = list(range(8))
+    pixel_batch = TripletSource(split, store).batch(names)
+    cached_batch = TripletSource(split, FrozenFeatureStore(store, frozen)).batch(names)
+    assert cached_batch.ref_pixels.dim() == 3
+    model.eval()
+    with torch.no_grad():
+        a, b = model.loss(pixel_batch).loss, model.loss(cached_batch).loss
+        ta, tb = model.encode_target(pixel_batch.tgt_pixels), model.encode_target(cached_batch.tgt_pixels)
+    assert torch.allclose(ta, tb, atol=1e-5) and abs(a.item() - b.item()) < 1e-4
+
+
+def test_ablate_tmcir_rows_share_stage1_and_draw_the_sweep(world, tmp_path):
+    """`run_ablation("tmcir")` on a tiny profile: threshold rows share one stage 1, a no-stage-1 row skips it."""
+    from PIL import Image
+
+    from cirlab.ablate import run_ablation
+    from cirlab.demo import DemoProfile
+
+    short = {"epochs": 1, "batch_size": 16, "steps_per_epoch": 3, "warmup_steps": 1, "lr": 1e-3}
+    profile = DemoProfile(
+        world="small",
+        backbones={"clip": {"config": {"patch_size": 16, "width": 32, "layers": 1, "dim": 32}, "pretrain": short}},
+        train=short | {"epochs": 2},
+        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all", "train": short}})
+    doc = run_ablation("tmcir", tmp_path / "abl", profile=profile, data=world, progress=False,
+                       rows=[{"threshold": 0.0}, {"threshold": 1.0}, {"stage1": False}])
+    variants = [r["variant"] for r in doc["rows"]]
+    assert variants == [{"threshold": 0.0, "stage1": True, "imperfection": 0.1},
+                        {"threshold": 1.0, "stage1": True, "imperfection": 0.1},
+                        {"threshold": 0.5, "stage1": False, "imperfection": 0.1}]
+    assert [r["config"] for r in doc["rows"]] == [{"threshold": 0.0}, {"threshold": 1.0}, {}]
+    stage1 = list((tmp_path / "abl" / "checkpoints").glob("tmcir-stage1-*"))
+    assert [p.name for p in stage1] == ["tmcir-stage1-p0.1"]
+    manifest = (stage1[0] / "pseudo" / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == len([q for q in read_split("synth", world, "train").queries if q.targets])
+    assert (stage1[0] / "clip" / "intent_align.json").exists()
+    for row in doc["rows"]:
+        assert len(row["val_curve"]) == 2 and 0 <= row["metrics"]["R@1"] <= row["metrics"]["R@10"] <= 100
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| 0.0 | on | 0.1 |" in md and "| 0.5 | off | 0.1 |" in md
+    assert Image.open(tmp_path / "abl" / "threshold_sweep.png").size[0] > 300
+
+
+def test_a_real_clip_layout_goes_through_the_same_code(world, tmp_path):
+    """A local copy laid out like openai/clip-vit-large-patch14 (CLIPModel with vision, text and projection
+    widths all different, 14-pixel patches, quick_gelu, CLIPImageProcessor, the real CLIP BPE tokenizer), built
+    tiny from a config: stage 1 and stage 2 run on it, and the checkpoint loads back."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from cirlab.backbones.tokenizer import clip_tokenizer
+
+    folder = tmp_path / "clip-vit-large-patch14-tiny"
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu"),
+                     vision_config=dict(image_size=28, patch_size=14, hidden_size=48, intermediate_size=96,
+                                        num_hidden_layers=1, num_attention_heads=2, hidden_act="quick_gelu"),
+                     projection_dim=24)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+
+    bb = load_backbone("clip", folder)
+    assert bb.preprocess.size == 28 and bb.dim == 24
+    edit_split("synth", world, "train", OracleEditor(world), tmp_path / "pseudo", n=1, progress=False, limit=64)
+    short = TrainConfig(epochs=1, batch_size=16, lr=1e-4, warmup_steps=1, progress=False)
+    aligned = align_intent(world, folder, tmp_path / "pseudo", tmp_path / "aligned", short)
+    train_method("tmcir", world, aligned, tmp_path / "tmcir",
+                 TrainConfig(epochs=1, batch_size=8, steps_per_epoch=2, warmup_steps=1, progress=False))
+    model = cirlab.load(tmp_path / "tmcir")
+    assert model.fusion.position.shape == (1 + 2 * 2, 24)
+    val = read_split("synth", world, "val")
+    qs = val.queries[:4]
+    from PIL import Image
+
+    q = model.encode_query([Image.open(val.gallery[x.reference]) for x in qs], [x.text for x in qs])
+    t = model.encode_target([Image.open(val.gallery[x.targets[0]]) for x in qs])
+    assert q.shape == t.shape == (4, 24) and torch.isfinite(q).all()

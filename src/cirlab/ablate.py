@@ -1,12 +1,19 @@
-"""`cirlab ablate csmcir`: train CSMCIR and one-field variants of it on the synthetic world, one table.
+"""`cirlab ablate csmcir|tmcir`: train a method and one-field variants of it on the synthetic world, one table.
 
-Each row changes one design choice of the full method (symmetric target tower, MCoT final captions, entropy memory
-bank): the asymmetric image-only target tower of SPRC-like methods, a single-level caption or none, and the memory
-bank off or first-in-first-out. Every row starts from the method's config defaults (not the demo's variant) and
-uses the default demo's BLIP-2 backbone (pretrained once, shared) and csmcir schedule on the default world, or
-with `quick` on the small world (`_quick_profile`), and is evaluated on
-val after each epoch (`epochs_to_best` is the epoch of the best val R@1, the training-efficiency figure) and on
-test1 after the last epoch (`metrics`).
+csmcir: each row changes one design choice of the full method (symmetric target tower, MCoT final captions, entropy
+memory bank): the asymmetric image-only target tower of SPRC-like methods, a single-level caption or none, and the
+memory bank off or first-in-first-out.
+
+tmcir: a sweep of the token-fusion threshold (the paper's ablation figure, also drawn as `threshold_sweep.png`;
+1.0 merges nothing, since a cosine never exceeds it), stage 2 straight from the pretrained CLIP (no stage 1), and
+stage 1 on oracle pseudo-targets of several imperfection levels. Rows differ from the demo's variant only in the
+field they name; the pipeline fields (`stage1`, `imperfection`) take the demo's stage-1 spec otherwise. Stage 1
+runs once per imperfection level and is shared by the rows that use it.
+
+Every row starts from the method's config defaults (not the demo's variant) and uses the default demo's backbone
+(pretrained once, shared) and the method's demo schedule on the default world, or with `quick` on the small world
+(`_quick_profile`), and is evaluated on val after each epoch (`epochs_to_best` is the epoch of the best val R@1,
+the training-efficiency figure) and on test1 after the last epoch (`metrics`).
 """
 from __future__ import annotations
 
@@ -24,7 +31,11 @@ ROWS = {
         {"captions": "none"},
     ],
 }
-FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank")}
+THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
+ROWS["tmcir"] = [*({"threshold": t} for t in THRESHOLDS), {"stage1": False},
+                 *({"imperfection": p} for p in (0.0, 0.3, 0.6))]
+FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank"), "tmcir": ("threshold", "stage1", "imperfection")}
+PIPELINE = {"tmcir": {"stage1": True, "imperfection": 0.1}}  # row fields that change the backbone, not the model
 
 
 def _quick_profile():
@@ -37,20 +48,27 @@ def _quick_profile():
         world="small",
         backbones={"clip": base.backbones["clip"] | {"pretrain": base.backbones["clip"]["pretrain"] | {"epochs": 4}},
                    "blip2": base.backbones["blip2"] | {"pretrain": base.backbones["blip2"]["pretrain"] | {"epochs": 3}}},
-        train=base.train, method_train=base.method_train, method_config=base.method_config)
+        train=base.train, method_train=base.method_train, method_config=base.method_config, stage1=base.stage1)
 COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1")
 
 
 def _variant(method: str, change: dict) -> tuple:
-    """(config for the run: the method's defaults with `change`, the ablated fields' values as the row shows them)."""
+    """(method config for the run: its defaults with `change`; pipeline fields; the ablated fields as shown)."""
     from cirlab.methods import method_class
 
-    full = method_class(method).config_class.from_json(change)
+    defaults = PIPELINE.get(method, {})
+    config = {k: v for k, v in change.items() if k not in defaults}
+    pipeline = defaults | {k: v for k, v in change.items() if k in defaults}
+    full = method_class(method).config_class.from_json(config)
     shown = {}
     for f in FIELDS[method]:
-        value = getattr(full, f)
+        value = pipeline[f] if f in pipeline else getattr(full, f)
         shown[f] = value.get("mode", "entropy") if isinstance(value, dict) else value
-    return change, shown
+    return config, pipeline, shown
+
+
+def _cell(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def format_markdown(doc: dict) -> str:
@@ -59,7 +77,7 @@ def format_markdown(doc: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(fields) + "---:|" * (len(head) - len(fields))]
     for row in doc["rows"]:
         curve = " ".join(f"{v:.1f}" for v in row["val_curve"])
-        lines.append("| " + " | ".join([*(str(row["variant"][f]) for f in fields),
+        lines.append("| " + " | ".join([*(_cell(row["variant"][f]) for f in fields),
                                         *(f"{row['metrics'][c]:.2f}" for c in COLUMNS),
                                         curve, str(row["epochs_to_best"]), f"{row['train_seconds']:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
@@ -99,6 +117,46 @@ def _write(out: Path, doc: dict) -> str:
     return table
 
 
+def _row_backbone(method: str, pipeline: dict, backbone: Path, ckpts: Path, data: Path, profile, seed: int,
+                  progress: bool, log) -> Path:
+    """The backbone a row trains from: the shared one, or its stage-1 result (made once per spec)."""
+    if not pipeline.get("stage1"):
+        return backbone
+    from cirlab.demo import ensure_intent_backbone
+
+    spec = profile.stage1[method] | {"imperfection": pipeline["imperfection"]}
+    return ensure_intent_backbone(backbone, ckpts / f"{method}-stage1-p{spec['imperfection']}", data, spec, seed,
+                                  progress, log)
+
+
+def plot_threshold_sweep(doc: dict, path: Path) -> None:
+    """test1 R@1 and R@10 and best val R@1 against the fusion threshold (rows at the pipeline's defaults)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = PIPELINE[doc["method"]]
+    rows = sorted((r for r in doc["rows"] if all(r["variant"][k] == v for k, v in base.items())),
+                  key=lambda r: r["variant"]["threshold"])
+    xs = [r["variant"]["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, ys in (("test1 R@1", [r["metrics"]["R@1"] for r in rows]),
+                      ("test1 R@10", [r["metrics"]["R@10"] for r in rows]),
+                      ("best val R@1", [max(r["val_curve"]) for r in rows])):
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("fusion threshold (cosine; 1.0 merges nothing)")
+    ax.set_ylabel("recall (%)")
+    ax.set_title(f"tmcir: adaptive token fusion threshold ({doc['world']} world, seed {doc['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress: bool = True, profile=None,
                  rows: list | None = None, data=None) -> dict:
     """Train and evaluate each row; `profile`, `rows` and an existing world folder `data` override the defaults."""
@@ -133,10 +191,11 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     grid = ROWS[method] if rows is None else rows
     results = []
     for i, change in enumerate(grid):
-        config, shown = _variant(method, change)
+        config, pipeline, shown = _variant(method, change)
         log(f"row {i + 1}/{len(grid)}: {shown}")
-        row = _run_row(method, config, data, backbone, out / "checkpoints" / f"{method}-{i}", cfg, val, test, stores)
-        results.append({"variant": shown, "config": config, **row})
+        start = _row_backbone(method, pipeline, backbone, out / "checkpoints", data, profile, seed, progress, log)
+        row = _run_row(method, config, data, start, out / "checkpoints" / f"{method}-{i}", cfg, val, test, stores)
+        results.append({"variant": shown, "config": config, **({"pipeline": pipeline} if pipeline else {}), **row})
         log(f"  test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 by epoch "
             f"{row['val_curve']}; {row['train_seconds']:.0f} s")
     doc = {"method": method, "world": profile.world, "seed": seed,
@@ -144,5 +203,9 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
            "rows": results, "seconds": round(time.time() - t0, 1)}
     table = _write(out, doc)
     print(table)
-    log(f"done: {out / 'ablation.json'}, {out / 'ablation.md'}")
+    written = [out / "ablation.json", out / "ablation.md"]
+    if method == "tmcir" and len({r["variant"]["threshold"] for r in results}) > 1:
+        plot_threshold_sweep(doc, out / "threshold_sweep.png")
+        written.append(out / "threshold_sweep.png")
+    log(f"done: {', '.join(map(str, written))}")
     return doc

@@ -25,6 +25,9 @@ class DemoProfile:
     train: dict  # TrainConfig fields shared by the trained methods
     method_train: dict = field(default_factory=dict)  # method -> TrainConfig overrides
     method_config: dict = field(default_factory=dict)  # method -> method config
+    # method -> TMCIR-style stage 1 before it trains: oracle pseudo-targets ("imperfection", "n" per triplet), then
+    # intent alignment of the CLIP ("unfreeze", "train": TrainConfig fields); the method starts from the result
+    stage1: dict = field(default_factory=dict)
 
 
 PROFILES = {
@@ -37,7 +40,9 @@ PROFILES = {
                       "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
         train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
         method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
-        method_config={"csmcir": {"memory_bank": {"mode": "off"}}}),
+        method_config={"csmcir": {"memory_bank": {"mode": "off"}}},
+        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
+                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}}),
     "quick": DemoProfile(
         world="small",
         backbones={
@@ -47,7 +52,9 @@ PROFILES = {
                       "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
         train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
         method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
-        method_config={"csmcir": {"memory_bank": {"mode": "off"}}}),
+        method_config={"csmcir": {"memory_bank": {"mode": "off"}}},
+        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
+                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}}),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
@@ -95,10 +102,47 @@ def ensure_backbone(kind: str, ckpts: Path, data: Path, profile: DemoProfile, se
     return folder
 
 
+def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, seed: int, progress: bool,
+                           log) -> Path:
+    """TMCIR's stage 1 on the synthetic world: the oracle editor's pseudo-targets into `folder/pseudo`, then
+    intent alignment of the CLIP at `clip` into `folder/clip`, which is returned. A finished folder with the same
+    CLIP, spec and seed is reused; an unfinished one with the same key resumes (both steps are resumable); any
+    other is replaced."""
+    import shutil
+
+    from cirlab.editing.oracle import OracleEditor
+    from cirlab.editing.run import edit_split
+    from cirlab.training.intent_align import DONE_FILE, align_intent
+    from cirlab.training.loop import TrainConfig
+
+    key = {"clip": json.loads((clip / "demo_key.json").read_text()), "spec": spec, "seed": seed}
+    key_file, aligned = folder / "demo_key.json", folder / "clip"
+    same = key_file.exists() and json.loads(key_file.read_text()) == key
+    if same and (aligned / DONE_FILE).exists():
+        log(f"stage 1: reusing {aligned}")
+        return aligned
+    if folder.exists() and not same:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=1))
+    t = time.time()
+    editor = OracleEditor(data, imperfection=spec["imperfection"], seed=seed)
+    stats = edit_split("synth", data, "train", editor, folder / "pseudo", n=spec["n"], progress=progress)
+    cfg = TrainConfig(seed=seed, progress=progress, **spec["train"])
+    log(f"stage 1: {stats.images} oracle pseudo-targets (imperfection {spec['imperfection']}, {stats.made} made "
+        f"now) in {time.time() - t:.0f} s; intent alignment ({cfg.epochs} epoch(s), unfreeze {spec['unfreeze']})")
+    align_intent(data, clip, folder / "pseudo", aligned, cfg, unfreeze=spec["unfreeze"], resume=same)
+    return aligned
+
+
 def _lanes(methods: list, registry, profile: DemoProfile) -> list:
-    """Methods grouped by backbone kind: one lane per backbone, run in order inside it."""
-    kinds = sorted({registry[n].backbone_kind for n in methods})
-    return [{"kind": k, "methods": [n for n in methods if registry[n].backbone_kind == k]} for k in kinds]
+    """Methods grouped by backbone kind, one lane per backbone, run in order inside it; a method with a stage 1
+    of its own gets a lane of its own."""
+    own = [n for n in methods if n in profile.stage1]
+    rest = [n for n in methods if n not in own]
+    kinds = sorted({registry[n].backbone_kind for n in rest})
+    lanes = [{"kind": k, "methods": [n for n in rest if registry[n].backbone_kind == k]} for k in kinds]
+    return lanes + [{"kind": registry[n].backbone_kind, "methods": [n], "stage1": n} for n in own]
 
 
 def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0: float, threads: int,
@@ -131,6 +175,12 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     t = time.time()
     backbone = ensure_backbone(lane["kind"], ckpts, data, profile, seed, progress, log)
     timings[f"pretrain {lane['kind']}"] = round(time.time() - t, 1)
+    if lane.get("stage1"):
+        t = time.time()
+        name = lane["stage1"]
+        backbone = ensure_intent_backbone(backbone, ckpts / f"{name}-stage1", data, profile.stage1[name], seed,
+                                          progress, log)
+        timings[f"stage 1 {name}"] = round(time.time() - t, 1)
     test = read_split("synth", data, "test1")
     for name in lane["methods"]:
         cls = REGISTRY[name]
@@ -217,7 +267,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         ensure_backbone(kind, ckpts, data, profile, seed, progress, log)
         timings[f"pretrain {kind}"] = round(time.time() - t, 1)
     cores = default_workers()
-    workers = max(1, min(workers or cores, len(lanes)))
+    workers = max(1, min(workers or len(lanes), len(lanes)))
     grid = _grid_method(REGISTRY)
     if workers == 1:
         done = [_run_lane(lane, out, seed, quick, progress, t0, 0, grid) for lane in lanes]

@@ -349,11 +349,11 @@ def _add_edit_parser(sub) -> None:
 def _add_research_parsers(sub) -> None:
     """ablate and viz: a method's ablation grid and figures of a checkpoint's embedding space."""
     p = sub.add_parser("ablate", help="train a method's ablation grid on the synthetic world; ablation.json + .md")
-    p.add_argument("method", choices=("csmcir",))
+    p.add_argument("method", choices=("csmcir", "tmcir"))
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
-                   help="the small world (about 8 minutes on 2 cores) instead of the default one (about 3 per row)")
+                   help="the small world (under 10 minutes on 2 cores) instead of the default one (about 3 minutes per row)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="with_methods", metavar="METHODS",
                    help="comma-separated registered methods to run besides the default ones")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes that train the lanes (one per backbone) side by side; default: the CPU count")
+                   help="processes that train the lanes (one per backbone, and one per method with a stage 1 of its "
+                        "own) side by side; default: one per lane")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

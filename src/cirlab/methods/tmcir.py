@@ -13,6 +13,9 @@ Interpretation (the full paper is not available), each a config field:
 - Similarities are computed after a linear map per side that starts as the identity, i.e. in CLIP's joint space,
   which stage 1 has aligned.
 - The temperature is learnable, initialised at 0.01 (CLIP4Cir's fixed scale of 100).
+- `finetune` "both" trains both encoders in stage 2, as the abstract says. With "text" (or "none") the image
+  encoder stays as stage 1 left it; its token outputs are then computed once per image (`frozen_image_stage`),
+  which makes a stage-2 epoch several times cheaper.
 """
 from __future__ import annotations
 
@@ -44,7 +47,6 @@ class Tmcir(ClipFeatures):
     name = "tmcir"
     config_class = TmcirConfig
     trainable = True
-    in_demo = False  # the default demo has no time left for its editing and two stages (see README)
 
     def __init__(self, config: TmcirConfig, backbone):
         from cirlab.errors import CirlabError
@@ -60,9 +62,34 @@ class Tmcir(ClipFeatures):
                                           config.pool, config.position)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
+    def frozen_image_stage(self):
+        vision = self.backbone.model.vision_model
+        if any(p.requires_grad for p in self._tower(text=False).parameters()):
+            return None
+
+        def tokens(pixels: torch.Tensor) -> torch.Tensor:
+            was = vision.training
+            vision.eval()
+            try:
+                return self.backbone.image_tokens(pixels.to(self.backbone.device))
+            finally:
+                vision.train(was)
+        return tokens
+
+    def _visual(self, images) -> torch.Tensor:
+        """Projected image tokens (B, 1+P, D) of pixels, PIL images, or already computed tokens (3-D)."""
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            return images.to(self.backbone.device)
+        return self.backbone.image_tokens(self.pixels(images))
+
+    def encode_target(self, images, captions=None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 3:  # cached tokens: the class token is pooled
+            return self.normalise(images[:, 0].to(self.backbone.device))
+        return self.image_feature(images)
+
     def fuse(self, images, texts) -> dict:
         bb = self.backbone
-        visual = bb.image_tokens(self.pixels(images))  # (B, 1+P, D)
+        visual = self._visual(images)  # (B, 1+P, D)
         tokens = bb.tokenize(texts, bb.device)
         text, _ = bb.text_tokens(tokens)  # (B, L, D)
         return self.fusion(visual, text, tokens["attention_mask"])
