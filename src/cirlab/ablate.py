@@ -35,12 +35,14 @@ THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
 ROWS["tmcir"] = [*({"threshold": t} for t in THRESHOLDS), {"stage1": False},
                  *({"imperfection": p} for p in (0.0, 0.3, 0.6))]
 FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank"), "tmcir": ("threshold", "stage1", "imperfection")}
+EXTRA_COLUMNS = {"tmcir": {"merged text tokens": "merged_text_tokens"}}  # header -> last_epoch_parts key
 PIPELINE = {"tmcir": {"stage1": True, "imperfection": 0.1}}  # row fields that change the backbone, not the model
 
 
 def _quick_profile():
     """The small world with the default demo's backbone sizes: the quick demo's narrower CLIP (2 epochs) left
-    csmcir near chance (test1 R@1 0.0 to 2.5 in every row), too weak for rows to differ by more than noise."""
+    csmcir near chance (test1 R@1 0.0 to 2.5 in every row), too weak for rows to differ by more than noise.
+    tmcir's ten rows train 2 epochs each (3 took 10 min 15 s in all)."""
     from cirlab.demo import PROFILES, DemoProfile
 
     base = PROFILES["default"]
@@ -48,7 +50,8 @@ def _quick_profile():
         world="small",
         backbones={"clip": base.backbones["clip"] | {"pretrain": base.backbones["clip"]["pretrain"] | {"epochs": 4}},
                    "blip2": base.backbones["blip2"] | {"pretrain": base.backbones["blip2"]["pretrain"] | {"epochs": 3}}},
-        train=base.train, method_train=base.method_train, method_config=base.method_config, stage1=base.stage1)
+        train=base.train, method_train=base.method_train | {"tmcir": {"epochs": 2}},
+        method_config=base.method_config, stage1=base.stage1)
 COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1")
 
 
@@ -73,13 +76,17 @@ def _cell(value) -> str:
 
 def format_markdown(doc: dict) -> str:
     fields = FIELDS[doc["method"]]
-    head = [*fields, *COLUMNS, "val R@1 per epoch", "epochs_to_best", "train_seconds"]
+    extra = EXTRA_COLUMNS.get(doc["method"], {})
+    head = [*fields, *COLUMNS, "val R@1 per epoch", "epochs_to_best", "train_seconds", *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(fields) + "---:|" * (len(head) - len(fields))]
     for row in doc["rows"]:
         curve = " ".join(f"{v:.1f}" for v in row["val_curve"])
+        parts = row.get("last_epoch_parts", {})
         lines.append("| " + " | ".join([*(_cell(row["variant"][f]) for f in fields),
                                         *(f"{row['metrics'][c]:.2f}" for c in COLUMNS),
-                                        curve, str(row["epochs_to_best"]), f"{row['train_seconds']:.0f}"]) + " |")
+                                        curve, str(row["epochs_to_best"]), f"{row['train_seconds']:.0f}",
+                                        *(f"{parts[k]:.2f}" if k in parts else "" for k in extra.values())])
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +110,20 @@ def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path
     metrics, _ = evaluate(load_model(folder), test, progress=False, store=stores["test"])
     best = max(range(len(curve)), key=lambda e: (curve[e], -e))
     return {"metrics": {k: round(v, 2) for k, v in metrics.items()}, "val_curve": curve,
-            "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1)}
+            "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1),
+            "last_epoch_parts": _last_epoch_parts(folder.with_name(folder.name + ".train") / "metrics.jsonl")}
+
+
+def _last_epoch_parts(log: Path) -> dict:
+    """Mean of each logged loss part (`loss/<name>`) over the last epoch's log lines (tmcir: merged text tokens
+    per query, which says how much the threshold lets merge)."""
+    lines = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    steps = [x for x in lines if "loss" in x]
+    if not steps:
+        return {}
+    last = [x for x in steps if x["epoch"] == steps[-1]["epoch"]]
+    keys = sorted({k for x in last for k in x if k.startswith("loss/")})
+    return {k[5:]: round(sum(x[k] for x in last if k in x) / sum(k in x for x in last), 4) for k in keys}
 
 
 def _write(out: Path, doc: dict) -> str:

@@ -154,10 +154,6 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     import torch
 
     from cirlab.data.readers import read_split
-    from cirlab.evaluation.protocols import checkpoint_identity, evaluate
-    from cirlab.methods import REGISTRY, load_model
-    from cirlab.training.loop import TrainConfig
-    from cirlab.training.train import save_zero_shot, train_method
 
     if threads:
         torch.set_num_threads(threads)
@@ -183,24 +179,9 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
         timings[f"stage 1 {name}"] = round(time.time() - t, 1)
     test = read_split("synth", data, "test1")
     for name in lane["methods"]:
-        cls = REGISTRY[name]
-        folder = ckpts / name
         t = time.time()
-        if cls.trainable:
-            cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
-            log(f"{name}: training ({cfg.epochs} epochs)")
-            done = []
-
-            def on_epoch(_model, _out, name=name, cfg=cfg, done=done):
-                done.append(1)
-                log(f"{name}: epoch {len(done)}/{cfg.epochs} done")
-
-            train_method(name, data, backbone, folder, cfg, profile.method_config.get(name), on_epoch=on_epoch)
-        else:
-            save_zero_shot(name, backbone, folder, profile.method_config.get(name))
-        model = load_model(folder)
-        metrics, ranking = evaluate(model, test, cache_dir=folder / "cache", model_id=checkpoint_identity(folder),
-                                    progress=progress)
+        metrics, ranking = _train_and_evaluate(name, data, backbone, ckpts / name, profile, seed, progress, test,
+                                               log)
         results[name] = {k: round(v, 2) for k, v in metrics.items()}
         timings[name] = round(time.time() - t, 1)
         log(f"{name}: R@1 {metrics['R@1']:.1f}  R@10 {metrics['R@10']:.1f}  ({timings[name]:.0f} s)")
@@ -209,6 +190,31 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
 
             retrieval_grid(test, ranking, out / "retrievals.png", title=name)
     return {"results": results, "timings": timings}
+
+
+def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, profile: DemoProfile, seed: int,
+                        progress: bool, test, log) -> tuple:
+    """Train `name` on the world's train split with the profile's schedule (or save it, if zero-shot), then
+    evaluate it on test1: (metrics, ranking)."""
+    from cirlab.evaluation.protocols import checkpoint_identity, evaluate
+    from cirlab.methods import REGISTRY, load_model
+    from cirlab.training.loop import TrainConfig
+    from cirlab.training.train import save_zero_shot, train_method
+
+    if REGISTRY[name].trainable:
+        cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
+        log(f"{name}: training ({cfg.epochs} epochs)")
+        done = []
+
+        def on_epoch(_model, _out):
+            done.append(1)
+            log(f"{name}: epoch {len(done)}/{cfg.epochs} done")
+
+        train_method(name, data, backbone, folder, cfg, profile.method_config.get(name), on_epoch=on_epoch)
+    else:
+        save_zero_shot(name, backbone, folder, profile.method_config.get(name))
+    return evaluate(load_model(folder), test, cache_dir=folder / "cache", model_id=checkpoint_identity(folder),
+                    progress=progress)
 
 
 def _die_with_parent() -> None:
@@ -236,11 +242,12 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     """The demo; `extra` names registered methods to run besides those marked `in_demo`.
 
     After the world and the backbones other backbones start from (CLIP), the methods run in lanes, one per
-    backbone (CLIP methods; BLIP-2 pretraining then csmcir), in `workers` processes side by side. The tiny models'
-    small matrix products keep two cores only ~1.2x busier than one, so two one-thread lanes finish ~1.7x sooner
-    than the same work on two threads in turn (measured on a combiner step). Each lane's figures depend on its
-    thread count only through float summation order: with the same `workers` on the same machine a run repeats
-    exactly.
+    backbone (CLIP methods; BLIP-2 pretraining then csmcir) and one per method with a stage 1 of its own (tmcir:
+    pseudo-targets, intent alignment, then stage 2), in `workers` processes side by side (default: one per lane;
+    each gets cores // workers threads, at least one). The tiny models' small matrix products keep two cores
+    only ~1.2x busier than one, so one-thread lanes side by side finish sooner than the same work on two threads
+    in turn (measured on a combiner step). Each lane's figures depend on its thread count only through float
+    summation order: with the same `workers` on the same machine a run repeats exactly.
     """
     from cirlab.cli.main import format_table
     from cirlab.methods import REGISTRY
@@ -272,23 +279,10 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     if workers == 1:
         done = [_run_lane(lane, out, seed, quick, progress, t0, 0, grid) for lane in lanes]
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         threads = max(1, cores // workers)
         log(f"{len(lanes)} lanes ({', '.join('+'.join(lane['methods']) for lane in lanes)}) in {workers} "
             f"processes, {threads} thread(s) each")
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_die_with_parent)
-        try:
-            futures = [pool.submit(_run_lane, lane, out, seed, quick, False, t0, threads, grid) for lane in lanes]
-            done = [f.result() for f in futures]
-        except BaseException:  # a failed lane or Ctrl-C: stop the other lane too, then report
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
+        done = _run_lanes_in_processes(lanes, workers, (out, seed, quick, False, t0, threads, grid))
     results = {}
     for lane in done:
         results.update(lane["results"])
@@ -299,13 +293,34 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     table = format_table(results, METRIC_COLUMNS)
     print(table)
     doc = {"dataset": "synth", "split": "test1", "seed": seed, "methods": results,
-           "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config}}
+           "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},
+           "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     from cirlab.report import write_report
 
     write_report(out / "report.md", table, doc, timings, wall, quick, workers)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
+
+
+def _run_lanes_in_processes(lanes: list, workers: int, args: tuple) -> list:
+    """`_run_lane(lane, *args)` for each lane in a pool of `workers` spawned processes that die with this one;
+    a failed lane or Ctrl-C stops the others too, then the error is raised."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent)
+    try:
+        futures = [pool.submit(_run_lane, lane, *args) for lane in lanes]
+        done = [f.result() for f in futures]
+    except BaseException:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return done
 
 
 def _grid_method(registry) -> str:

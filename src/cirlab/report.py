@@ -55,6 +55,8 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
         "",
         *[f"{name} config: `{json.dumps(cfg)}` (the rest as the method's defaults)."
           for name, cfg in results.get("method_config", {}).items()],
+        *[f"{name} stage 1 (oracle pseudo-targets, then intent alignment): `{json.dumps(spec)}`; "
+          f"checkpoints/{name}-stage1/." for name, spec in results.get("stage1", {}).items()],
         "",
         f"Wall time: {wall:.0f} s ({workers} lane process{'es' if workers > 1 else ''} side by side, so the steps "
         "above overlap). Retrievals: retrievals.png. Checkpoints: checkpoints/<method>/.",
