@@ -80,6 +80,9 @@ def cmd_train(args) -> None:
     from cirlab.training.train import save_zero_shot, train_method
 
     method_config = _json_arg(args.config, "--config")
+    if getattr(method_class(args.method), "zero_shot", False):
+        _train_zero_shot(args, method_config)
+        return
     if not method_class(args.method).trainable:
         out = save_zero_shot(args.method, args.backbone, args.out, method_config)
         print(f"{args.method} is zero-shot: saved its checkpoint to {out}")
@@ -88,6 +91,21 @@ def cmd_train(args) -> None:
                           dataset=args.dataset, resume=args.resume, join=args.join, captions=args.captions)
     losses = ", ".join(f"{x:.3f}" for x in result.losses)
     print(f"trained {args.method} for {result.epochs_done} epochs ({result.seconds:.0f} s); epoch losses: {losses}")
+    print(f"checkpoint: {args.out}")
+
+
+def _train_zero_shot(args, method_config) -> None:
+    import dataclasses
+
+    from cirlab.training.zero_shot import train_zero_shot
+
+    if args.triplets < 0:
+        raise CirlabError(f"--triplets must be at least 0, got {args.triplets}")
+    stage1 = _train_config(args)
+    stage2 = dataclasses.replace(stage1, epochs=args.stage2_epochs or stage1.epochs)
+    summary = train_zero_shot(args.method, args.data_root, args.backbone, args.out, stage1, stage2, method_config,
+                              triplets=args.triplets, dataset=args.dataset, seed=args.seed)
+    print(json.dumps(summary))
     print(f"checkpoint: {args.out}")
 
 
@@ -404,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch together the triplets that share a reference image (harder in-batch negatives)")
     p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) of the train images, for methods "
                                       "that read target captions (csmcir); the synthetic world brings its own")
+    p.add_argument("--triplets", type=int, default=500,
+                   help="zero-shot methods (mapcompose): synthetic triplets for stage II (0: stage I only)")
+    p.add_argument("--stage2-epochs", type=int, default=None,
+                   help="zero-shot methods: stage II epochs (default: --epochs)")
     _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train)
 

@@ -27,6 +27,9 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
     if not cls.trainable:
         raise CirlabError(f"method {method!r} is zero-shot and has nothing to train; save_zero_shot() (or "
                           f"`cirlab train --method {method}`) writes its checkpoint")
+    if getattr(cls, "zero_shot", False):
+        raise CirlabError(f"method {method!r} is zero-shot: it never trains on a benchmark's triplets; "
+                          "train it with training.zero_shot.train_zero_shot (`cirlab train` does)")
     out = Path(out)
     data = read_split(dataset, data_root, split, join=join)
     if captions is not None:

@@ -1,0 +1,102 @@
+"""Zero-shot training of `mapcompose` and `pic2word`: never on a benchmark's triplets.
+
+Stage I (mapping) trains on the split's (image, caption) pairs: every gallery image that has a caption. Stage II
+(composing; methods with adapters, when `triplets` > 0) trains on triplets synthesised from the same pairs
+(training/synthesis.py), with the hard-negative pool of every captioned image. The CLIP encoders are frozen
+throughout, so each image's vision tokens are computed once (FrozenFeatureStore) and shared by both stages.
+
+Each stage keeps its resumable loop state in `<out>.train/stage1` and `<out>.train/stage2`; the synthetic triplets
+are written to `<out>.train/synthetic_triplets.jsonl` for inspection; the checkpoint folder `out` is written
+after each stage (stage I's model is a complete zero-shot model by itself: compose by the template alone).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cirlab.backbones import load_backbone
+from cirlab.data.images import PixelStore
+from cirlab.data.readers import Split, read_split
+from cirlab.errors import CirlabError
+from cirlab.methods import build_model, method_class
+from cirlab.training.data import FrozenFeatureStore, PairSource, TripletSource
+from cirlab.training.loop import TrainConfig, fit
+from cirlab.training.synthesis import synthesize_triplets
+
+
+def world_vocab(data_root) -> dict:
+    """The synthetic world's attribute words (the swap rule's vocabulary classes)."""
+    from cirlab.data.synth.world import SIZES
+
+    info = Path(data_root) / "synth" / "world.json"
+    if not info.exists():
+        raise CirlabError(f"no synthetic world at {data_root} (missing {info}); give a vocabulary for other data")
+    world = json.loads(info.read_text())
+    return {"colour": list(world["colours"]), "shape": list(world["shapes"]), "size": list(SIZES)}
+
+
+def _pool_features(model, store, names: list, chunk: int = 512) -> torch.Tensor:
+    feats = []
+    with torch.no_grad():
+        for lo in range(0, len(names), chunk):
+            feats.append(model.encode_target(store.pixels(names[lo:lo + chunk])))
+    return torch.cat(feats)
+
+
+def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, stage2: TrainConfig | None = None,
+                    method_config: dict | None = None, triplets: int = 500, dataset: str = "synth",
+                    split: str = "train", vocab: dict | None = None, seed: int = 0, log=print) -> dict:
+    """Train `method` zero-shot from `backbone` (a CLIP id or folder); returns the summary written to
+    `<out>.train/zero_shot.json`."""
+    cls = method_class(method)
+    if not getattr(cls, "zero_shot", False):
+        raise CirlabError(f"method {method!r} is not a zero-shot method; use train_method")
+    out = Path(out)
+    work = out.with_name(out.name + ".train")
+    data = read_split(dataset, data_root, split)
+    names = sorted(n for n in data.gallery if n in data.captions)
+    if not names:
+        raise CirlabError(f"{dataset}/{split} has no captioned images to train {method} on")
+    torch.manual_seed(stage1.seed)
+    model = build_model(method, load_backbone("clip", backbone), (method_config or {}) | {"stage": "mapping"})
+    store = FrozenFeatureStore(PixelStore(data.gallery, model.backbone.preprocess), model.frozen_image_stage())
+    summary = {"method": method, "pairs": len(names)}
+    log(f"{method}: stage I on {len(names)} (image, caption) pairs ({stage1.epochs} epochs)")
+    result = fit(model, PairSource(names, data.captions, store), stage1, work / "stage1", desc=f"{method} stage I")
+    summary["stage1_losses"], summary["stage1_seconds"] = result.losses, round(result.seconds, 1)
+    model.save(out)
+    if stage2 is not None and triplets > 0 and len(model.adapters):
+        syn = synthesize_triplets({n: data.captions[n] for n in names}, triplets, vocab or world_vocab(data_root),
+                                  seed=seed)
+        _write_triplets(work / "synthetic_triplets.jsonl", syn, data.captions)
+        model.set_stage("composing")
+        steps = max(1, triplets // stage2.batch_size) * stage2.epochs
+        if stage2.steps_per_epoch:
+            steps = min(steps, stage2.steps_per_epoch * stage2.epochs)
+        model.set_negative_pool(_pool_features(model, store, names), names, [data.captions[n] for n in names],
+                                steps)
+        synthetic = Split(dataset, "synthetic", syn.queries, data.gallery, data.captions)
+        log(f"{method}: stage II on {len(syn.queries)} synthetic triplets ({syn.rules}; {syn.drawn} edits drawn; "
+            f"{stage2.epochs} epochs)")
+        result = fit(model, TripletSource(synthetic, store), stage2, work / "stage2", desc=f"{method} stage II")
+        model.pool = None
+        summary |= {"triplets": len(syn.queries), "rules": syn.rules, "edits_drawn": syn.drawn,
+                    "mean_match_f1": round(sum(syn.match_f1) / len(syn.match_f1), 4),
+                    "stage2_losses": result.losses, "stage2_seconds": round(result.seconds, 1)}
+        model.save(out)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "zero_shot.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _write_triplets(path: Path, syn, captions: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for q, f1 in zip(syn.queries, syn.match_f1):
+            f.write(json.dumps({"key": q.key, "reference": q.reference, "text": q.text, "target": q.targets[0],
+                                "reference_caption": captions[q.reference], "target_caption": captions[q.targets[0]],
+                                "match_f1": f1}) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,147 @@
+"""Mapping to composing: modules that start as the identity, stage-wise training, soft alignment and hard-negative
+mining against hand-computed cases, triplet synthesis, and the zero-shot pipeline end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cirlab
+from cirlab.backbones import load_backbone, tiny_backbone
+from cirlab.data.readers import read_split
+from cirlab.errors import CirlabError
+from cirlab.evaluation.protocols import evaluate
+from cirlab.layers.text_injection import BottleneckAdapter, GatedCrossAttention
+from cirlab.methods import build_model
+from cirlab.training.loop import TrainConfig
+from cirlab.training.synthesis import synthesize_triplets
+from cirlab.training.train import train_method
+from cirlab.training.zero_shot import train_zero_shot, world_vocab
+from cirlab.types import Batch
+
+
+@pytest.fixture(scope="module")
+def bb():
+    torch.manual_seed(0)
+    return tiny_backbone("clip", patch_size=16, width=64, layers=2, dim=32).eval()
+
+
+def test_layer_by_layer_text_encoder_equals_the_model(bb):
+    tok = bb.tokenize(["a photo of a red cat", "make it blue and larger please"])
+    assert torch.allclose(bb.encode_text(tok), bb.encode_text_from(tok), atol=1e-6)
+
+
+def test_injection_and_adapters_start_as_the_identity(bb):
+    h, v = torch.randn(2, 5, 64), torch.randn(2, 7, 64)
+    assert torch.equal(GatedCrossAttention(64, 64)(h, v), h)
+    assert torch.equal(BottleneckAdapter(64, 8)(h), h)
+    model = build_model("mapcompose", bb)
+    visual = model.frozen_image_stage()(torch.randn(2, 3, 64, 64))
+    feat, word = model.compose(visual, ["a photo of $", "a photo of $ that is red"])
+    tok = bb.tokenize(["a photo of $", "a photo of $ that is red"])
+    embeds = bb.word_embeddings(tok["input_ids"]).clone()
+    embeds[tok["input_ids"] == model.placeholder] = word
+    assert torch.allclose(feat, bb.encode_text_from(tok, embeds), atol=1e-5)
+
+
+def test_each_stage_trains_only_its_part(bb):
+    model = build_model("mapcompose", bb)
+    px = torch.randn(4, 3, 64, 64)
+    caps = ["a small red circle", "a large blue star at the top", "a green square", "a cyan cross at the left"]
+    model.loss(Batch(px, caps, px, None, list("abcd"))).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["injection.1.gate_attn"] is not None and grads["injection.1.gate_attn"].abs() > 0
+    assert grads["learner.query"] is not None and all(grads[n] is None for n in grads if n.startswith("adapters"))
+    assert all(g is None for n, g in grads.items() if n.startswith("backbone."))
+    model.zero_grad(set_to_none=True)
+    model.set_stage("composing")
+    model.train()
+    model.loss(Batch(px, ["make it red", "add a star", "remove it", "bigger"], px, None, list("abcd"))).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["adapters.0.up.weight"].abs().sum() > 0
+    assert all(grads[n] is None for n in grads if n.startswith(("learner", "injection", "backbone.")))
+    p2w = build_model("pic2word", bb)
+    assert p2w.inject_at == [] and len(p2w.adapters) == 0 and not p2w.config.soft_align
+
+
+def test_soft_alignment_matches_a_hand_computation(bb):
+    model = build_model("mapcompose", bb, {"soft_align_tau": 0.5})
+    word = torch.randn(1, 64)
+    tok = bb.tokenize(["a red star at the top"])
+    ids = tok["input_ids"][0]
+    content = [i for i in ids[1:-1].tolist() if i not in model.stop_ids]  # "red", "star", "top"
+    assert len(content) == 3
+    emb = bb.word_embeddings(torch.tensor(content))
+    a = (F.cosine_similarity(word, emb) / 0.5).softmax(0)
+    expected = 1 - F.cosine_similarity(word, (a[:, None] * emb).sum(0, keepdim=True))
+    assert torch.allclose(model.soft_alignment(word, ["a red star at the top"]), expected.mean(), atol=1e-6)
+
+
+def test_hard_negatives_never_include_a_positive(bb):
+    model = build_model("mapcompose", bb, {"hard_negatives": 3})
+    feats = F.normalize(torch.randn(6, 32), dim=-1)
+    names = [f"n{i}" for i in range(6)]
+    keys = ["same", "same", "k2", "k3", "k4", "k5"]  # n0 and n1 show the same scene
+    model.set_negative_pool(feats, names, keys, total_steps=10)
+    q = feats[1:2].clone()  # the query sits exactly on n1, the positive's twin
+    negs = model._mine(q, ["same"], model.pool)
+    chosen = {int((feats == n).all(1).nonzero()) for n in negs[0]}
+    assert len(chosen) == 3 and not chosen & {0, 1}
+
+
+def test_synthesis_edits_captions_and_retrieves_matching_targets(world):
+    split = read_split("synth", world, "train")
+    captions = {n: split.captions[n] for n in split.gallery if n in split.captions}
+    syn = synthesize_triplets(captions, 60, world_vocab(world), seed=3)
+    again = synthesize_triplets(captions, 60, world_vocab(world), seed=3)
+    assert [q.text for q in syn.queries] == [q.text for q in again.queries]  # seeded
+    assert len(syn.queries) == 60 and sum(syn.rules.values()) == 60 and min(syn.match_f1) >= 0.8
+    from cirlab.data.synth.world import TEMPLATES
+
+    benchmark = {t.split("{")[0].strip() for ts in TEMPLATES.values() for t in ts if not t.startswith("{")}
+    for q in syn.queries:
+        assert q.reference != q.targets[0] and captions[q.reference] != captions[q.targets[0]]
+        assert not any(q.text.startswith(p) for p in benchmark if p), q.text  # not the world's own wording
+    removed = [q for q in syn.queries if q.text.startswith(("without the", "leaving out the", "minus the"))]
+    for q in removed:  # the removed clause is gone from the target's caption
+        clause = q.text.split("the ", 1)[1]
+        assert clause not in captions[q.targets[0]]
+    with pytest.raises(CirlabError, match="rule"):
+        synthesize_triplets(captions, 5, {}, rules=("swap", "rotate"))
+
+
+def test_zero_shot_training_beats_the_untrained_model_and_refuses_triplets(world, clip_dir, tmp_path):
+    val = read_split("synth", world, "val")
+    untrained = build_model("mapcompose", load_backbone("clip", clip_dir))
+    untrained.save(tmp_path / "untrained")
+    before, _ = evaluate(cirlab.load(tmp_path / "untrained"), val, progress=False)
+    s1 = TrainConfig(epochs=2, batch_size=64, lr=1e-3, warmup_steps=10, progress=False)
+    s2 = TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_steps=5, progress=False)
+    # mined negatives from the first step, so that stage II's epoch losses compare
+    summary = train_zero_shot("mapcompose", world, clip_dir, tmp_path / "mc", s1, s2, {"hard_negative_start": 0.0},
+                              triplets=200)
+    assert summary["stage1_losses"][-1] < summary["stage1_losses"][0]
+    assert summary["triplets"] == 200 and summary["stage2_losses"][-1] < summary["stage2_losses"][0]
+    lines = (tmp_path / "mc.train" / "synthetic_triplets.jsonl").read_text().splitlines()
+    assert len(lines) == 200 and {"reference", "text", "target", "match_f1"} <= set(json.loads(lines[0]))
+    model = cirlab.load(tmp_path / "mc")
+    assert model.config.stage == "composing" and model.pool is None
+    after, _ = evaluate(model, val, progress=False)
+    assert after["R@10"] > before["R@10"] + 3, (before, after)
+    with pytest.raises(CirlabError, match="zero-shot"):
+        train_method("mapcompose", world, clip_dir, tmp_path / "no", s1)
+
+
+def test_cli_trains_pic2word_zero_shot(world, clip_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "train", "--method", "pic2word",
+                           "--data-root", str(world), "--backbone", str(clip_dir), "--out", str(tmp_path / "p2w"),
+                           "--epochs", "1", "--steps-per-epoch", "3", "--no-progress"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.splitlines()[-2])
+    assert summary["method"] == "pic2word" and "stage2_losses" not in summary  # no stage II for pic2word
+    assert cirlab.load(tmp_path / "p2w").name == "pic2word"
