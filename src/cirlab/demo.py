@@ -28,8 +28,16 @@ class DemoProfile:
     # method -> TMCIR-style stage 1 before it trains: oracle pseudo-targets ("imperfection", "n" per triplet), then
     # intent alignment of the CLIP ("unfreeze", "train": TrainConfig fields); the method starts from the result
     stage1: dict = field(default_factory=dict)
+    # zero-shot method -> {"stage1": TrainConfig fields (mapping), "stage2": TrainConfig fields (composing),
+    # "triplets": synthetic triplets for stage II}; trained on the world's (image, caption) pairs only
+    zero_shot: dict = field(default_factory=dict)
 
 
+ZERO_SHOT = {"mapcompose": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
+                             "stage2": {"epochs": 3, "batch_size": 64, "lr": 1e-3, "warmup_steps": 10},
+                             "triplets": 2000},
+                  "pic2word": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
+                           "stage2": {}, "triplets": 0}}
 PROFILES = {
     "default": DemoProfile(
         world="default",
@@ -42,7 +50,8 @@ PROFILES = {
         method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
         method_config={"csmcir": {"memory_bank": {"mode": "off"}}},
         stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
-                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}}),
+                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}},
+        zero_shot=ZERO_SHOT),
     "quick": DemoProfile(
         world="small",
         backbones={
@@ -54,7 +63,8 @@ PROFILES = {
         method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
         method_config={"csmcir": {"memory_bank": {"mode": "off"}}},
         stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
-                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}}),
+                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}},
+        zero_shot=ZERO_SHOT),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
@@ -136,12 +146,15 @@ def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, see
 
 
 def _lanes(methods: list, registry, profile: DemoProfile) -> list:
-    """Methods grouped by backbone kind, one lane per backbone, run in order inside it; a method with a stage 1
-    of its own gets a lane of its own."""
+    """Methods grouped by backbone kind, one lane per backbone, run in order inside it; the zero-shot methods
+    share a lane, and a method with a stage 1 of its own gets a lane of its own."""
     own = [n for n in methods if n in profile.stage1]
-    rest = [n for n in methods if n not in own]
+    zero_shot = [n for n in methods if getattr(registry[n], "zero_shot", False) and n not in own]
+    rest = [n for n in methods if n not in own and n not in zero_shot]
     kinds = sorted({registry[n].backbone_kind for n in rest})
     lanes = [{"kind": k, "methods": [n for n in rest if registry[n].backbone_kind == k]} for k in kinds]
+    if zero_shot:
+        lanes.append({"kind": registry[zero_shot[0]].backbone_kind, "methods": zero_shot})
     return lanes + [{"kind": registry[n].backbone_kind, "methods": [n], "stage1": n} for n in own]
 
 
@@ -201,7 +214,14 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
     from cirlab.training.loop import TrainConfig
     from cirlab.training.train import save_zero_shot, train_method
 
-    if REGISTRY[name].trainable:
+    if getattr(REGISTRY[name], "zero_shot", False):
+        from cirlab.training.zero_shot import train_zero_shot
+
+        spec = profile.zero_shot[name]
+        train_zero_shot(name, data, backbone, folder, TrainConfig(seed=seed, progress=progress, **spec["stage1"]),
+                        TrainConfig(seed=seed, progress=progress, **spec["stage2"]), profile.method_config.get(name),
+                        triplets=spec["triplets"], seed=seed, log=log)
+    elif REGISTRY[name].trainable:
         cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
         log(f"{name}: training ({cfg.epochs} epochs)")
         done = []

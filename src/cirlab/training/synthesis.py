@@ -23,13 +23,14 @@ import numpy as np
 from cirlab.errors import CirlabError
 from cirlab.types import Query
 
-TEMPLATES = {
-    "swap": ["with a {new} instead of the {old}", "showing a {new} where the {old} was",
-             "a {new} rather than the {old}"],
-    "remove": ["without the {clause}", "leaving out the {clause}", "minus the {clause}"],
-    "add": ["also containing {clause}", "plus {clause}", "together with {clause}"],
+TEMPLATES = {  # a template is used only when the edit provides every field it names
+    "swap": ["with a {new} instead of the {old}", "a {new} in place of the {old}", "have {new_word} rather than "
+             "{old_word}", "swap {old_word} for {new_word}", "switch the {noun} from {old_word} to {new_word}"],
+    "remove": ["without the {clause}", "leave out the {clause}", "drop the {noun}", "no {noun} any more"],
+    "add": ["also containing {clause}", "plus {clause}", "with one more {noun}, {clause}"],
 }
 RULES = ("swap", "remove", "add")
+_FIELDS = re.compile(r"{(\w+)}")
 
 
 @dataclass
@@ -82,8 +83,14 @@ class _CaptionIndex:
         return 2 * overlap / np.maximum(self.lengths + n, 1)
 
 
-def _edit(rule: str, caption: str, other: str, vocab: dict, rng) -> tuple | None:
-    """(edited caption, template fields) or None when the rule does not apply."""
+def _noun(clause: str, nouns) -> str | None:
+    found = [w for w in clause.split() if w in nouns]
+    return found[-1] if found else None
+
+
+def _edit(rule: str, caption: str, other: str, vocab: dict, rng, nouns=()) -> tuple | None:
+    """(edited caption, template fields) or None when the rule does not apply. `nouns`: the words that name an
+    object (the world's shapes), for the short templates."""
     clauses = _clauses(caption)
     if rule == "swap":
         spots = [(c, i, cls) for c, clause in enumerate(clauses) for i, w in enumerate(clause.split())
@@ -95,24 +102,38 @@ def _edit(rule: str, caption: str, other: str, vocab: dict, rng) -> tuple | None
         choices = [v for v in vocab[cls] if v != words[i]]
         if not choices:
             return None
-        new = " ".join(words[:i] + [choices[int(rng.integers(len(choices)))]] + words[i + 1:])
+        word = choices[int(rng.integers(len(choices)))]
+        new = " ".join(words[:i] + [word] + words[i + 1:])
         edited = clauses[:c] + [new] + clauses[c + 1:]
-        return _join(edited), {"old": _article(clauses[c]), "new": _article(new)}
+        fields = {"old": _article(clauses[c]), "new": _article(new), "old_word": words[i], "new_word": word}
+        noun = _noun(clauses[c], nouns)
+        if noun is not None and noun != words[i]:
+            fields["noun"] = noun
+        return _join(edited), fields
     if rule == "remove":
         if len(clauses) < 2:
             return None
         k = int(rng.integers(len(clauses)))
-        return _join(clauses[:k] + clauses[k + 1:]), {"clause": _article(clauses[k])}
+        fields = {"clause": _article(clauses[k])}
+        noun = _noun(clauses[k], nouns)
+        if noun is not None and sum(_noun(c, nouns) == noun for c in clauses) == 1:  # "the star" names one object
+            fields["noun"] = noun
+        return _join(clauses[:k] + clauses[k + 1:]), fields
     extra = _clauses(other)
     clause = extra[int(rng.integers(len(extra)))]
     if clause in clauses:
         return None
-    return _join(clauses + [clause]), {"clause": clause}
+    fields = {"clause": clause}
+    if _noun(clause, nouns) is not None:
+        fields["noun"] = _noun(clause, nouns)
+    return _join(clauses + [clause]), fields
 
 
 def synthesize_triplets(captions: dict, n: int, vocab: dict, seed: int = 0, min_match: float = 0.8,
-                        rules: tuple = RULES, rewrite=None, max_draws: int | None = None) -> Synthesis:
-    """`n` triplets over the images of `captions` ({image: caption}); `vocab` maps a class to its words."""
+                        rules: tuple = RULES, rewrite=None, max_draws: int | None = None,
+                        noun_class: str = "shape") -> Synthesis:
+    """`n` triplets over the images of `captions` ({image: caption}); `vocab` maps a class to its words, and
+    its `noun_class` words name objects (for the short templates; none when absent)."""
     unknown = [r for r in rules if r not in RULES]
     if unknown:
         raise CirlabError(f"unknown synthesis rule(s) {unknown}; known: {', '.join(RULES)}")
@@ -123,6 +144,7 @@ def synthesize_triplets(captions: dict, n: int, vocab: dict, seed: int = 0, min_
         raise CirlabError("triplet synthesis needs at least two captioned images")
     index = _CaptionIndex(names, [captions[x] for x in names])
     position = {x: i for i, x in enumerate(names)}
+    nouns = set(vocab.get(noun_class, ()))
     rng = np.random.default_rng(seed)
     out, scores, counts, drawn = [], [], {r: 0 for r in rules}, 0
     max_draws = max_draws or 20 * n
@@ -133,7 +155,7 @@ def synthesize_triplets(captions: dict, n: int, vocab: dict, seed: int = 0, min_
         drawn += 1
         ref = names[int(rng.integers(len(names)))]
         rule = rules[int(rng.integers(len(rules)))]
-        edited = _edit(rule, captions[ref], captions[names[int(rng.integers(len(names)))]], vocab, rng)
+        edited = _edit(rule, captions[ref], captions[names[int(rng.integers(len(names)))]], vocab, rng, nouns)
         if edited is None:
             continue
         text_caption, fields = edited
@@ -143,7 +165,7 @@ def synthesize_triplets(captions: dict, n: int, vocab: dict, seed: int = 0, min_
         target = names[int(best[int(rng.integers(len(best)))])]
         if f1.max() < min_match or captions[target] == captions[ref]:
             continue
-        templates = TEMPLATES[rule]
+        templates = [t for t in TEMPLATES[rule] if all(f in fields for f in _FIELDS.findall(t))]
         text = templates[int(rng.integers(len(templates)))].format(**fields)
         if rewrite is not None:
             text = rewrite(text)

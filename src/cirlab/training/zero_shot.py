@@ -47,9 +47,11 @@ def _pool_features(model, store, names: list, chunk: int = 512) -> torch.Tensor:
 
 def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, stage2: TrainConfig | None = None,
                     method_config: dict | None = None, triplets: int = 500, dataset: str = "synth",
-                    split: str = "train", vocab: dict | None = None, seed: int = 0, log=print) -> dict:
+                    split: str = "train", vocab: dict | None = None, seed: int = 0, log=print,
+                    stage1_from=None, min_match: float = 0.8) -> dict:
     """Train `method` zero-shot from `backbone` (a CLIP id or folder); returns the summary written to
-    `<out>.train/zero_shot.json`."""
+    `<out>.train/zero_shot.json`. `stage1_from`: a checkpoint of the same method whose stage I to start stage II
+    from (stage I is then skipped; ablation rows share one)."""
     cls = method_class(method)
     if not getattr(cls, "zero_shot", False):
         raise CirlabError(f"method {method!r} is not a zero-shot method; use train_method")
@@ -63,13 +65,18 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
     model = build_model(method, load_backbone("clip", backbone), (method_config or {}) | {"stage": "mapping"})
     store = FrozenFeatureStore(PixelStore(data.gallery, model.backbone.preprocess), model.frozen_image_stage())
     summary = {"method": method, "pairs": len(names)}
-    log(f"{method}: stage I on {len(names)} (image, caption) pairs ({stage1.epochs} epochs)")
-    result = fit(model, PairSource(names, data.captions, store), stage1, work / "stage1", desc=f"{method} stage I")
-    summary["stage1_losses"], summary["stage1_seconds"] = result.losses, round(result.seconds, 1)
+    if stage1_from is not None:
+        _load_stage1(model, stage1_from)
+        summary["stage1_from"] = str(stage1_from)
+    else:
+        log(f"{method}: stage I on {len(names)} (image, caption) pairs ({stage1.epochs} epochs)")
+        result = fit(model, PairSource(names, data.captions, store), stage1, work / "stage1",
+                     desc=f"{method} stage I")
+        summary["stage1_losses"], summary["stage1_seconds"] = result.losses, round(result.seconds, 1)
     model.save(out)
     if stage2 is not None and triplets > 0 and len(model.adapters):
         syn = synthesize_triplets({n: data.captions[n] for n in names}, triplets, vocab or world_vocab(data_root),
-                                  seed=seed)
+                                  seed=seed, min_match=min_match)
         _write_triplets(work / "synthetic_triplets.jsonl", syn, data.captions)
         model.set_stage("composing")
         steps = max(1, triplets // stage2.batch_size) * stage2.epochs
@@ -89,6 +96,19 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
     work.mkdir(parents=True, exist_ok=True)
     (work / "zero_shot.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _load_stage1(model, folder) -> None:
+    """Copy a saved model's stage-I weights (token learner, injection, temperature) into `model`."""
+    from cirlab.methods import load_model
+
+    done = load_model(folder)
+    if done.name != model.name:
+        raise CirlabError(f"{folder} holds a {done.name} checkpoint, not {model.name}")
+    for part in ("learner", "injection"):
+        getattr(model, part).load_state_dict(getattr(done, part).state_dict())
+    with torch.no_grad():
+        model.logit_scale.copy_(done.logit_scale)
 
 
 def _write_triplets(path: Path, syn, captions: dict) -> None:
