@@ -180,6 +180,17 @@ def test_ablate_tmcir_rows_share_stage1_and_draw_the_sweep(world, tmp_path):
     md = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| 0.0 | on | 0.1 |" in md and "| 0.5 | off | 0.1 |" in md
     assert Image.open(tmp_path / "abl" / "threshold_sweep.png").size[0] > 300
+    # the stage-1 folder is reused when nothing changed, and replaced (not mixed) when the spec changes
+    from cirlab.demo import ensure_intent_backbone
+
+    clip = tmp_path / "abl" / "checkpoints" / "backbone-clip"
+    logs = []
+    spec = dict(profile.stage1["tmcir"])
+    again = ensure_intent_backbone(clip, stage1[0], world, spec, 0, False, logs.append)
+    assert again == stage1[0] / "clip" and logs == [f"stage 1: reusing {again}"]
+    ensure_intent_backbone(clip, stage1[0], world, spec | {"imperfection": 0.3}, 0, False, logs.append)
+    records = [json.loads(x) for x in (stage1[0] / "pseudo" / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == len(manifest) and {r["options"]["imperfection"] for r in records} == {0.3}
 
 
 def test_a_real_clip_layout_goes_through_the_same_code(world, tmp_path):
@@ -217,14 +228,3 @@ def test_a_real_clip_layout_goes_through_the_same_code(world, tmp_path):
     q = model.encode_query([Image.open(val.gallery[x.reference]) for x in qs], [x.text for x in qs])
     t = model.encode_target([Image.open(val.gallery[x.targets[0]]) for x in qs])
     assert q.shape == t.shape == (4, 24) and torch.isfinite(q).all()
-    # the stage-1 folder is reused when nothing changed, and replaced (not mixed) when the spec changes
-    from cirlab.demo import ensure_intent_backbone
-
-    clip = tmp_path / "abl" / "checkpoints" / "backbone-clip"
-    logs = []
-    spec = dict(profile.stage1["tmcir"])
-    again = ensure_intent_backbone(clip, stage1[0], world, spec, 0, False, logs.append)
-    assert again == stage1[0] / "clip" and logs == [f"stage 1: reusing {again}"]
-    ensure_intent_backbone(clip, stage1[0], world, spec | {"imperfection": 0.3}, 0, False, logs.append)
-    records = [json.loads(x) for x in (stage1[0] / "pseudo" / "manifest.jsonl").read_text().splitlines()]
-    assert len(records) == len(manifest) and {r["options"]["imperfection"] for r in records} == {0.3}

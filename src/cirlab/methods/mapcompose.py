@@ -25,7 +25,7 @@ the same scene) equals the row's target's; in-batch columns with the target's ke
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,8 @@ class MapComposeConfig(MethodConfig):
     soft_align: bool = True
     soft_align_weight: float = 0.1
     soft_align_tau: float = 0.5
-    stopwords: tuple = ("a", "an", "the", "of", "at", "and", "with", "in", "on", "photo", "that")
+    stopwords: list = field(default_factory=lambda: ["a", "an", "the", "of", "at", "and", "with", "in", "on",
+                                                     "photo", "that"])
     adapter_bottleneck: int = 32
     adapter_layers: list | None = None  # None: every layer
     hard_negatives: int = 16
@@ -239,7 +240,7 @@ class MapCompose(CIRModel):
 class Pic2WordConfig(MapComposeConfig):
     visual_injection: bool = False
     soft_align: bool = False
-    adapter_layers: list | None = ()  # no stage II
+    adapter_layers: list | None = field(default_factory=list)  # no stage II
 
 
 @register
