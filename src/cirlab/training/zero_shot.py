@@ -23,7 +23,7 @@ from cirlab.errors import CirlabError
 from cirlab.methods import build_model, method_class
 from cirlab.training.data import FrozenFeatureStore, PairSource, TripletSource
 from cirlab.training.loop import TrainConfig, fit
-from cirlab.training.synthesis import synthesize_triplets
+from cirlab.training.synthesis import RULES, synthesize_triplets
 
 
 def world_vocab(data_root) -> dict:
@@ -48,7 +48,7 @@ def _pool_features(model, store, names: list, chunk: int = 512) -> torch.Tensor:
 def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, stage2: TrainConfig | None = None,
                     method_config: dict | None = None, triplets: int = 500, dataset: str = "synth",
                     split: str = "train", vocab: dict | None = None, seed: int = 0, log=print,
-                    stage1_from=None, min_match: float = 0.8) -> dict:
+                    stage1_from=None, min_match: float = 0.8, rules: tuple = RULES) -> dict:
     """Train `method` zero-shot from `backbone` (a CLIP id or folder); returns the summary written to
     `<out>.train/zero_shot.json`. `stage1_from`: a checkpoint of the same method whose stage I to start stage II
     from (stage I is then skipped; ablation rows share one)."""
@@ -76,7 +76,7 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
     model.save(out)
     if stage2 is not None and triplets > 0 and len(model.adapters):
         syn = synthesize_triplets({n: data.captions[n] for n in names}, triplets, vocab or world_vocab(data_root),
-                                  seed=seed, min_match=min_match)
+                                  seed=seed, min_match=min_match, rules=rules)
         _write_triplets(work / "synthetic_triplets.jsonl", syn, data.captions)
         model.set_stage("composing")
         steps = max(1, triplets // stage2.batch_size) * stage2.epochs
