@@ -145,3 +145,29 @@ def test_cli_trains_pic2word_zero_shot(world, clip_dir, tmp_path):
     summary = json.loads(done.stdout.splitlines()[-2])
     assert summary["method"] == "pic2word" and "stage2_losses" not in summary  # no stage II for pic2word
     assert cirlab.load(tmp_path / "p2w").name == "pic2word"
+
+
+def test_ablate_mapcompose_shares_stage1_and_draws_the_triplet_sweep(world, tmp_path):
+    from PIL import Image
+
+    from cirlab.ablate import run_ablation
+    from cirlab.demo import DemoProfile
+
+    short = {"epochs": 1, "batch_size": 16, "steps_per_epoch": 3, "warmup_steps": 1, "lr": 1e-3}
+    profile = DemoProfile(
+        world="small",
+        backbones={"clip": {"config": {"patch_size": 16, "width": 32, "layers": 2, "dim": 32}, "pretrain": short}},
+        train=short, zero_shot={"mapcompose": {"stage1": short, "stage2": short | {"epochs": 2}, "triplets": 40}})
+    doc = run_ablation("mapcompose", tmp_path / "abl", profile=profile, data=world, progress=False,
+                       rows=[{"triplets": 0}, {"triplets": 40}, {"visual_injection": False, "triplets": 40}])
+    assert [r["variant"] for r in doc["rows"]] == [
+        {"triplets": 0, "visual_injection": True, "soft_align": True, "hard_negatives": 16},
+        {"triplets": 40, "visual_injection": True, "soft_align": True, "hard_negatives": 16},
+        {"triplets": 40, "visual_injection": False, "soft_align": True, "hard_negatives": 16}]
+    assert [len(r["val_curve"]) for r in doc["rows"]] == [1, 2, 2]  # stage I only: one evaluation
+    ckpts = tmp_path / "abl" / "checkpoints"
+    summaries = [json.loads((ckpts / f"mapcompose-{i}.train" / "zero_shot.json").read_text()) for i in range(3)]
+    assert "stage1_from" not in summaries[0] and summaries[1]["stage1_from"] == str(ckpts / "mapcompose-0")
+    assert "stage1_from" not in summaries[2]  # another stage-I config trains its own
+    assert summaries[1]["triplets"] == 40 and "triplets" not in summaries[0]
+    assert Image.open(tmp_path / "abl" / "triplets_sweep.png").size[0] > 300

@@ -1,4 +1,4 @@
-"""`cirlab ablate csmcir|tmcir`: train a method and one-field variants of it on the synthetic world, one table.
+"""`cirlab ablate csmcir|tmcir|mapcompose`: train a method and one-field variants of it on the synthetic world.
 
 csmcir: each row changes one design choice of the full method (symmetric target tower, MCoT final captions, entropy
 memory bank): the asymmetric image-only target tower of SPRC-like methods, a single-level caption or none, and the
@@ -9,6 +9,10 @@ tmcir: a sweep of the token-fusion threshold (the paper's ablation figure, also 
 stage 1 on oracle pseudo-targets of several imperfection levels. Rows differ from the demo's variant only in the
 field they name; the pipeline fields (`stage1`, `imperfection`) take the demo's stage-1 spec otherwise. Stage 1
 runs once per imperfection level and is shared by the rows that use it.
+
+mapcompose: 0, 100, 500 and 2000 synthetic triplets in stage II (0: stage I only; `triplets_sweep.png`), and
+visual injection, soft alignment and hard negatives each off. Rows with the same stage-I config (injection, soft
+alignment) share one stage I, trained by the first of them (whose `train_seconds` include it).
 
 Every row starts from the method's config defaults (not the demo's variant) and uses the default demo's backbone
 (pretrained once, shared) and the method's demo schedule on the default world, or with `quick` on the small world
@@ -35,8 +39,13 @@ THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
 ROWS["tmcir"] = [*({"threshold": t} for t in THRESHOLDS), {"stage1": False},
                  *({"imperfection": p} for p in (0.0, 0.3, 0.6))]
 FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank"), "tmcir": ("threshold", "stage1", "imperfection")}
+ROWS["mapcompose"] = [*({"triplets": n} for n in (0, 100, 500, 2000)), {"visual_injection": False},
+                      {"soft_align": False}, {"hard_negatives": 0}]
+FIELDS["mapcompose"] = ("triplets", "visual_injection", "soft_align", "hard_negatives")
+SWEEPS = {"tmcir": ("threshold", "threshold_sweep.png", "fusion threshold (cosine; 1.0 merges nothing)", False),
+          "mapcompose": ("triplets", "triplets_sweep.png", "synthetic triplets in stage II (0: stage I only)", True)}
 EXTRA_COLUMNS = {"tmcir": {"merged text tokens": "merged_text_tokens"}}  # header -> last_epoch_parts key
-PIPELINE = {"tmcir": {"stage1": True, "imperfection": 0.1}}  # row fields that change the backbone, not the model
+PIPELINE = {"tmcir": {"stage1": True, "imperfection": 0.1}, "mapcompose": {"triplets": 2000}}  # row fields that change the backbone, not the model
 
 
 def _quick_profile():
@@ -90,8 +99,11 @@ def format_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path, cfg, val, test, stores) -> dict:
-    """Train one row, evaluating val after each epoch; test1 after the last."""
+def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path, cfg, val, test, stores,
+             zero_shot: dict | None = None) -> dict:
+    """Train one row, evaluating val after each epoch (after training, for a zero-shot row with no stage II);
+    test1 after the last. `zero_shot`: {"spec": the profile's zero-shot schedule, "triplets": N, "stage1_from":
+    a folder whose stage I to reuse, or None}."""
     from cirlab.evaluation.protocols import evaluate
     from cirlab.methods import load_model
     from cirlab.training.train import train_method
@@ -105,13 +117,28 @@ def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path
         eval_seconds[0] += time.time() - t
 
     t = time.time()
-    train_method(method, data, backbone, folder, cfg, config, on_epoch=on_epoch)
+    if zero_shot is None:
+        train_method(method, data, backbone, folder, cfg, config, on_epoch=on_epoch)
+        log = folder.with_name(folder.name + ".train") / "metrics.jsonl"
+    else:
+        from cirlab.training.loop import TrainConfig
+        from cirlab.training.zero_shot import train_zero_shot
+
+        spec = zero_shot["spec"]
+        train_zero_shot(method, data, backbone, folder, TrainConfig(seed=cfg.seed, progress=False, **spec["stage1"]),
+                        TrainConfig(seed=cfg.seed, progress=False, **spec["stage2"]), config,
+                        triplets=zero_shot["triplets"], seed=cfg.seed, log=lambda _m: None,
+                        stage1_from=zero_shot["stage1_from"], on_epoch=on_epoch)
+        log = folder.with_name(folder.name + ".train") / "stage2" / "metrics.jsonl"
     train_seconds = time.time() - t - eval_seconds[0]
-    metrics, _ = evaluate(load_model(folder), test, progress=False, store=stores["test"])
+    model = load_model(folder)
+    if not curve:
+        on_epoch(model, folder)
+    metrics, _ = evaluate(model, test, progress=False, store=stores["test"])
     best = max(range(len(curve)), key=lambda e: (curve[e], -e))
     return {"metrics": {k: round(v, 2) for k, v in metrics.items()}, "val_curve": curve,
             "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1),
-            "last_epoch_parts": _last_epoch_parts(folder.with_name(folder.name + ".train") / "metrics.jsonl")}
+            "last_epoch_parts": _last_epoch_parts(log)}
 
 
 def _last_epoch_parts(log: Path) -> dict:
@@ -149,25 +176,29 @@ def _row_backbone(method: str, pipeline: dict, backbone: Path, ckpts: Path, data
                                   progress, log)
 
 
-def plot_threshold_sweep(doc: dict, path: Path) -> None:
-    """test1 R@1 and R@10 and best val R@1 against the fusion threshold (rows at the pipeline's defaults)."""
+def plot_sweep(doc: dict, path: Path) -> None:
+    """test1 R@1 and R@10 and best val R@1 against the method's swept field, over the rows whose other fields
+    are at their defaults."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = PIPELINE[doc["method"]]
-    rows = sorted((r for r in doc["rows"] if all(r["variant"][k] == v for k, v in base.items())),
-                  key=lambda r: r["variant"]["threshold"])
-    xs = [r["variant"]["threshold"] for r in rows]
+    field, _name, xlabel, log_x = SWEEPS[doc["method"]]
+    defaults = _variant(doc["method"], {})[2]
+    rows = sorted((r for r in doc["rows"] if all(r["variant"][k] == v for k, v in defaults.items() if k != field)),
+                  key=lambda r: r["variant"][field])
+    xs = [r["variant"][field] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, ys in (("test1 R@1", [r["metrics"]["R@1"] for r in rows]),
                       ("test1 R@10", [r["metrics"]["R@10"] for r in rows]),
                       ("best val R@1", [max(r["val_curve"]) for r in rows])):
         ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("fusion threshold (cosine; 1.0 merges nothing)")
+    if log_x:
+        ax.set_xscale("symlog", linthresh=max(1, min(x for x in xs if x > 0) if any(xs) else 1))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("recall (%)")
-    ax.set_title(f"tmcir: adaptive token fusion threshold ({doc['world']} world, seed {doc['seed']})")
+    ax.set_title(f"{doc['method']}: {field} ({doc['world']} world, seed {doc['seed']})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -209,12 +240,19 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     stores = {"val": PixelStore(val.gallery, pre), "test": PixelStore(test.gallery, pre)}
     cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(method, {})))
     grid = ROWS[method] if rows is None else rows
-    results = []
+    results, stage1_done = [], {}
     for i, change in enumerate(grid):
         config, pipeline, shown = _variant(method, change)
         log(f"row {i + 1}/{len(grid)}: {shown}")
         start = _row_backbone(method, pipeline, backbone, out / "checkpoints", data, profile, seed, progress, log)
-        row = _run_row(method, config, data, start, out / "checkpoints" / f"{method}-{i}", cfg, val, test, stores)
+        folder = out / "checkpoints" / f"{method}-{i}"
+        zero_shot = None
+        if getattr(method_class(method), "zero_shot", False):  # rows with the same stage-I config share it
+            key = json.dumps({k: config.get(k) for k in ("visual_injection", "soft_align")})
+            zero_shot = {"spec": profile.zero_shot[method], "triplets": pipeline["triplets"],
+                         "stage1_from": stage1_done.get(key)}
+            stage1_done.setdefault(key, folder)
+        row = _run_row(method, config, data, start, folder, cfg, val, test, stores, zero_shot)
         results.append({"variant": shown, "config": config, **({"pipeline": pipeline} if pipeline else {}), **row})
         log(f"  test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 by epoch "
             f"{row['val_curve']}; {row['train_seconds']:.0f} s")
@@ -224,8 +262,8 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     table = _write(out, doc)
     print(table)
     written = [out / "ablation.json", out / "ablation.md"]
-    if method == "tmcir" and len({r["variant"]["threshold"] for r in results}) > 1:
-        plot_threshold_sweep(doc, out / "threshold_sweep.png")
-        written.append(out / "threshold_sweep.png")
+    if method in SWEEPS and len({r["variant"][SWEEPS[method][0]] for r in results}) > 1:
+        plot_sweep(doc, out / SWEEPS[method][1])
+        written.append(out / SWEEPS[method][1])
     log(f"done: {', '.join(map(str, written))}")
     return doc

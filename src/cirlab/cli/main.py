@@ -367,7 +367,7 @@ def _add_edit_parser(sub) -> None:
 def _add_research_parsers(sub) -> None:
     """ablate and viz: a method's ablation grid and figures of a checkpoint's embedding space."""
     p = sub.add_parser("ablate", help="train a method's ablation grid on the synthetic world; ablation.json + .md")
-    p.add_argument("method", choices=("csmcir", "tmcir"))
+    p.add_argument("method", choices=("csmcir", "tmcir", "mapcompose"))
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",

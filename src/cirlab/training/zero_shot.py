@@ -48,10 +48,11 @@ def _pool_features(model, store, names: list, chunk: int = 512) -> torch.Tensor:
 def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, stage2: TrainConfig | None = None,
                     method_config: dict | None = None, triplets: int = 500, dataset: str = "synth",
                     split: str = "train", vocab: dict | None = None, seed: int = 0, log=print,
-                    stage1_from=None, min_match: float = 0.8, rules: tuple = RULES) -> dict:
+                    stage1_from=None, min_match: float = 0.8, rules: tuple = RULES, on_epoch=None) -> dict:
     """Train `method` zero-shot from `backbone` (a CLIP id or folder); returns the summary written to
     `<out>.train/zero_shot.json`. `stage1_from`: a checkpoint of the same method whose stage I to start stage II
-    from (stage I is then skipped; ablation rows share one)."""
+    from (stage I is then skipped; ablation rows share one). `on_epoch(model, out)` runs after each stage-II
+    epoch, once the checkpoint is written."""
     cls = method_class(method)
     if not getattr(cls, "zero_shot", False):
         raise CirlabError(f"method {method!r} is not a zero-shot method; use train_method")
@@ -87,7 +88,15 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
         synthetic = Split(dataset, "synthetic", syn.queries, data.gallery, data.captions)
         log(f"{method}: stage II on {len(syn.queries)} synthetic triplets ({syn.rules}; {syn.drawn} edits drawn; "
             f"{stage2.epochs} epochs)")
-        result = fit(model, TripletSource(synthetic, store), stage2, work / "stage2", desc=f"{method} stage II")
+        def export(_):
+            pool, model.pool = model.pool, None  # the pool is training state, never saved
+            model.save(out)
+            model.pool = pool
+            if on_epoch is not None:
+                on_epoch(model, out)
+
+        result = fit(model, TripletSource(synthetic, store), stage2, work / "stage2", export=export,
+                     desc=f"{method} stage II")
         model.pool = None
         summary |= {"triplets": len(syn.queries), "rules": syn.rules, "edits_drawn": syn.drawn,
                     "mean_match_f1": round(sum(syn.match_f1) / len(syn.match_f1), 4),
