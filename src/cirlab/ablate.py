@@ -60,7 +60,7 @@ def _quick_profile():
         backbones={"clip": base.backbones["clip"] | {"pretrain": base.backbones["clip"]["pretrain"] | {"epochs": 4}},
                    "blip2": base.backbones["blip2"] | {"pretrain": base.backbones["blip2"]["pretrain"] | {"epochs": 3}}},
         train=base.train, method_train=base.method_train | {"tmcir": {"epochs": 2}},
-        method_config=base.method_config, stage1=base.stage1)
+        method_config=base.method_config, stage1=base.stage1, zero_shot=base.zero_shot)
 COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1")
 
 
