@@ -390,6 +390,27 @@ def _add_research_parsers(sub) -> None:
     p.set_defaults(func=cmd_viz_tsne)
 
 
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a registered method")
+    p.add_argument("--method", required=True)
+    p.add_argument("--dataset", choices=DATASETS, default="synth")
+    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--backbone", required=True, help="Hugging Face id or folder of the backbone")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="method config as JSON text or a JSON file")
+    p.add_argument("--group-by-reference", action="store_true",
+                   help="batch together the triplets that share a reference image (harder in-batch negatives)")
+    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) of the train images, for methods "
+                                      "that read target captions (csmcir); the synthetic world brings its own")
+    p.add_argument("--triplets", type=int, default=500,
+                   help="zero-shot methods (mapcompose): synthetic triplets for stage II (0: stage I only)")
+    p.add_argument("--stage2-epochs", type=int, default=None,
+                   help="zero-shot methods: stage II epochs (default: --epochs)")
+    _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cirlab", description="Composed image retrieval: train, evaluate, search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -410,24 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p, epochs=2, batch_size=128, lr=1e-3)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("train", help="train a registered method")
-    p.add_argument("--method", required=True)
-    p.add_argument("--dataset", choices=DATASETS, default="synth")
-    p.add_argument("--join", choices=JOINS, default="and", help="FashionIQ caption join (see README)")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--backbone", required=True, help="Hugging Face id or folder of the backbone")
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="method config as JSON text or a JSON file")
-    p.add_argument("--group-by-reference", action="store_true",
-                   help="batch together the triplets that share a reference image (harder in-batch negatives)")
-    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) of the train images, for methods "
-                                      "that read target captions (csmcir); the synthetic world brings its own")
-    p.add_argument("--triplets", type=int, default=500,
-                   help="zero-shot methods (mapcompose): synthetic triplets for stage II (0: stage I only)")
-    p.add_argument("--stage2-epochs", type=int, default=None,
-                   help="zero-shot methods: stage II epochs (default: --epochs)")
-    _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
-    p.set_defaults(func=cmd_train)
+    _add_train_parser(sub)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     p.add_argument("--checkpoint", required=True)

@@ -97,6 +97,25 @@ class CIRModel(nn.Module):
         return None
 
     # ----------------------------------------------------------------- helpers
+    def _eval_stage(self, module: nn.Module, fn):
+        """A `frozen_image_stage` function: pixels -> fn(pixels on the backbone's device), run with `module` in
+        eval mode and its mode restored afterwards."""
+        def run(pixels: torch.Tensor) -> torch.Tensor:
+            was = module.training
+            module.eval()
+            try:
+                return fn(pixels.to(self.backbone.device))
+            finally:
+                module.train(was)
+        return run
+
+    def _cached_or(self, images, fn) -> torch.Tensor:
+        """Outputs of a frozen image stage: `images` itself when it already holds them (a 3-D tensor from the
+        feature cache), else fn(pixels of `images`)."""
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            return images.to(self.backbone.device)
+        return fn(self.pixels(images))
+
     def pixels(self, images) -> torch.Tensor:
         """Accept preprocessed pixels (B, 3, S, S) or a list of PIL images."""
         if isinstance(images, torch.Tensor):

@@ -108,21 +108,11 @@ class Csmcir(CIRModel):
         vit = self.backbone.model.vision_model
         if any(p.requires_grad for p in vit.parameters()):
             return None
-
-        def patches(pixels: torch.Tensor) -> torch.Tensor:
-            was = vit.training
-            vit.eval()
-            try:
-                return self.backbone.image_patches(pixels.to(self.backbone.device))
-            finally:
-                vit.train(was)
-        return patches
+        return self._eval_stage(vit, self.backbone.image_patches)
 
     def _patches(self, images) -> torch.Tensor:
         """ViT patches (B, 1+P, Dv) of pixels, PIL images, or already computed patches (a 3-D tensor)."""
-        if isinstance(images, torch.Tensor) and images.dim() == 3:
-            return images.to(self.backbone.device)
-        return self.backbone.image_patches(self.pixels(images))
+        return self._cached_or(images, self.backbone.image_patches)
 
     # ----------------------------------------------------------------- the interface
     def encode_query(self, images, texts) -> torch.Tensor:

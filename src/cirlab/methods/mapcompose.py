@@ -129,21 +129,13 @@ class MapCompose(CIRModel):
         vision = self.backbone.model.vision_model
 
         def tokens(pixels: torch.Tensor) -> torch.Tensor:
-            was = vision.training
-            vision.eval()
-            try:
-                with torch.no_grad():
-                    return vision.post_layernorm(vision(pixel_values=pixels.to(self.backbone.device))
-                                                 .last_hidden_state)
-            finally:
-                vision.train(was)
-        return tokens
+            with torch.no_grad():
+                return vision.post_layernorm(vision(pixel_values=pixels).last_hidden_state)
+        return self._eval_stage(vision, tokens)
 
     def _visual(self, images) -> torch.Tensor:
         """Layer-normed vision tokens (B, 1+P, Dv) of pixels, PIL images, or already computed tokens (3-D)."""
-        if isinstance(images, torch.Tensor) and images.dim() == 3:
-            return images.to(self.backbone.device)
-        return self.frozen_image_stage()(self.pixels(images))
+        return self._cached_or(images, self.frozen_image_stage())
 
     def encode_target(self, images, captions=None) -> torch.Tensor:
         return self.normalise(self.backbone.model.visual_projection(self._visual(images)[:, 0]))
@@ -156,8 +148,8 @@ class MapCompose(CIRModel):
         if not bool((ids == self.placeholder).any(1).all()):
             raise CirlabError("a template lost its placeholder '$' (truncated text?)")
         word = self.learner(visual)  # (B, Dt)
-        embeds = torch.where((ids == self.placeholder)[..., None], word[:, None, :].to(bb.word_embeddings(ids).dtype),
-                             bb.word_embeddings(ids))
+        table = bb.word_embeddings(ids)
+        embeds = torch.where((ids == self.placeholder)[..., None], word[:, None, :].to(table.dtype), table)
 
         def after_layer(i: int, hidden: torch.Tensor) -> torch.Tensor:
             key = str(i)

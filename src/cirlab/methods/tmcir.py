@@ -63,24 +63,13 @@ class Tmcir(ClipFeatures):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     def frozen_image_stage(self):
-        vision = self.backbone.model.vision_model
         if any(p.requires_grad for p in self._tower(text=False).parameters()):
             return None
-
-        def tokens(pixels: torch.Tensor) -> torch.Tensor:
-            was = vision.training
-            vision.eval()
-            try:
-                return self.backbone.image_tokens(pixels.to(self.backbone.device))
-            finally:
-                vision.train(was)
-        return tokens
+        return self._eval_stage(self.backbone.model.vision_model, self.backbone.image_tokens)
 
     def _visual(self, images) -> torch.Tensor:
         """Projected image tokens (B, 1+P, D) of pixels, PIL images, or already computed tokens (3-D)."""
-        if isinstance(images, torch.Tensor) and images.dim() == 3:
-            return images.to(self.backbone.device)
-        return self.backbone.image_tokens(self.pixels(images))
+        return self._cached_or(images, self.backbone.image_tokens)
 
     def encode_target(self, images, captions=None) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() == 3:  # cached tokens: the class token is pooled
