@@ -91,6 +91,11 @@ def test_hard_negatives_never_include_a_positive(bb):
     negs = model._mine(q, ["same"], model.pool)
     chosen = {int((feats == n).all(1).nonzero()) for n in negs[0]}
     assert len(chosen) == 3 and not chosen & {0, 1}
+    nearest = (q @ feats.t())[0].argsort(descending=True).tolist()
+    fits = [i for i in nearest if i > 1][:2]  # the two closest non-twins also fit the edit: never negatives
+    negs = model._mine(q, ["same"], model.pool, [{names[i] for i in fits}])
+    chosen = {int((feats == n).all(1).nonzero()) for n in negs[0]}
+    assert chosen == set(range(2, 6)) - set(fits)  # only two candidates left: fewer negatives, none excluded
 
 
 def test_synthesis_edits_captions_and_retrieves_matching_targets(world):
@@ -106,12 +111,56 @@ def test_synthesis_edits_captions_and_retrieves_matching_targets(world):
     for q in syn.queries:
         assert q.reference != q.targets[0] and captions[q.reference] != captions[q.targets[0]]
         assert not any(q.text.startswith(p) for p in benchmark if p), q.text  # not the world's own wording
-    removed = [q for q in syn.queries if q.text.startswith(("without the", "leaving out the", "minus the"))]
+    removed = [q for q in syn.queries if q.text.startswith("without the ")]
+    assert removed
     for q in removed:  # the removed clause is gone from the target's caption
         clause = q.text.split("the ", 1)[1]
         assert clause not in captions[q.targets[0]]
+    for q in syn.queries:  # every other acceptable target fits the edit no worse than 0.05 below the chosen one
+        assert q.reference not in q.targets and len(set(q.targets)) == len(q.targets)
     with pytest.raises(CirlabError, match="rule"):
         synthesize_triplets(captions, 5, {}, rules=("swap", "rotate"))
+
+
+def test_swaps_name_the_object_minimally_and_keep_positions_whole():
+    from cirlab.training.synthesis import _edit, _reference, _spots
+
+    vocab = {"colour": ["red", "blue"], "shape": ["circle", "star"], "size": ["small", "large"],
+             "position": ["top", "top left", "left", "center"]}
+    clauses = ["a small red circle at the top left", "a large red star at the center", "a small blue circle at the top"]
+    assert _reference(clauses[1], clauses, vocab, "shape") == "star"
+    assert _reference(clauses[0], clauses, vocab, "shape") == "red circle"  # two circles, one red
+    assert _reference("a red circle at the top", ["a red circle at the top", "a red circle at the left"], vocab,
+                      "shape") == "red circle at the top"  # colour and size cannot tell them apart
+    words = clauses[0].split()
+    assert [(" ".join(words[i:i + n]), cls) for i, n, cls in _spots(words, vocab)] == [
+        ("small", "size"), ("red", "colour"), ("circle", "shape"), ("top left", "position")]
+
+    class Fixed:  # a generator that always picks the last spot and the first replacement
+        def integers(self, n):
+            return n - 1 if n == 4 else 0
+    edited, name, fields = _edit("swap", clauses[0], "", vocab, Fixed())
+    assert name == "swap_position" and fields["old_word"] == "top left" and fields["new_word"] == "top"
+    assert edited == "a small red circle at the top" and fields["ref"] == "circle"  # alone in its caption
+
+
+def test_benchmark_prompts_follow_the_split(bb):
+    model = build_model("mapcompose", bb)
+    assert model.prompt_for("fashioniq", "toptee.val") == "a photo of $ top that {text}"
+    assert model.prompt_for("cirr", "test1") == "a photo of $ that {text}"
+    assert model.prompt_for("synth", "test1") == model.config.compose_template
+    px = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.encode_query(px, ["is red and has long sleeves"])
+        with model.query_context("fashioniq", "dress.val"):
+            dress = model.encode_query(px, ["is red and has long sleeves"])
+        assert torch.equal(model.encode_query(px, ["is red and has long sleeves"]), plain)  # restored
+        by_hand = F.normalize(model.compose(model._visual(px), ["a photo of $ dress that is red and has long "
+                                                                "sleeves"])[0], dim=-1)
+    assert torch.allclose(dress, by_hand, atol=1e-6) and not torch.allclose(dress, plain)
+    bad = build_model("mapcompose", bb, {"benchmark_templates": {"cirr": "a photo of {text}"}})
+    with pytest.raises(CirlabError, match="placeholder"):
+        bad.prompt_for("cirr", "test1")
 
 
 def test_zero_shot_training_beats_the_untrained_model_and_refuses_triplets(world, clip_dir, tmp_path):
@@ -161,13 +210,14 @@ def test_ablate_mapcompose_shares_stage1_and_draws_the_triplet_sweep(world, tmp_
     doc = run_ablation("mapcompose", tmp_path / "abl", profile=profile, data=world, progress=False,
                        rows=[{"triplets": 0}, {"triplets": 40}, {"visual_injection": False, "triplets": 40}])
     assert [r["variant"] for r in doc["rows"]] == [
-        {"triplets": 0, "visual_injection": True, "soft_align": True, "hard_negatives": 16},
-        {"triplets": 40, "visual_injection": True, "soft_align": True, "hard_negatives": 16},
-        {"triplets": 40, "visual_injection": False, "soft_align": True, "hard_negatives": 16}]
+        {"triplets": 0, "visual_injection": True, "soft_align": True, "hard_negatives": 4},
+        {"triplets": 40, "visual_injection": True, "soft_align": True, "hard_negatives": 4},
+        {"triplets": 40, "visual_injection": False, "soft_align": True, "hard_negatives": 4}]
     assert [len(r["val_curve"]) for r in doc["rows"]] == [1, 2, 2]  # stage I only: one evaluation
     ckpts = tmp_path / "abl" / "checkpoints"
     summaries = [json.loads((ckpts / f"mapcompose-{i}.train" / "zero_shot.json").read_text()) for i in range(3)]
     assert "stage1_from" not in summaries[0] and summaries[1]["stage1_from"] == str(ckpts / "mapcompose-0")
     assert "stage1_from" not in summaries[2]  # another stage-I config trains its own
     assert summaries[1]["triplets"] == 40 and "triplets" not in summaries[0]
+    assert summaries[1]["stage2_steps"] == 2 * 3  # 40 triplets fill 2 batches of 16: repeated to 3 steps an epoch
     assert Image.open(tmp_path / "abl" / "triplets_sweep.png").size[0] > 300

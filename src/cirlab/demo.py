@@ -34,10 +34,14 @@ class DemoProfile:
 
 
 ZERO_SHOT = {"mapcompose": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
-                             "stage2": {"epochs": 3, "batch_size": 64, "lr": 1e-3, "warmup_steps": 10},
+                             "stage2": {"epochs": 10, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10},
                              "triplets": 2000},
-                  "pic2word": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
-                           "stage2": {}, "triplets": 0}}
+             "pic2word": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
+                          "stage2": {}, "triplets": 0}}
+_QUICK_STAGE1 = ZERO_SHOT["mapcompose"]["stage1"] | {"epochs": 1}
+QUICK_ZERO_SHOT = {"mapcompose": {"stage1": _QUICK_STAGE1, "triplets": 500,
+                                  "stage2": ZERO_SHOT["mapcompose"]["stage2"] | {"epochs": 2}},
+                   "pic2word": {"stage1": _QUICK_STAGE1, "stage2": {}, "triplets": 0}}
 PROFILES = {
     "default": DemoProfile(
         world="default",
@@ -66,7 +70,7 @@ PROFILES = {
         stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
                           "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20,
                                     "steps_per_epoch": 30}}},
-        zero_shot=ZERO_SHOT),
+        zero_shot=QUICK_ZERO_SHOT),
 }
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 

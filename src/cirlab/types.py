@@ -31,10 +31,11 @@ class Batch:
     tgt_pixels: torch.Tensor  # (B, 3, H, W)
     tgt_captions: list | None = None
     target_names: list = field(default_factory=list)
+    also_targets: list = field(default_factory=list)  # per row, other images that also fit (never negatives)
 
     def to(self, device) -> "Batch":
         return Batch(self.ref_pixels.to(device), self.texts, self.tgt_pixels.to(device), self.tgt_captions,
-                     self.target_names)
+                     self.target_names, self.also_targets)
 
     def __len__(self) -> int:
         return len(self.texts)

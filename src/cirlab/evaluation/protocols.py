@@ -91,21 +91,28 @@ def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256
 
 
 @torch.no_grad()
-def encode_queries(model, queries: list, store: PixelStore, batch_size: int = 256) -> torch.Tensor:
-    """(V, Q, D): one row per phrasing; V = 1 + the number of alternative phrasings (the same for every query)."""
+def encode_queries(model, queries: list, store: PixelStore, batch_size: int = 256,
+                   split: Split | None = None) -> torch.Tensor:
+    """(V, Q, D): one row per phrasing; V = 1 + the number of alternative phrasings (the same for every query).
+    `split`, the queries' benchmark split, lets a method adapt its query encoding to it (`query_context`)."""
     variants = {len(q.alt_texts) for q in queries}
     if len(variants) > 1:
         raise CirlabError("queries of one split must all have the same number of alternative phrasings")
     n_alt = variants.pop() if variants else 0
     out = []
-    for v in range(1 + n_alt):
-        feats = []
-        for lo in range(0, len(queries), batch_size):
-            chunk = queries[lo:lo + batch_size]
-            texts = [q.text if v == 0 else q.alt_texts[v - 1] for q in chunk]
-            feats.append(model.encode_query(store.pixels([q.reference for q in chunk]), texts).float().cpu())
-        out.append(torch.cat(feats))
+    with model.query_context(split.dataset if split else "", split.name if split else ""):
+        for v in range(1 + n_alt):
+            out.append(_encode_phrasing(model, queries, store, batch_size, v))
     return torch.stack(out)
+
+
+def _encode_phrasing(model, queries: list, store: PixelStore, batch_size: int, v: int) -> torch.Tensor:
+    feats = []
+    for lo in range(0, len(queries), batch_size):
+        chunk = queries[lo:lo + batch_size]
+        texts = [q.text if v == 0 else q.alt_texts[v - 1] for q in chunk]
+        feats.append(model.encode_query(store.pixels([q.reference for q in chunk]), texts).float().cpu())
+    return torch.cat(feats)
 
 
 @torch.no_grad()
@@ -196,7 +203,7 @@ def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_ref
     store = store or PixelStore(split.gallery, model.backbone.preprocess)
     model.eval()
     names, gfeat = encode_gallery(model, split, store, batch_size, cache_dir, model_id, progress)
-    qfeat = encode_queries(model, queries, store, batch_size)
+    qfeat = encode_queries(model, queries, store, batch_size, split)
     ranking = rank(model, queries, qfeat, names, gfeat, remove_reference, depth=50)
     metrics = benchmark_metrics(split.dataset, queries, ranking.ranked, ranking.subset_ranked)
     return metrics, ranking

@@ -144,7 +144,7 @@ def write_submission(model, dataset: str, data_root, out, split: str | None = No
     store = PixelStore(data.gallery, model.backbone.preprocess)
     with torch.no_grad():
         names, gfeat = encode_gallery(model, data, store, progress=progress)
-        qfeat = encode_queries(model, data.queries, store)
+        qfeat = encode_queries(model, data.queries, store, split=data)
     ranking = rank(model, data.queries, qfeat, names, gfeat, remove_reference=dataset == "cirr", depth=50)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

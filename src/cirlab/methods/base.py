@@ -6,6 +6,7 @@ files under `backbone/` (written with `save_pretrained`, loaded back with `from_
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -87,6 +88,11 @@ class CIRModel(nn.Module):
 
     def loss(self, batch: Batch) -> LossOutput:
         raise CirlabError(f"method {self.name!r} has nothing to train")
+
+    def query_context(self, dataset: str, split: str):
+        """A context manager under which `encode_query` serves queries of `dataset`'s split `split` (zero-shot
+        methods choose their prompt template by it); the default changes nothing."""
+        return contextlib.nullcontext()
 
     def frozen_image_stage(self):
         """A function pixels -> features for a first image stage that does not train, else None.

@@ -43,7 +43,8 @@ class TripletSource:
         targets = [q.targets[0] for q in rows]
         return Batch(self.store.pixels([q.reference for q in rows]), [q.text for q in rows],
                      self.store.pixels(targets),
-                     self.split.caption_texts(targets, self.caption_level) if self.with_captions else None, targets)
+                     self.split.caption_texts(targets, self.caption_level) if self.with_captions else None, targets,
+                     [q.targets[1:] for q in rows])
 
 
 class PairSource:

@@ -4,6 +4,8 @@ Stage I (mapping) trains on the split's (image, caption) pairs: every gallery im
 (composing; methods with adapters, when `triplets` > 0) trains on triplets synthesised from the same pairs
 (training/synthesis.py), with the hard-negative pool of every captioned image. The CLIP encoders are frozen
 throughout, so each image's vision tokens are computed once (FrozenFeatureStore) and shared by both stages.
+When stage II's config sets `steps_per_epoch`, each of its epochs takes exactly that many steps whatever the
+number of triplets (a small set is repeated), so that triplet counts compare at equal compute.
 
 Each stage keeps its resumable loop state in `<out>.train/stage1` and `<out>.train/stage2`; the synthetic triplets
 are written to `<out>.train/synthetic_triplets.jsonl` for inspection; the checkpoint folder `out` is written
@@ -12,6 +14,7 @@ after each stage (stage I's model is a complete zero-shot model by itself: compo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,14 +30,15 @@ from cirlab.training.synthesis import RULES, synthesize_triplets
 
 
 def world_vocab(data_root) -> dict:
-    """The synthetic world's attribute words (the swap rule's vocabulary classes)."""
-    from cirlab.data.synth.world import SIZES
+    """The synthetic world's attribute words and position phrases (the swap rule's vocabulary classes)."""
+    from cirlab.data.synth.world import CELLS, SIZES
 
     info = Path(data_root) / "synth" / "world.json"
     if not info.exists():
         raise CirlabError(f"no synthetic world at {data_root} (missing {info}); give a vocabulary for other data")
     world = json.loads(info.read_text())
-    return {"colour": list(world["colours"]), "shape": list(world["shapes"]), "size": list(SIZES)}
+    return {"colour": list(world["colours"]), "shape": list(world["shapes"]), "size": list(SIZES),
+            "position": list(CELLS)}
 
 
 def _pool_features(model, store, names: list, chunk: int = 512) -> torch.Tensor:
@@ -80,12 +84,14 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
                                   seed=seed, min_match=min_match, rules=rules)
         _write_triplets(work / "synthetic_triplets.jsonl", syn, data.captions)
         model.set_stage("composing")
-        steps = max(1, triplets // stage2.batch_size) * stage2.epochs
+        source = TripletSource(Split(dataset, "synthetic", syn.queries, data.gallery, data.captions), store)
+        if stage2.steps_per_epoch:  # a fixed step budget whatever the number of triplets: repeat a small set
+            source = _Repeated(source, math.ceil(stage2.steps_per_epoch * stage2.batch_size / len(source)))
+        steps = max(1, len(source) // stage2.batch_size) * stage2.epochs
         if stage2.steps_per_epoch:
             steps = min(steps, stage2.steps_per_epoch * stage2.epochs)
         model.set_negative_pool(_pool_features(model, store, names), names, [data.captions[n] for n in names],
                                 steps)
-        synthetic = Split(dataset, "synthetic", syn.queries, data.gallery, data.captions)
         log(f"{method}: stage II on {len(syn.queries)} synthetic triplets ({syn.rules}; {syn.drawn} edits drawn; "
             f"{stage2.epochs} epochs)")
         def export(_):
@@ -95,16 +101,30 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
             if on_epoch is not None:
                 on_epoch(model, out)
 
-        result = fit(model, TripletSource(synthetic, store), stage2, work / "stage2", export=export,
+        result = fit(model, source, stage2, work / "stage2", export=export,
                      desc=f"{method} stage II")
         model.pool = None
         summary |= {"triplets": len(syn.queries), "rules": syn.rules, "edits_drawn": syn.drawn,
                     "mean_match_f1": round(sum(syn.match_f1) / len(syn.match_f1), 4),
-                    "stage2_losses": result.losses, "stage2_seconds": round(result.seconds, 1)}
+                    "stage2_losses": result.losses, "stage2_steps": result.steps,
+                    "stage2_seconds": round(result.seconds, 1)}
         model.save(out)
     work.mkdir(parents=True, exist_ok=True)
     (work / "zero_shot.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+class _Repeated:
+    """A batch source seen `times` over per epoch (fit shuffles the repeats together)."""
+
+    def __init__(self, source, times: int):
+        self.source, self.times = source, max(1, times)
+
+    def __len__(self) -> int:
+        return len(self.source) * self.times
+
+    def batch(self, indices):
+        return self.source.batch([i % len(self.source) for i in indices])
 
 
 def _load_stage1(model, folder) -> None:
@@ -127,5 +147,5 @@ def _write_triplets(path: Path, syn, captions: dict) -> None:
         for q, f1 in zip(syn.queries, syn.match_f1):
             f.write(json.dumps({"key": q.key, "reference": q.reference, "text": q.text, "target": q.targets[0],
                                 "reference_caption": captions[q.reference], "target_caption": captions[q.targets[0]],
-                                "match_f1": f1}) + "\n")
+                                "match_f1": f1, "also_fits": list(q.targets[1:])}) + "\n")
     tmp.replace(path)
