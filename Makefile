@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cirlab-setup
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo demo-quick test clean
+.PHONY: setup browser demo demo-quick test clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,14 @@ demo: setup
 demo-quick: setup
 	$(BIN)/cirlab demo --quick --out $(DEMO_OUT)-quick --seed 0
 
-test: setup
+# The browser test drives Debian's chromium through Playwright; install it when missing (root with apt-get).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing and cannot be installed here: the browser test will be skipped"; fi; }
+
+test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 clean:

@@ -452,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_research_parsers(sub)
     _add_edit_parser(sub)
+    from cirlab.cli.engine import add_engine_parsers
+
+    add_engine_parsers(sub)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)

@@ -1,0 +1,181 @@
+"""`cirlab index build|add|remove|info`, `cirlab search` and `cirlab serve`: the retrieval engine's commands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cirlab.errors import CirlabError
+
+
+def _captioner(args):
+    if not getattr(args, "captioner", None):
+        return None
+    from cirlab.captioning.backends import make_backend
+
+    return make_backend(args.captioner, "", None, model=args.caption_model, base_url=args.caption_base_url)
+
+
+def _faiss_params(args) -> dict:
+    if args.backend != "faiss":
+        if args.faiss is not None:
+            raise CirlabError("--faiss needs --backend faiss")
+        return {}
+    params = {"kind": args.faiss or "flat"}
+    for name in ("nlist", "nprobe", "hnsw_m", "ef_search"):
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    return params
+
+
+def cmd_index_build(args) -> None:
+    from cirlab.serving.engine import build_index
+
+    index = build_index(args.checkpoint, args.images, args.out, args.backend, _faiss_params(args), args.captions,
+                        _captioner(args), args.batch_size, progress=not args.no_progress)
+    m = index.manifest
+    print(f"indexed {len(index)} images with {m['method']} ({m['backend']}, dim {m['dim']}): {args.out}")
+
+
+def cmd_index_add(args) -> None:
+    from cirlab.serving.engine import IMAGE_EXTENSIONS, Engine, scan_images
+
+    engine = Engine(args.index)
+    items = []
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            items += scan_images(p)
+        elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            items.append((p.stem, str(p.resolve())))
+        else:
+            raise CirlabError(f"not an image file or folder: {p}")
+    captions = None
+    if args.captions:
+        from cirlab.serving.engine import read_captions
+
+        known = read_captions(args.captions, engine.model.caption_level)
+        captions = [known.get(i, known.get(Path(p).stem)) for i, p in items] if engine.model.needs_captions else None
+        if captions is not None and None in captions:
+            raise CirlabError(f"{args.captions} has no caption for {items[captions.index(None)][1]}")
+    engine.add(items, captions, _captioner(args), replace=args.replace, progress=not args.no_progress)
+    print(f"added {len(items)} images; the index holds {len(engine.index)}")
+
+
+def cmd_index_remove(args) -> None:
+    from cirlab.index import ImageIndex
+
+    index = ImageIndex(args.index)
+    try:
+        index.remove(args.ids)
+    except KeyError as e:
+        raise CirlabError(f"unknown id {e.args[0]!r}; nothing removed") from None
+    print(f"removed {len(args.ids)}; the index holds {len(index)}")
+
+
+def cmd_index_info(args) -> None:
+    from cirlab.index import ImageIndex
+
+    print(json.dumps(ImageIndex(args.index).manifest, indent=1))
+
+
+def cmd_search(args) -> None:
+    from cirlab.data.images import open_image
+    from cirlab.serving.engine import Engine
+
+    if (args.image is None) == (args.image_id is None):
+        raise CirlabError("give exactly one of --image and --image-id")
+    if not args.text.strip():
+        raise CirlabError("--text is empty: say what to change")
+    if args.k < 1:
+        raise CirlabError(f"-k must be at least 1, got {args.k}")
+    engine = Engine(args.index)
+    query = open_image(args.image) if args.image else args.image_id
+    hits = engine.search(query, args.text, args.k)
+    if args.json:
+        print(json.dumps({"hits": [{"id": h.id, "score": round(h.score, 6),
+                                    "path": engine.index.item(h.id)["path"]} for h in hits]}))
+        return
+    for rank, h in enumerate(hits, 1):
+        print(f"{rank:3d}  {h.score:.4f}  {h.id}  {engine.index.item(h.id)['path']}")
+
+
+def cmd_serve(args) -> None:
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise CirlabError("serving needs fastapi, uvicorn and python-multipart: pip install 'cirlab[serve]'") from e
+    from cirlab.serving.app import create_app
+    from cirlab.serving.service import SearchService
+
+    service = SearchService(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                            captioner=_captioner(args))
+    writes = "writes enabled" if service.api_key else "read-only (set CIRLAB_API_KEY to enable writes)"
+    print(f"serving {len(service.index)} images of {args.index} on http://{args.host}:{args.port} ({writes})",
+          flush=True)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _add_captioner_options(p) -> None:
+    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) for methods whose targets read "
+                                      "captions (csmcir)")
+    p.add_argument("--captioner", choices=("hf", "openai"), help="caption images the cache lacks with this backend")
+    p.add_argument("--caption-model", help="the captioner's model (Hugging Face id or folder; or the served name)")
+    p.add_argument("--caption-base-url", help="the OpenAI-compatible server of --captioner openai")
+
+
+def add_engine_parsers(sub) -> None:
+    from cirlab.index import BACKENDS, FAISS_KINDS
+
+    p = sub.add_parser("index", help="build and edit a persistent index of your own images")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="embed every image under a folder (recursively) into a new index")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--images", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--backend", choices=BACKENDS, default="exact")
+    b.add_argument("--faiss", choices=FAISS_KINDS, help="the FAISS index type (default flat)")
+    b.add_argument("--nlist", type=int, help="ivf: number of cells (default about 4 sqrt(N))")
+    b.add_argument("--nprobe", type=int, help="ivf: cells searched per query (default 16)")
+    b.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
+    b.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    b.add_argument("--batch-size", type=int, default=64)
+    _add_captioner_options(b)
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_index_build)
+
+    a = isub.add_parser("add", help="embed and add image files or folders")
+    a.add_argument("index")
+    a.add_argument("paths", nargs="+")
+    a.add_argument("--replace", action="store_true", help="overwrite items whose id exists")
+    _add_captioner_options(a)
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_index_add)
+
+    r = isub.add_parser("remove", help="remove items by id")
+    r.add_argument("index")
+    r.add_argument("ids", nargs="+")
+    r.set_defaults(func=cmd_index_remove)
+
+    i = isub.add_parser("info", help="print the index manifest")
+    i.add_argument("index")
+    i.set_defaults(func=cmd_index_info)
+
+    s = sub.add_parser("search", help="search an index with a reference image and a modification text")
+    s.add_argument("--index", required=True)
+    s.add_argument("--image", help="a reference image file")
+    s.add_argument("--image-id", help="an indexed image as the reference")
+    s.add_argument("--text", required=True)
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+    v = sub.add_parser("serve", help="the HTTP API and web page over an index")
+    v.add_argument("--index", required=True)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-upload-mb", type=float, default=10.0)
+    v.add_argument("--captioner", choices=("hf", "openai"), help="caption uploads for methods that need it")
+    v.add_argument("--caption-model")
+    v.add_argument("--caption-base-url")
+    v.add_argument("--log-level", default="warning")
+    v.set_defaults(func=cmd_serve)

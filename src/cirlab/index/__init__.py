@@ -1,0 +1,5 @@
+"""Vector index backends (exact, FAISS) and the persistent image index over them."""
+from cirlab.index.backends import BACKENDS, FAISS_KINDS, ExactBackend, FaissBackend, make_backend
+from cirlab.index.store import ImageIndex, check_id
+
+__all__ = ["BACKENDS", "FAISS_KINDS", "ExactBackend", "FaissBackend", "ImageIndex", "check_id", "make_backend"]

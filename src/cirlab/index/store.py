@@ -1,0 +1,261 @@
+"""A persistent image index: a folder with a manifest, the vectors and the item table, never half-written.
+
+Layout of INDEX/:
+- `manifest.json`: format version, generation g, checkpoint (path and identity), method, dimension, tokens per
+  item, backend and its parameters, item count, and the names of generation g's files;
+- `vectors-g.npy` (N, K, D) float32, `items-g.jsonl` (id, path, caption per item, in vector order) and, for FAISS,
+  `faiss-g.index`;
+- `images/`: image files uploaded through the service (built items point to their original files).
+
+Every write makes generation g+1's files (each written to a temporary name, flushed, fsynced and renamed), then
+replaces the manifest the same way: that rename is the commit. Only then are other generations' files deleted.
+A kill at any moment therefore leaves a manifest that names complete files: the old state or the new one.
+Writers take an exclusive lock on `INDEX/.lock` (fcntl), so the CLI and a running service never interleave writes.
+Readers (`search`) use an immutable snapshot that a write replaces whole: a search sees the old or the new index.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cirlab.errors import CirlabError
+from cirlab.index.backends import FaissBackend, fold_tokens, make_backend
+from cirlab.types import SearchHit
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_id(item_id: str) -> str:
+    """Item ids are 1-128 characters of letters, digits, '.', '_' and '-' (not first): no path separators."""
+    if not isinstance(item_id, str) or not ID_PATTERN.match(item_id) or item_id in (".", ".."):
+        raise CirlabError(f"invalid item id {item_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
+                          "with a letter or digit")
+    return item_id
+
+
+def _write_atomic(path: Path, write) -> None:
+    """`write(file)` into a temporary sibling, flush, fsync, rename over `path`, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One committed state: items in vector order, their vectors (N, K, D) and the backend over them."""
+    ids: tuple
+    paths: tuple
+    captions: tuple
+    vectors: np.ndarray
+    backend: object
+    position: dict  # id -> row in `ids`
+
+
+class ImageIndex:
+    """Open with `ImageIndex(folder)`; create with `ImageIndex.create(...)`."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.exists():
+            raise CirlabError(f"no index at {self.folder} (missing {MANIFEST})")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CirlabError(f"{path}: not valid JSON ({e})") from e
+        if self.manifest.get("format") != FORMAT:
+            raise CirlabError(f"{path}: index format {self.manifest.get('format')!r}, this cirlab reads {FORMAT}")
+        self._lock = threading.Lock()
+        self.snapshot = self._load(self.manifest)
+
+    # ----------------------------------------------------------------- creation and loading
+    @classmethod
+    def create(cls, folder, *, checkpoint: str, checkpoint_id: str, method: str, backend: str = "exact",
+               params: dict | None = None, ids: list, paths: list, captions: list | None = None,
+               vectors: np.ndarray) -> "ImageIndex":
+        """A new index at `folder` (which must not hold one) from items and their vectors (N, D) or (N, K, D)."""
+        folder = Path(folder)
+        if (folder / MANIFEST).exists():
+            raise CirlabError(f"{folder} already holds an index; remove it first or use `cirlab index add`")
+        folder.mkdir(parents=True, exist_ok=True)
+        vectors = _as_items(vectors, len(ids))
+        manifest = {"format": FORMAT, "generation": 0, "checkpoint": str(checkpoint),
+                    "checkpoint_id": checkpoint_id, "method": method, "dim": int(vectors.shape[2]),
+                    "tokens": int(vectors.shape[1]), "backend": backend, "params": dict(params or {}), "count": 0,
+                    "files": {}}
+        make_backend(backend, np.zeros((0, vectors.shape[2]), np.float32), **manifest["params"])  # fail early
+        with _exclusive(folder):
+            cls._commit(folder, manifest, _dedupe(ids), list(paths), list(captions or [""] * len(ids)), vectors)
+        return cls(folder)
+
+    def _load(self, manifest: dict) -> Snapshot:
+        files = manifest["files"]
+        vectors = np.load(self.folder / files["vectors"]) if files else \
+            np.zeros((0, manifest["tokens"], manifest["dim"]), np.float32)
+        rows = []
+        if files:
+            for n, line in enumerate((self.folder / files["items"]).read_text().splitlines(), 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise CirlabError(f"{self.folder / files['items']}: line {n} is not JSON ({e})") from e
+        if len(rows) != vectors.shape[0]:
+            raise CirlabError(f"{self.folder}: {len(rows)} items but {vectors.shape[0]} vectors")
+        flat = vectors.reshape(-1, vectors.shape[2])
+        if files.get("faiss"):
+            backend = FaissBackend.read(self.folder / files["faiss"])
+        else:
+            backend = make_backend(manifest["backend"], flat, **manifest["params"])
+        ids = tuple(r["id"] for r in rows)
+        return Snapshot(ids, tuple(r["path"] for r in rows), tuple(r.get("caption", "") for r in rows), vectors,
+                        backend, {i: n for n, i in enumerate(ids)})
+
+    @staticmethod
+    def _commit(folder: Path, manifest: dict, ids: list, paths: list, captions: list, vectors: np.ndarray) -> dict:
+        """Write generation g+1 and switch the manifest to it; returns the new manifest."""
+        g = manifest["generation"] + 1
+        files = {"vectors": f"vectors-{g}.npy", "items": f"items-{g}.jsonl"}
+        _write_atomic(folder / files["vectors"], lambda f: np.save(f, vectors.astype(np.float32)))
+        lines = "".join(json.dumps({"id": i, "path": p, "caption": c}) + "\n" for i, p, c in zip(ids, paths, captions))
+        _write_atomic(folder / files["items"], lambda f: f.write(lines.encode()))
+        if manifest["backend"] == "faiss":
+            import faiss
+
+            built = make_backend("faiss", vectors.reshape(-1, vectors.shape[2]), **manifest["params"])
+            files["faiss"] = f"faiss-{g}.index"
+            _write_atomic(folder / files["faiss"], lambda f: f.write(faiss.serialize_index(built.index).tobytes()))
+        new = manifest | {"generation": g, "count": len(ids), "files": files}
+        _write_atomic(folder / MANIFEST, lambda f: f.write((json.dumps(new, indent=1) + "\n").encode()))
+        for old in folder.iterdir():  # files of other generations, and temporary files of killed writers
+            if re.match(r"^(vectors|items|faiss)-\d+\.", old.name) and old.name not in files.values() \
+                    or old.name.startswith(".") and ".tmp-" in old.name:
+                old.unlink(missing_ok=True)
+        return new
+
+    # ----------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        return len(self.snapshot.ids)
+
+    @property
+    def ids(self) -> tuple:
+        return self.snapshot.ids
+
+    def item(self, item_id: str) -> dict:
+        snap = self.snapshot
+        if item_id not in snap.position:
+            raise KeyError(item_id)
+        n = snap.position[item_id]
+        return {"id": item_id, "path": snap.paths[n], "caption": snap.captions[n]}
+
+    def search(self, queries: np.ndarray, k: int = 10) -> list:
+        """Per query (rows of (B, D)), up to k SearchHits, best first."""
+        snap = self.snapshot  # one state for the whole call
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.manifest["dim"]:
+            raise CirlabError(f"query dimension {queries.shape[1]} does not match the index's {self.manifest['dim']}")
+        tokens = snap.vectors.shape[1] if snap.vectors.ndim == 3 else 1
+        scores, rows = snap.backend.search(queries, k * tokens)
+        folded_scores, items = fold_tokens(scores, rows, tokens, k)
+        return [[SearchHit(snap.ids[i], s) for i, s in zip(its, ss)] for its, ss in zip(items, folded_scores)]
+
+    # ----------------------------------------------------------------- writing
+    def add(self, ids: list, paths: list, vectors: np.ndarray, captions: list | None = None,
+            replace: bool = False) -> None:
+        """Append items (ids new unless `replace`, which overwrites items with the same id)."""
+        ids = _dedupe([check_id(i) for i in ids])
+        vectors = _as_items(vectors, len(ids))
+        if vectors.shape[1:] != (self.manifest["tokens"], self.manifest["dim"]):
+            raise CirlabError(f"vectors of shape {vectors.shape[1:]} do not fit the index's "
+                              f"({self.manifest['tokens']}, {self.manifest['dim']})")
+        captions = list(captions or [""] * len(ids))
+
+        def change(snap: Snapshot) -> tuple:
+            taken = [i for i in ids if i in snap.position]
+            if taken and not replace:
+                raise CirlabError(f"{len(taken)} id(s) already in the index (first: {taken[0]})")
+            keep = [n for n, i in enumerate(snap.ids) if i not in set(ids)]
+            return ([snap.ids[n] for n in keep] + ids, [snap.paths[n] for n in keep] + list(paths),
+                    [snap.captions[n] for n in keep] + captions, np.concatenate([snap.vectors[keep], vectors]))
+        self._write(change)
+
+    def remove(self, ids: list) -> list:
+        """Remove items; returns their paths. An unknown id raises KeyError and nothing is removed."""
+        removed = []
+
+        def change(snap: Snapshot) -> tuple:
+            unknown = [i for i in ids if i not in snap.position]
+            if unknown:
+                raise KeyError(unknown[0])
+            drop = set(ids)
+            removed.extend(snap.paths[snap.position[i]] for i in ids)
+            keep = [n for n, i in enumerate(snap.ids) if i not in drop]
+            return ([snap.ids[n] for n in keep], [snap.paths[n] for n in keep], [snap.captions[n] for n in keep],
+                    snap.vectors[keep])
+        self._write(change)
+        return removed
+
+    def _write(self, change) -> None:
+        """Under the thread and process locks: re-read the committed state (another process may have written),
+        let `change(snapshot)` compute the new (ids, paths, captions, vectors), commit them, swap the snapshot."""
+        with self._lock, _exclusive(self.folder):
+            manifest = json.loads((self.folder / MANIFEST).read_text())
+            snap = self.snapshot if manifest["generation"] == self.manifest["generation"] else self._load(manifest)
+            ids, paths, captions, vectors = change(snap)
+            manifest = self._commit(self.folder, manifest, ids, paths, captions, vectors)
+            self.snapshot, self.manifest = self._load(manifest), manifest
+
+    def refresh(self) -> bool:
+        """Pick up a write made by another process; True when the state changed."""
+        manifest = json.loads((self.folder / MANIFEST).read_text())
+        if manifest["generation"] == self.manifest["generation"]:
+            return False
+        with self._lock:
+            self.snapshot, self.manifest = self._load(manifest), manifest
+        return True
+
+
+def _as_items(vectors, n: int) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim == 2:
+        vectors = vectors[:, None, :]
+    if vectors.ndim != 3 or vectors.shape[0] != n:
+        raise CirlabError(f"expected {n} vectors of shape (D,) or (K, D), got an array of shape {vectors.shape}")
+    return vectors
+
+
+def _dedupe(ids: list) -> list:
+    seen = set()
+    for i in ids:
+        if i in seen:
+            raise CirlabError(f"id {i!r} appears twice")
+        seen.add(i)
+    return list(ids)
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,90 @@
+"""The HTTP API and web page over a SearchService (FastAPI; `cirlab serve` runs it under uvicorn).
+
+Routes: `POST /search` (multipart: `image` file or `image_id`, `text`, optional `k`), `GET /images/{id}`,
+`GET /items` (browse: `offset`, `limit`), `POST /items` and `DELETE /items/{id}` (bearer key), `GET /health`, the
+page at `/` and OpenAPI docs at `/docs`. Every error is JSON `{"error": "..."}` with a 4xx status; a request body
+whose declared length exceeds the upload limit is refused before it is read.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from cirlab.serving.page import PAGE
+from cirlab.serving.service import SearchService, ServiceError
+
+BODY_OVERHEAD = 64 * 1024  # multipart framing and the form's other fields
+
+
+async def _read(upload: UploadFile | None, service: SearchService) -> bytes | None:
+    """The upload's bytes, reading at most one byte over the limit (so a lying client cannot fill memory)."""
+    if upload is None:
+        return None
+    data = await upload.read(service.max_upload_bytes + 1)
+    if len(data) > service.max_upload_bytes:
+        raise ServiceError(413, f"the upload is over the limit of {service.max_upload_bytes:,} bytes")
+    return data
+
+
+def create_app(service: SearchService) -> FastAPI:
+    app = FastAPI(title="cirlab", description="Composed image retrieval: a reference image plus a text that says "
+                                              "what to change.", version="1")
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, exc: ServiceError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+                 for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > service.max_upload_bytes + BODY_OVERHEAD:
+            return JSONResponse({"error": f"the request body has {int(length):,} bytes, over the upload limit "
+                                          f"of {service.max_upload_bytes:,}"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return PAGE
+
+    @app.get("/health")
+    def health():
+        return service.health()
+
+    @app.post("/search")
+    async def search(text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
+                     image: UploadFile | None = File(None)):
+        data = await _read(image, service)
+        return service.search(text, data, image_id or None, k)
+
+    @app.get("/images/{item_id}")
+    def get_image(item_id: str):
+        return FileResponse(service.image_path(item_id))
+
+    @app.get("/items")
+    def items(offset: int = 0, limit: int = 60):
+        return service.items(offset, limit)
+
+    @app.post("/items", status_code=201)
+    async def add_item(image: UploadFile = File(...), id: str | None = Form(None),
+                       authorization: str | None = Header(None)):
+        service.authorise(authorization)
+        return service.add(await _read(image, service), id or None)
+
+    @app.delete("/items/{item_id}")
+    def delete_item(item_id: str, authorization: str | None = Header(None)):
+        service.authorise(authorization)
+        return service.remove(item_id)
+
+    return app

@@ -1,0 +1,188 @@
+"""The search engine: a checkpoint's model over a persistent ImageIndex (no HTTP here).
+
+`build_index` embeds every image under a folder (recursively) with the checkpoint's `encode_target` and writes an
+index; `Engine` opens one, reloads the model its manifest names (refusing a checkpoint that changed since, by its
+identity), and searches it with `encode_query` (an image file, PIL image or indexed id, plus a text), adds and
+removes items. Only the CIRModel interface is used.
+
+Item ids come from the path under the image folder without its extension, "/" written as "__"
+("shoes/red.jpg" -> "shoes__red"). Methods whose targets read captions (csmcir's symmetric tower) take them from a
+caption cache (`captions`: the JSONL `cirlab caption` writes, matched by id or file stem) or, for images it lacks,
+from a captioner backend (`captioner`, as in `cirlab caption`); without either, building refuses with the first
+image that has no caption.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from cirlab.data.images import open_image
+from cirlab.errors import CirlabError
+from cirlab.index import ImageIndex, check_id
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def scan_images(folder) -> list:
+    """(id, path) of every image file under `folder`, sorted by id."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CirlabError(f"image folder not found: {folder}")
+    found: dict = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            item_id = str(p.relative_to(folder).with_suffix("")).replace("/", "__")
+            if item_id in found:
+                raise CirlabError(f"{found[item_id]} and {p} map to the same id {item_id!r}; rename one")
+            found[check_id(item_id)] = str(p.resolve())
+    if not found:
+        raise CirlabError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return sorted(found.items())
+
+
+def read_captions(path, level: str = "final_caption") -> dict:
+    """image -> caption at `level` from a caption cache (the newest record of each image)."""
+    from cirlab.captioning.cache import CaptionCache
+
+    path = Path(path)
+    if not path.exists():
+        raise CirlabError(f"caption file not found: {path}")
+    out = {}
+    for (image, _), rec in CaptionCache(path).records.items():
+        out[image] = rec["final_caption"] if level == "final_caption" else rec.get("levels", {}).get(level, "")
+    return out
+
+
+def _captions_for(model, items: list, captions=None, captioner=None, work: Path | None = None,
+                  progress: bool = True) -> list:
+    if not model.needs_captions:
+        return [""] * len(items)
+    known = read_captions(captions, model.caption_level) if captions else {}
+
+    def lookup(item_id: str, path: str):
+        return known.get(item_id, known.get(Path(path).stem))
+    missing = [(i, p) for i, p in items if lookup(i, p) is None]
+    if missing and captioner is not None:
+        from cirlab.captioning.cache import CaptionCache
+        from cirlab.captioning.run import caption_images
+
+        cache = CaptionCache((work or Path(".")) / "captions.jsonl")
+        caption_images(missing, captioner, cache, progress=progress)
+        known |= read_captions(cache.path, model.caption_level)
+        missing = [(i, p) for i, p in items if lookup(i, p) is None]
+    if missing:
+        raise CirlabError(f"method {model.name} needs a caption of every target image; {len(missing)} have none "
+                          f"(first: {missing[0][1]}); pass a caption cache (--captions) or a captioner")
+    return [lookup(i, p) for i, p in items]
+
+
+@torch.no_grad()
+def embed_images(model, paths: list, captions: list | None = None, batch_size: int = 64,
+                 progress: bool = True) -> np.ndarray:
+    """encode_target of image files, (N, K, D) float32; images are decoded batch by batch, never all at once."""
+    out = []
+    model.eval()
+    for lo in tqdm(range(0, len(paths), batch_size), desc="embed images", disable=not progress,
+                   mininterval=1.0, unit="batch"):
+        pixels = model.backbone.preprocess([open_image(p) for p in paths[lo:lo + batch_size]])
+        caps = captions[lo:lo + batch_size] if model.needs_captions else None
+        feats = model.encode_target(pixels.to(model.backbone.device), caps).float().cpu()
+        out.append(feats if feats.dim() == 3 else feats[:, None, :])
+    return torch.cat(out).numpy() if out else np.zeros((0, 1, 1), np.float32)
+
+
+def build_index(checkpoint, images, out, backend: str = "exact", params: dict | None = None, captions=None,
+                captioner=None, batch_size: int = 64, progress: bool = True) -> ImageIndex:
+    """Embed every image under `images` with the checkpoint's target encoder into a new index at `out`."""
+    import cirlab
+    from cirlab.evaluation.protocols import checkpoint_identity
+
+    items = scan_images(images)
+    model = cirlab.load(checkpoint)
+    texts = _captions_for(model, items, captions, captioner, Path(out), progress)
+    vectors = embed_images(model, [p for _, p in items], texts, batch_size, progress)
+    return ImageIndex.create(out, checkpoint=str(Path(checkpoint).resolve()),
+                             checkpoint_id=checkpoint_identity(checkpoint), method=model.name, backend=backend,
+                             params=params, ids=[i for i, _ in items], paths=[p for _, p in items], captions=texts,
+                             vectors=vectors)
+
+
+class TooLarge(CirlabError):
+    """An image over the pixel limit."""
+
+
+class NotAnImage(CirlabError):
+    """Bytes that do not decode to a whole image."""
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """An uploaded image, fully decoded. Empty, non-image or truncated bytes raise NotAnImage; an image over
+    `max_pixels` raises TooLarge, checked from its header before any pixel is decoded (decompression bombs)."""
+    if not data:
+        raise NotAnImage("the uploaded image is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise TooLarge(f"the image has {img.width}x{img.height} pixels, over the limit of {max_pixels:,}")
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise TooLarge(f"the image is too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise NotAnImage(f"the upload is not a readable image ({type(e).__name__}: {e})") from None
+    return img
+
+
+class Engine:
+    """An index with the model that built it. `refresh()` picks up writes made by other processes."""
+
+    def __init__(self, index_dir, device: str = "cpu"):
+        import cirlab
+        from cirlab.evaluation.protocols import checkpoint_identity
+
+        self.index = ImageIndex(index_dir)
+        m = self.index.manifest
+        checkpoint = Path(m["checkpoint"])
+        if not (checkpoint / "cirlab.json").exists():
+            raise CirlabError(f"the index's checkpoint {checkpoint} is gone; rebuild the index")
+        if checkpoint_identity(checkpoint) != m["checkpoint_id"]:
+            raise CirlabError(f"the checkpoint {checkpoint} changed since the index was built; rebuild the index")
+        self.model = cirlab.load(checkpoint, device=device).eval()
+
+    @torch.no_grad()
+    def query_vector(self, image, text: str) -> np.ndarray:
+        """The composed query (D,) of an image (PIL image, or an indexed id) and a text."""
+        if isinstance(image, str):
+            try:
+                image = open_image(self.index.item(image)["path"])
+            except KeyError:
+                raise CirlabError(f"unknown image id {image!r}") from None
+        pixels = self.model.backbone.preprocess([image]).to(self.model.backbone.device)
+        return self.model.encode_query(pixels, [text]).float().cpu().numpy()[0]
+
+    def search(self, image, text: str, k: int = 10) -> list:
+        """Up to k SearchHits; an indexed reference (an id) is left out of its own results."""
+        if not isinstance(image, str):
+            return self.index.search(self.query_vector(image, text)[None], k)[0]
+        hits = self.index.search(self.query_vector(image, text)[None], k + 1)[0]
+        return [h for h in hits if h.id != image][:k]
+
+    def add(self, items: list, captions: list | None = None, captioner=None, replace: bool = False,
+            progress: bool = False) -> None:
+        """Index (id, path) items."""
+        for item_id, _ in items:
+            check_id(item_id)
+        texts = captions if captions is not None else _captions_for(self.model, items, None, captioner,
+                                                                    self.index.folder, progress)
+        vectors = embed_images(self.model, [p for _, p in items], texts, progress=progress)
+        self.index.add([i for i, _ in items], [p for _, p in items], vectors, texts, replace=replace)
+
+    def describe(self) -> dict:
+        m = self.index.manifest
+        return {k: m[k] for k in ("method", "checkpoint", "backend", "params", "dim", "tokens")} | \
+            {"count": len(self.index)}
+

@@ -1,0 +1,154 @@
+"""The search service: the engine behind input checks and write authorisation, with no HTTP in it.
+
+Every bad input raises `ServiceError` with the HTTP status the app answers and a message that names the field:
+- 400: neither or both of `image` and `image_id`; empty text, text over `max_text` characters; k out of 1..`max_k`;
+  an id that is not a valid item id (path separators, "..", over 128 characters);
+- 404: an unknown id; 409: adding an id that exists;
+- 400 also for an empty upload; 413: an upload over `max_upload_bytes`, an image over `max_pixels` pixels
+  (checked from the header, before decoding: a decompression bomb never reaches memory);
+- 415: bytes that are not an image, or a truncated one;
+- 401: a write without the right bearer key, compared in constant time; 403: a write when no key is configured;
+- 422: adding to an index whose method needs target captions when no captioner is configured.
+Uploaded images are written atomically under INDEX/images/ before they are indexed.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import time
+import uuid
+from pathlib import Path
+
+from cirlab.errors import CirlabError
+from cirlab.index import check_id
+from cirlab.serving.engine import Engine, NotAnImage, TooLarge, decode_upload
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+MAX_TEXT = 512
+MAX_K = 100
+FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+
+
+class ServiceError(CirlabError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class SearchService:
+    def __init__(self, index_dir, api_key: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 max_pixels: int = MAX_PIXELS, captioner=None, engine: Engine | None = None):
+        self.engine = engine or Engine(index_dir)
+        self.index = self.engine.index
+        self.api_key = api_key if api_key is not None else os.environ.get("CIRLAB_API_KEY") or None
+        self.max_upload_bytes, self.max_pixels, self.captioner = max_upload_bytes, max_pixels, captioner
+
+    # ----------------------------------------------------------------- checks
+    def check_id(self, item_id: str) -> str:
+        try:
+            return check_id(item_id)
+        except CirlabError as e:
+            raise ServiceError(400, str(e)) from None
+
+    def check_known(self, item_id: str) -> dict:
+        self.check_id(item_id)
+        try:
+            return self.index.item(item_id)
+        except KeyError:
+            raise ServiceError(404, f"unknown image id {item_id!r}") from None
+
+    def image(self, data: bytes):
+        if len(data) > self.max_upload_bytes:
+            raise ServiceError(413, f"the upload has {len(data):,} bytes, over the limit of "
+                                    f"{self.max_upload_bytes:,}")
+        if not data:
+            raise ServiceError(400, "the uploaded image is empty")
+        try:
+            return decode_upload(data, self.max_pixels)
+        except TooLarge as e:
+            raise ServiceError(413, str(e)) from None
+        except NotAnImage as e:
+            raise ServiceError(415, str(e)) from None
+
+    def authorise(self, header: str | None) -> None:
+        if not self.api_key:
+            raise ServiceError(403, "writes are disabled: start the service with CIRLAB_API_KEY set")
+        scheme, _, key = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ServiceError(401, "a write needs the header 'Authorization: Bearer <key>' with the right key")
+
+    # ----------------------------------------------------------------- operations
+    def search(self, text: str | None, image: bytes | None = None, image_id: str | None = None,
+               k: int | str | None = 10) -> dict:
+        t0 = time.perf_counter()
+        if (image is None) == (image_id is None):
+            raise ServiceError(400, "give exactly one of 'image' (a file) and 'image_id'")
+        text = (text or "").strip()
+        if not text:
+            raise ServiceError(400, "'text' is empty: say what to change")
+        if len(text) > MAX_TEXT:
+            raise ServiceError(400, f"'text' has {len(text)} characters, over the limit of {MAX_TEXT}")
+        try:
+            k = 10 if k in (None, "") else int(k)
+        except (TypeError, ValueError):
+            raise ServiceError(400, f"'k' must be an integer, got {k!r}") from None
+        if not 1 <= k <= MAX_K:
+            raise ServiceError(400, f"'k' must be between 1 and {MAX_K}, got {k}")
+        if image_id is not None:
+            self.check_known(image_id)
+            query = image_id
+        else:
+            query = self.image(image)
+        hits = self.engine.search(query, text, k)
+        return {"hits": [{"id": h.id, "score": round(h.score, 6), "url": f"/images/{h.id}"} for h in hits],
+                "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    def image_path(self, item_id: str) -> Path:
+        path = Path(self.check_known(item_id)["path"])
+        if not path.is_file():
+            raise ServiceError(404, f"the file of image {item_id!r} is missing")
+        return path
+
+    def items(self, offset: int = 0, limit: int = 60) -> dict:
+        if offset < 0 or not 1 <= limit <= 500:
+            raise ServiceError(400, "'offset' must be at least 0 and 'limit' between 1 and 500")
+        ids = self.index.ids
+        return {"items": [{"id": i, "url": f"/images/{i}"} for i in ids[offset:offset + limit]],
+                "total": len(ids)}
+
+    def add(self, data: bytes, item_id: str | None = None) -> dict:
+        img = self.image(data)
+        item_id = self.check_id(item_id) if item_id else uuid.uuid4().hex[:16]
+        if item_id in self.index.snapshot.position:
+            raise ServiceError(409, f"id {item_id!r} is already in the index")
+        if self.engine.model.needs_captions and self.captioner is None:
+            raise ServiceError(422, f"method {self.engine.model.name} needs a caption of every target image and "
+                                    "this service has no captioner")
+        folder = self.index.folder / "images"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{item_id}{FORMATS.get(img.format, '.png')}"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        try:
+            self.engine.add([(item_id, str(path))], captioner=self.captioner)
+        except CirlabError as e:
+            path.unlink(missing_ok=True)
+            raise ServiceError(409 if "already" in str(e) else 400, str(e)) from None
+        return {"id": item_id}
+
+    def remove(self, item_id: str) -> dict:
+        self.check_known(item_id)
+        try:
+            paths = self.index.remove([item_id])
+        except KeyError:
+            raise ServiceError(404, f"unknown image id {item_id!r}") from None
+        uploads = (self.index.folder / "images").resolve()
+        for p in map(Path, paths):  # only files the service itself stored; built items point to the user's files
+            if p.resolve().parent == uploads:
+                p.unlink(missing_ok=True)
+        return {"id": item_id, "removed": True}
+
+    def health(self) -> dict:
+        return {"status": "ok", "items": len(self.index)}

@@ -1,0 +1,198 @@
+"""The retrieval engine's index: backends against exact search, the CLI end to end against a brute-force
+computation with the model, and persistence that survives kill -9 at any moment."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cirlab.errors import CirlabError
+from cirlab.index import ImageIndex, make_backend
+from cirlab.index.backends import fold_tokens
+
+CLI = [sys.executable, "-m", "cirlab.cli.main"]
+
+
+def clustered(n: int, d: int, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d))
+    x = centres[rng.integers(clusters, size=n)] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_faiss_backends_agree_with_exact_search():
+    x, q = clustered(3000, 32), clustered(50, 32, seed=1)
+    exact_scores, exact = make_backend("exact", x).search(q, 10)
+    brute = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    assert (exact == brute).mean() > 0.99  # ties aside, the torch top-k is the brute-force ranking
+    flat_scores, flat = make_backend("faiss", x, "flat").search(q, 10)
+    assert (flat == exact).mean() > 0.99 and np.allclose(flat_scores, exact_scores, atol=1e-5)
+    for kind, params in (("ivf", {"nprobe": 8}), ("hnsw", {})):
+        _, approx = make_backend("faiss", x, kind, **params).search(q, 10)
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+        assert recall > 0.8, (kind, recall)
+    with pytest.raises(CirlabError, match="unknown faiss"):
+        make_backend("faiss", x, "lsh")
+
+
+def test_multi_token_items_score_by_their_best_token(tmp_path):
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(30, 4, 16)).astype(np.float32)
+    q = rng.normal(size=(3, 16)).astype(np.float32)
+    index = ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m",
+                              ids=[f"i{n}" for n in range(30)], paths=[""] * 30, vectors=v)
+    hits = index.search(q, 5)
+    by_hand = np.einsum("bd,nkd->bnk", q, v).max(-1)  # the CIRModel similarity of multi-token targets
+    for row, h in zip(by_hand, hits):
+        order = np.argsort(-row)[:5]
+        assert [x.id for x in h] == [f"i{n}" for n in order]
+        assert np.allclose([x.score for x in h], row[order], atol=1e-5)
+    scores, items = fold_tokens(np.array([[0.9, 0.8, 0.7]]), np.array([[5, 4, -1]]), tokens=4, k=3)
+    assert items == [[1]] and scores == [[pytest.approx(0.9)]]  # rows 5 and 4 belong to item 1; -1 is no hit
+
+
+def test_index_writes_validate_and_persist(tmp_path):
+    v = clustered(10, 8)
+    index = ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", backend="faiss",
+                              params={"kind": "flat"}, ids=[f"a{n}" for n in range(10)], paths=["p"] * 10, vectors=v)
+    index.add(["b0", "b1"], ["p", "p"], clustered(2, 8, seed=2))
+    index.remove(["a3"])
+    again = ImageIndex(tmp_path / "ix")
+    assert len(again) == 11 and "a3" not in again.ids and again.manifest["count"] == 11
+    assert again.search(v[5], 1)[0][0].id == "a5"
+    for bad in ("../etc", "a/b", "", ".hidden", "x" * 129):
+        with pytest.raises(CirlabError, match="invalid item id"):
+            index.add([bad], ["p"], clustered(1, 8))
+    with pytest.raises(CirlabError, match="already"):
+        index.add(["b0"], ["p"], clustered(1, 8))
+    with pytest.raises(KeyError):
+        index.remove(["a3"])
+    with pytest.raises(CirlabError, match="already holds"):
+        ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", ids=[], paths=[],
+                          vectors=np.zeros((0, 8)))
+    files = sorted(p.name for p in (tmp_path / "ix").iterdir())
+    assert files == [".lock", "faiss-3.index", "items-3.jsonl", "manifest.json", "vectors-3.npy"]  # create, add, remove: no leftovers
+
+
+WRITER = """
+import sys, numpy as np
+from cirlab.index import ImageIndex
+index = ImageIndex(sys.argv[1])
+rng = np.random.default_rng(int(sys.argv[2]))
+for n in range(10**6):
+    index.add([f"w{sys.argv[2]}-{n}"], ["p"], rng.normal(size=(1, 8)).astype(np.float32))
+    if n % 3 == 2:
+        index.remove([f"w{sys.argv[2]}-{n - 1}"])
+"""
+
+
+def test_kill_9_during_writes_leaves_the_last_complete_state(tmp_path):
+    """A writer committing as fast as it can is killed at random moments; every time the index loads, its
+    items match its vectors, and no write is half-applied."""
+    ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", backend="faiss",
+                      params={"kind": "flat"}, ids=["seed"], paths=["p"], vectors=clustered(1, 8))
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    rng = np.random.default_rng(0)
+    counts = []
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ix"), str(trial)])
+        time.sleep(1.5 + rng.uniform(0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        index = ImageIndex(tmp_path / "ix")
+        assert len(index) == index.manifest["count"] == index.snapshot.vectors.shape[0]
+        assert len(index.snapshot.backend) == len(index)
+        counts.append(len(index))
+    assert counts[-1] > 10, counts  # the writers did commit between the kills
+
+
+@pytest.fixture(scope="module")
+def sum_checkpoint(clip_dir, tmp_path_factory):
+    from cirlab.training.train import save_zero_shot
+
+    return save_zero_shot("sum", clip_dir, tmp_path_factory.mktemp("ckpt") / "sum")
+
+
+@pytest.fixture()
+def gallery(world, tmp_path):
+    """80 test images in a folder with a subfolder."""
+    src = sorted((Path(world) / "test1").glob("*.png"))[:80]
+    (tmp_path / "gallery" / "more").mkdir(parents=True)
+    for n, p in enumerate(src):
+        shutil.copy(p, tmp_path / "gallery" / ("more" if n >= 60 else "") / p.name)
+    return tmp_path / "gallery"
+
+
+def run(*args, ok=True):
+    done = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True)
+    assert (done.returncode == 0) == ok, done.stderr[-2000:]
+    return done
+
+
+def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpoint, gallery, tmp_path):
+    import cirlab
+    from cirlab.data.images import open_image
+
+    run("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery, "--out", tmp_path / "ix",
+        "--no-progress")
+    run("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery, "--out", tmp_path / "fx",
+        "--backend", "faiss", "--faiss", "flat", "--no-progress")
+    manifest = json.loads(run("index", "info", tmp_path / "ix").stdout)
+    assert manifest["count"] == 80 and manifest["method"] == "sum" and manifest["dim"] == 64
+    model = cirlab.load(sum_checkpoint)
+    paths = sorted(gallery.rglob("*.png"))
+    ids = [str(p.relative_to(gallery).with_suffix("")).replace("/", "__") for p in paths]
+    assert sum(i.startswith("more__") for i in ids) == 20  # the subfolder's images, "/" written as "__"
+    with torch.no_grad():
+        targets = model.encode_target(model.backbone.preprocess([open_image(p) for p in paths]))
+        query = model.encode_query(model.backbone.preprocess([open_image(paths[3])]), ["make the circle red"])
+    scores = (query @ targets.t())[0]
+    scores[3] = float("-inf")  # an indexed reference is left out of its own results
+    expected = [ids[i] for i in scores.argsort(descending=True)[:5]]
+    for ix in ("ix", "fx"):
+        out = json.loads(run("search", "--index", tmp_path / ix, "--image-id", ids[3], "--text",
+                             "make the circle red", "-k", "5", "--json").stdout)
+        assert [h["id"] for h in out["hits"]] == expected
+        assert np.allclose([h["score"] for h in out["hits"]], scores.sort(descending=True).values[:5], atol=1e-4)
+    by_file = json.loads(run("search", "--index", tmp_path / "ix", "--image", paths[3], "--text",
+                             "make the circle red", "-k", "1", "--json").stdout)
+    assert by_file["hits"][0]["id"] == ids[3]  # the file itself is not excluded: it is its own nearest image
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(paths[0], extra / "copy0.png")
+    run("index", "add", tmp_path / "ix", extra / "copy0.png", "--no-progress")
+    run("index", "remove", tmp_path / "ix", ids[0], ids[1])
+    assert json.loads(run("index", "info", tmp_path / "ix").stdout)["count"] == 79
+    assert "unknown id" in run("index", "remove", tmp_path / "ix", "nope", ok=False).stderr
+    assert "already" in run("index", "add", tmp_path / "ix", extra / "copy0.png", ok=False).stderr
+    assert "no index" in run("search", "--index", tmp_path / "none", "--image-id", "x", "--text", "t",
+                             ok=False).stderr
+
+
+def test_kill_9_during_index_add_keeps_a_loadable_index(sum_checkpoint, gallery, world, tmp_path):
+    run("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery / "more", "--out", tmp_path / "ix",
+        "--no-progress")
+    many = tmp_path / "many"
+    many.mkdir()
+    for p in sorted((Path(world) / "test1").glob("*.png"))[100:500]:
+        os.symlink(p, many / p.name)
+    for delay in (0.5, 2.0, 3.5, 5.0, 7.0):
+        proc = subprocess.Popen(CLI + ["index", "add", str(tmp_path / "ix"), str(many), "--replace",
+                                       "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        index = ImageIndex(tmp_path / "ix")  # loads: the old state, or the new one if the add got that far
+        assert len(index) in (20, 420) and index.snapshot.vectors.shape[0] == len(index)
+    run("index", "add", tmp_path / "ix", many, "--replace", "--no-progress")
+    assert len(ImageIndex(tmp_path / "ix")) == 420

@@ -1,0 +1,253 @@
+"""`cirlab serve` started for real on 127.0.0.1 and called over HTTP: search, images, authorised writes, every
+bad input answered with a 4xx while the service keeps answering, searches during writes, a bounded load test,
+and the web page driven in Chromium."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(index: Path, env_key: str | None, tmp_path: Path, name: str):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "CIRLAB_API_KEY"}
+    if env_key:
+        env["CIRLAB_API_KEY"] = env_key
+    log = open(tmp_path / f"{name}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", "serve", "--index", str(index), "--port",
+                             str(port), "--max-upload-mb", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise AssertionError((tmp_path / f"{name}.log").read_text()[-3000:])
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not come up in 30 s")
+
+
+@pytest.fixture(scope="module")
+def index_dir(clip_dir, world, tmp_path_factory):
+    from cirlab.serving.engine import build_index
+    from cirlab.training.train import save_zero_shot
+
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = save_zero_shot("sum", clip_dir, root / "sum")
+    gallery = root / "gallery"
+    gallery.mkdir()
+    for p in sorted((Path(world) / "test1").glob("*.png"))[:40]:
+        shutil.copy(p, gallery / p.name)
+    build_index(ckpt, gallery, root / "ix", progress=False)
+    return root / "ix"
+
+
+@pytest.fixture(scope="module")
+def server(index_dir, tmp_path_factory):
+    proc, url = start(index_dir, KEY, tmp_path_factory.mktemp("logs"), "server")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def png(size=(64, 64), colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def first_id(url: str) -> str:
+    return requests.get(url + "/items?limit=1").json()["items"][0]["id"]
+
+
+def test_search_images_and_authorised_writes(server):
+    health = requests.get(server + "/health").json()
+    assert health == {"status": "ok", "items": 40}
+    ref = first_id(server)
+    r = requests.post(server + "/search", data={"image_id": ref, "text": "make the circle red", "k": "5"})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["hits"]) == 5 and body["took_ms"] >= 0 and ref not in [h["id"] for h in body["hits"]]
+    assert [h["score"] for h in body["hits"]] == sorted((h["score"] for h in body["hits"]), reverse=True)
+    img = requests.get(server + body["hits"][0]["url"])
+    assert img.status_code == 200 and Image.open(io.BytesIO(img.content)).size[0] > 0
+    ref_bytes = requests.get(server + f"/images/{ref}").content
+    up = requests.post(server + "/search", files={"image": ("q.png", ref_bytes, "image/png")},
+                       data={"text": "make the circle red", "k": "6"})
+    assert up.status_code == 200  # the same query as by id, where the reference itself is not left out
+    assert [h["id"] for h in up.json()["hits"] if h["id"] != ref][:5] == [h["id"] for h in body["hits"]]
+    assert requests.get(server + "/docs").status_code == 200
+    assert requests.get(server + "/openapi.json").json()["paths"].keys() >= {"/search", "/items", "/health"}
+
+    assert requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")}).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")},
+                         headers=wrong).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")}, data={"id": "red-square"},
+                      headers=auth)
+    assert r.status_code == 201 and r.json() == {"id": "red-square"}
+    assert requests.get(server + "/health").json()["items"] == 41
+    assert requests.get(server + "/images/red-square").content == png()
+    again = requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")},
+                          data={"id": "red-square"}, headers=auth)
+    assert again.status_code == 409 and "error" in again.json()
+    assert requests.delete(server + "/items/red-square").status_code == 401
+    assert requests.delete(server + "/items/red-square", headers=auth).status_code == 200
+    assert requests.get(server + "/images/red-square").status_code == 404
+    assert requests.get(server + "/health").json()["items"] == 40
+
+
+def bomb() -> bytes:
+    """A 48-megapixel PNG that compresses to a few hundred kilobytes."""
+    buf = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_every_bad_input_gets_a_4xx_and_the_service_keeps_answering(server):
+    ref = first_id(server)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    good = png()
+    cases = {
+        "no image": ("post", "/search", {"data": {"text": "red"}}, 400),
+        "image and id": ("post", "/search", {"data": {"text": "red", "image_id": ref},
+                                             "files": {"image": ("a.png", good, "image/png")}}, 400),
+        "not an image": ("post", "/search", {"data": {"text": "red"},
+                                             "files": {"image": ("a.png", b"hello world" * 10, "image/png")}}, 415),
+        "truncated": ("post", "/search", {"data": {"text": "red"},
+                                          "files": {"image": ("a.png", good[:len(good) // 2], "image/png")}}, 415),
+        "bomb": ("post", "/search", {"data": {"text": "red"}, "files": {"image": ("b.png", bomb(), "image/png")}},
+                 413),
+        "empty upload": ("post", "/search", {"data": {"text": "red"}, "files": {"image": ("a.png", b"", "image/png")}},
+                         400),
+        "oversized upload": ("post", "/search", {"data": {"text": "red"},
+                                                 "files": {"image": ("a.png", os.urandom(3 * 1024 * 1024),
+                                                                     "image/png")}}, 413),
+        "empty text": ("post", "/search", {"data": {"text": "   ", "image_id": ref}}, 400),
+        "long text": ("post", "/search", {"data": {"text": "x" * 513, "image_id": ref}}, 400),
+        "k zero": ("post", "/search", {"data": {"text": "red", "image_id": ref, "k": "0"}}, 400),
+        "k too big": ("post", "/search", {"data": {"text": "red", "image_id": ref, "k": "101"}}, 400),
+        "k not a number": ("post", "/search", {"data": {"text": "red", "image_id": ref, "k": "ten"}}, 400),
+        "unknown id": ("post", "/search", {"data": {"text": "red", "image_id": "nope"}}, 404),
+        "traversal id": ("post", "/search", {"data": {"text": "red", "image_id": "../../etc/passwd"}}, 400),
+        "traversal image": ("get", "/images/..%2F..%2Fetc%2Fpasswd", {}, 404),  # no route takes a slash
+        "backslash id": ("get", "/images/..%5C..%5Cwindows", {}, 400),
+        "unknown image": ("get", "/images/nope", {}, 404),
+        "bad add id": ("post", "/items", {"data": {"id": "a/b"}, "files": {"image": ("a.png", good, "image/png")},
+                                          "headers": auth}, 400),
+        "add not an image": ("post", "/items", {"files": {"image": ("a.png", b"GIF89a-broken", "image/png")},
+                                                "headers": auth}, 415),
+        "delete unknown": ("delete", "/items/nope", {"headers": auth}, 404),
+        "bad offset": ("get", "/items?offset=-1", {}, 400),
+        "no route": ("get", "/nothing-here", {}, 404),
+    }
+    for name, (method, path, kwargs, status) in cases.items():
+        r = getattr(requests, method)(server + path, timeout=30, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert "error" in r.json(), name
+        assert requests.get(server + "/health", timeout=5).json()["items"] == 40, name
+
+
+def test_searches_during_writes_see_a_whole_index(server):
+    ref = first_id(server)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    errors, stop = [], threading.Event()
+
+    def searcher():
+        while not stop.is_set():
+            r = requests.post(server + "/search", data={"image_id": ref, "text": "bigger", "k": "100"})
+            if r.status_code != 200 or len({h["id"] for h in r.json()["hits"]}) != len(r.json()["hits"]):
+                errors.append(r.text[:200])
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for n in range(6):
+        colour = (40 * n, 100, 200)
+        assert requests.post(server + "/items", files={"image": ("a.png", png(colour=colour), "image/png")},
+                             data={"id": f"w{n}"}, headers=auth).status_code == 201
+    for n in range(6):
+        assert requests.delete(server + f"/items/w{n}", headers=auth).status_code == 200
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_load_500_requests_8_concurrent_see_no_server_error(server):
+    ref = first_id(server)
+    image = png(colour=(30, 200, 30))
+
+    def call(n: int) -> int:
+        if n % 3 == 0:
+            return requests.post(server + "/search", files={"image": ("q.png", image, "image/png")},
+                                 data={"text": "add a star", "k": "10"}, timeout=60).status_code
+        if n % 3 == 1:
+            return requests.post(server + "/search", data={"image_id": ref, "text": "remove the circle"},
+                                 timeout=60).status_code
+        return requests.post(server + "/search", data={"image_id": ref, "text": ""}, timeout=60).status_code
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(call, range(500)))
+    assert not [c for c in codes if c >= 500]
+    assert codes.count(200) == 334 and codes.count(400) == 166  # the empty texts are refused, the rest answered
+
+
+def test_a_service_without_a_key_refuses_writes(index_dir, tmp_path):
+    proc, url = start(index_dir, None, tmp_path, "readonly")
+    try:
+        r = requests.post(url + "/items", files={"image": ("a.png", png(), "image/png")},
+                          headers={"Authorization": "Bearer anything"})
+        assert r.status_code == 403 and "CIRLAB_API_KEY" in r.json()["error"]
+        assert requests.delete(url + "/items/x", headers={"Authorization": "Bearer x"}).status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed; .ci/run installs it "
+                                                         "with apt-get (apt-get install chromium)")
+def test_the_web_page_searches_in_a_real_browser(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    (tmp_path / "query.png").write_bytes(requests.get(server + f"/images/{first_id(server)}").content)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.wait_for_selector("#gallery .cell")
+        assert page.locator("#gallery .cell").count() == 40
+        page.set_input_files("#file", str(tmp_path / "query.png"))
+        page.fill("#text", "make the circle red")
+        page.click("#search")
+        page.wait_for_selector("#results .cell")
+        assert page.locator("#results .cell").count() == 10
+        page.locator("#gallery .cell").nth(2).click()  # a gallery image as the reference
+        page.fill("#text", "")
+        page.click("#search")
+        page.wait_for_function("document.getElementById('error').textContent.length > 0")
+        assert "empty" in page.locator("#error").text_content()
+        browser.close()
