@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from cirlab.errors import CirlabError
@@ -107,8 +108,8 @@ def cmd_serve(args) -> None:
     from cirlab.serving.app import create_app
     from cirlab.serving.service import SearchService
 
-    service = SearchService(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                            captioner=_captioner(args))
+    service = SearchService(args.index, api_key=os.environ.get("CIRLAB_API_KEY"),
+                            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), captioner=_captioner(args))
     writes = "writes enabled" if service.api_key else "read-only (set CIRLAB_API_KEY to enable writes)"
     print(f"serving {len(service.index)} images of {args.index} on http://{args.host}:{args.port} ({writes})",
           flush=True)
@@ -123,7 +124,7 @@ def _add_captioner_options(p) -> None:
     p.add_argument("--caption-base-url", help="the OpenAI-compatible server of --captioner openai")
 
 
-def add_engine_parsers(sub) -> None:
+def _add_index_parsers(sub) -> None:
     from cirlab.index import BACKENDS, FAISS_KINDS
 
     p = sub.add_parser("index", help="build and edit a persistent index of your own images")
@@ -159,6 +160,10 @@ def add_engine_parsers(sub) -> None:
     i = isub.add_parser("info", help="print the index manifest")
     i.add_argument("index")
     i.set_defaults(func=cmd_index_info)
+
+
+def add_engine_parsers(sub) -> None:
+    _add_index_parsers(sub)
 
     s = sub.add_parser("search", help="search an index with a reference image and a modification text")
     s.add_argument("--index", required=True)

@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="the small world and short schedules (about 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="the small world and short schedules (about 2.5 minutes)")
     p.add_argument("--with", dest="with_methods", metavar="METHODS",
                    help="comma-separated registered methods to run besides the default ones")
     p.add_argument("--workers", type=int, default=None,

@@ -41,7 +41,7 @@ class SearchService:
                  max_pixels: int = MAX_PIXELS, captioner=None, engine: Engine | None = None):
         self.engine = engine or Engine(index_dir)
         self.index = self.engine.index
-        self.api_key = api_key if api_key is not None else os.environ.get("CIRLAB_API_KEY") or None
+        self.api_key = api_key or None  # no key: every write is refused
         self.max_upload_bytes, self.max_pixels, self.captioner = max_upload_bytes, max_pixels, captioner
 
     # ----------------------------------------------------------------- checks
