@@ -196,3 +196,22 @@ def test_kill_9_during_index_add_keeps_a_loadable_index(sum_checkpoint, gallery,
         assert len(index) in (20, 420) and index.snapshot.vectors.shape[0] == len(index)
     run("index", "add", tmp_path / "ix", many, "--replace", "--no-progress")
     assert len(ImageIndex(tmp_path / "ix")) == 420
+
+
+def test_milvus_backend_on_milvus_lite_agrees_with_exact_search(sum_checkpoint, gallery, tmp_path):
+    """The milvus backend (a milvus-lite file) against exact search, through the CLI, then edited."""
+    for name, extra in (("ex", []), ("mv", ["--backend", "milvus"])):
+        run("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery, "--out", tmp_path / name,
+            "--no-progress", *extra)
+    manifest = json.loads(run("index", "info", tmp_path / "mv").stdout)
+    assert manifest["backend"] == "milvus" and manifest["files"]["milvus_collection"] == "cirlab_g1"
+    ids = ImageIndex(tmp_path / "ex").ids
+    for ref, text in ((ids[0], "make the circle red"), (ids[41], "remove the star"), (ids[77], "add a cross")):
+        hits = [json.loads(run("search", "--index", tmp_path / ix, "--image-id", ref, "--text", text, "-k", "10",
+                               "--json").stdout)["hits"] for ix in ("ex", "mv")]
+        assert [h["id"] for h in hits[0]] == [h["id"] for h in hits[1]]
+        assert np.allclose([h["score"] for h in hits[0]], [h["score"] for h in hits[1]], atol=1e-4)
+    run("index", "remove", tmp_path / "mv", ids[5])
+    index = ImageIndex(tmp_path / "mv")
+    assert len(index) == 79 and index.snapshot.backend.client.list_collections() == ["cirlab_g2"]  # g1 dropped
+    assert ids[5] not in [h.id for h in index.search(index.snapshot.vectors[:, 0], 80)[0]]

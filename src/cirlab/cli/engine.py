@@ -16,7 +16,11 @@ def _captioner(args):
     return make_backend(args.captioner, "", None, model=args.caption_model, base_url=args.caption_base_url)
 
 
-def _faiss_params(args) -> dict:
+def _backend_params(args) -> dict:
+    if args.backend == "milvus":
+        return {"uri": args.milvus_uri} if args.milvus_uri else {}
+    if args.milvus_uri:
+        raise CirlabError("--milvus-uri needs --backend milvus")
     if args.backend != "faiss":
         if args.faiss is not None:
             raise CirlabError("--faiss needs --backend faiss")
@@ -32,7 +36,7 @@ def _faiss_params(args) -> dict:
 def cmd_index_build(args) -> None:
     from cirlab.serving.engine import build_index
 
-    index = build_index(args.checkpoint, args.images, args.out, args.backend, _faiss_params(args), args.captions,
+    index = build_index(args.checkpoint, args.images, args.out, args.backend, _backend_params(args), args.captions,
                         _captioner(args), args.batch_size, progress=not args.no_progress)
     m = index.manifest
     print(f"indexed {len(index)} images with {m['method']} ({m['backend']}, dim {m['dim']}): {args.out}")
@@ -139,6 +143,8 @@ def _add_index_parsers(sub) -> None:
     b.add_argument("--nprobe", type=int, help="ivf: cells searched per query (default 16)")
     b.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
     b.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    b.add_argument("--milvus-uri", help="milvus: a Milvus server URL, or a milvus-lite file (default: milvus.db in "
+                                        "the index folder)")
     b.add_argument("--batch-size", type=int, default=64)
     _add_captioner_options(b)
     b.add_argument("--no-progress", action="store_true")

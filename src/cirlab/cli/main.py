@@ -88,7 +88,8 @@ def cmd_train(args) -> None:
         print(f"{args.method} is zero-shot: saved its checkpoint to {out}")
         return
     result = train_method(args.method, args.data_root, args.backbone, args.out, _train_config(args), method_config,
-                          dataset=args.dataset, resume=args.resume, join=args.join, captions=args.captions)
+                          dataset=args.dataset, resume=args.resume, join=args.join, captions=args.captions,
+                          feature_cache=args.feature_cache)
     losses = ", ".join(f"{x:.3f}" for x in result.losses)
     print(f"trained {args.method} for {result.epochs_done} epochs ({result.seconds:.0f} s); epoch losses: {losses}")
     print(f"checkpoint: {args.out}")
@@ -407,6 +408,9 @@ def _add_train_parser(sub) -> None:
                    help="zero-shot methods (mapcompose): synthetic triplets for stage II (0: stage I only)")
     p.add_argument("--stage2-epochs", type=int, default=None,
                    help="zero-shot methods: stage II epochs (default: --epochs)")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="keep a frozen image stage's outputs (csmcir's ViT) on disk here, shared by later runs with "
+                        "the same backbone and preprocessing")
     _add_train_options(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train)
 

@@ -16,7 +16,7 @@ import torch
 
 from cirlab.errors import CirlabError
 
-BACKENDS = ("exact", "faiss")
+BACKENDS = ("exact", "faiss", "milvus")
 FAISS_KINDS = ("flat", "ivf", "hnsw")
 FAISS_DEFAULTS = {"nlist": 0, "nprobe": 16, "hnsw_m": 32, "ef_construction": 80, "ef_search": 64}
 
@@ -97,11 +97,78 @@ class FaissBackend:
         return scores, rows  # rows of -1 (IVF with too few probed cells) are dropped by the caller
 
 
+class MilvusBackend:
+    """A Milvus collection (pymilvus; a local milvus-lite file when `uri` is a path, a Milvus server when it is a
+    URL), for galleries larger than one machine. Rows are stored with their row number as primary key, scored by
+    inner product. `index_type`: FLAT (exact; the only one milvus-lite offers), or IVF_FLAT / HNSW on a server.
+
+    A collection is written once and never changed: the persistent index (`store.py`) writes each generation to
+    a collection of its own, names it in the manifest, and drops the older ones after the commit, so a kill
+    leaves the manifest's collection whole."""
+
+    BATCH = 5000  # rows per insert call
+
+    def __init__(self, client, collection: str):
+        self.client, self.collection = client, collection
+        self.count = int(client.get_collection_stats(collection)["row_count"])
+
+    @staticmethod
+    def connect(uri: str):
+        try:
+            from pymilvus import MilvusClient
+        except ImportError as e:
+            raise CirlabError("the milvus backend needs pymilvus (and milvus-lite for a local file): "
+                              "pip install 'cirlab[milvus]'") from e
+        return MilvusClient(uri)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, uri: str, collection: str, index_type: str = "FLAT") -> "MilvusBackend":
+        client = cls.connect(uri)
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if client.has_collection(collection):
+            client.drop_collection(collection)  # left by a writer killed before its commit
+        index = client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=index_type, metric_type="IP")
+        client.create_collection(collection, dimension=x.shape[1], metric_type="IP", id_type="int",
+                                 auto_id=False, index_params=index)
+        for lo in range(0, len(x), cls.BATCH):
+            client.insert(collection, [{"id": lo + i, "vector": v.tolist()} for i, v in enumerate(x[lo:lo + cls.BATCH])])
+        client.flush(collection)
+        return cls(client, collection)
+
+    @classmethod
+    def open(cls, uri: str, collection: str) -> "MilvusBackend":
+        client = cls.connect(uri)
+        if not client.has_collection(collection):
+            raise CirlabError(f"Milvus at {uri} has no collection {collection!r}; rebuild the index")
+        client.load_collection(collection)
+        return cls(client, collection)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def search(self, queries: np.ndarray, k: int) -> tuple:
+        k = min(k, len(self))
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        rows = np.full((len(queries), k), -1, np.int64)
+        if k == 0:
+            return scores, rows
+        found = self.client.search(self.collection, data=np.asarray(queries, np.float32).tolist(), limit=k,
+                                   search_params={"metric_type": "IP"})
+        for b, hits in enumerate(found):
+            for j, hit in enumerate(hits[:k]):
+                scores[b, j], rows[b, j] = hit["distance"], hit["id"]
+        return scores, rows
+
+
 def make_backend(name: str, vectors: np.ndarray, kind: str = "flat", **params):
+    """An in-process backend over `vectors` (Milvus collections are built by the index store, which names them)."""
     if name == "exact":
         return ExactBackend(vectors)
     if name == "faiss":
         return FaissBackend(vectors, kind, **params)
+    if name == "milvus":
+        raise CirlabError("a milvus backend lives in a named collection: build it through ImageIndex")
     raise CirlabError(f"unknown index backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -4,7 +4,8 @@ Layout of INDEX/:
 - `manifest.json`: format version, generation g, checkpoint (path and identity), method, dimension, tokens per
   item, backend and its parameters, item count, and the names of generation g's files;
 - `vectors-g.npy` (N, K, D) float32, `items-g.jsonl` (id, path, caption per item, in vector order) and, for FAISS,
-  `faiss-g.index`;
+  `faiss-g.index`; for Milvus, the collection `<collection>_g<g>` (at `params.uri`: by default a milvus-lite file
+  `milvus.db` in the folder), written whole before the commit, older generations' collections dropped after it;
 - `images/`: image files uploaded through the service (built items point to their original files).
 
 Every write makes generation g+1's files (each written to a temporary name, flushed, fsynced and renamed), then
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cirlab.errors import CirlabError
-from cirlab.index.backends import FaissBackend, fold_tokens, make_backend
+from cirlab.index.backends import FaissBackend, MilvusBackend, fold_tokens, make_backend
 from cirlab.types import SearchHit
 
 FORMAT = 1
@@ -101,7 +102,12 @@ class ImageIndex:
                     "checkpoint_id": checkpoint_id, "method": method, "dim": int(vectors.shape[2]),
                     "tokens": int(vectors.shape[1]), "backend": backend, "params": dict(params or {}), "count": 0,
                     "files": {}}
-        make_backend(backend, np.zeros((0, vectors.shape[2]), np.float32), **manifest["params"])  # fail early
+        if backend == "milvus":  # a local milvus-lite file inside the index unless a uri is given
+            manifest["params"] = {"uri": str(folder.resolve() / "milvus.db"), "collection": "cirlab",
+                                  "index_type": "FLAT"} | manifest["params"]
+            MilvusBackend.connect(manifest["params"]["uri"])  # fail early
+        else:
+            make_backend(backend, np.zeros((0, vectors.shape[2]), np.float32), **manifest["params"])  # fail early
         with _exclusive(folder):
             cls._commit(folder, manifest, _dedupe(ids), list(paths), list(captions or [""] * len(ids)), vectors)
         return cls(folder)
@@ -122,6 +128,8 @@ class ImageIndex:
         flat = vectors.reshape(-1, vectors.shape[2])
         if files.get("faiss"):
             backend = FaissBackend.read(self.folder / files["faiss"])
+        elif files.get("milvus_collection"):
+            backend = MilvusBackend.open(manifest["params"]["uri"], files["milvus_collection"])
         else:
             backend = make_backend(manifest["backend"], flat, **manifest["params"])
         ids = tuple(r["id"] for r in rows)
@@ -142,8 +150,19 @@ class ImageIndex:
             built = make_backend("faiss", vectors.reshape(-1, vectors.shape[2]), **manifest["params"])
             files["faiss"] = f"faiss-{g}.index"
             _write_atomic(folder / files["faiss"], lambda f: f.write(faiss.serialize_index(built.index).tobytes()))
+        milvus = None
+        if manifest["backend"] == "milvus":  # one collection per generation, named by the manifest
+            p = manifest["params"]
+            files["milvus_collection"] = f"{p['collection']}_g{g}"
+            milvus = MilvusBackend.build(vectors.reshape(-1, vectors.shape[2]), p["uri"], files["milvus_collection"],
+                                         p.get("index_type", "FLAT"))
         new = manifest | {"generation": g, "count": len(ids), "files": files}
         _write_atomic(folder / MANIFEST, lambda f: f.write((json.dumps(new, indent=1) + "\n").encode()))
+        if milvus is not None:
+            stale = re.compile(re.escape(manifest["params"]["collection"]) + r"_g\d+$")
+            for name in milvus.client.list_collections():
+                if stale.match(name) and name != files["milvus_collection"]:
+                    milvus.client.drop_collection(name)
         for old in folder.iterdir():  # files of other generations, and temporary files of killed writers
             if re.match(r"^(vectors|items|faiss)-\d+\.", old.name) and old.name not in files.values() \
                     or old.name.startswith(".") and ".tmp-" in old.name:

@@ -70,18 +70,36 @@ class FrozenFeatureStore:
 
     When a method's first image stage does not train (csmcir's ViT), encoding each image once and keeping the
     result makes every later epoch skip that stage. Features are computed on first use, in chunks, under no_grad,
-    with the encoder in eval mode, and kept in memory (float32).
+    with the encoder in eval mode, and kept in memory (float32), or, with `cache` (training/feature_cache.py), on
+    disk, memory-mapped and shared by every later run on the same backbone and preprocessing.
     """
 
-    def __init__(self, store: PixelStore, encoder, chunk: int = 256):
-        self.store, self.encoder, self.chunk = store, encoder, chunk
+    def __init__(self, store: PixelStore, encoder, chunk: int = 256, cache=None):
+        self.store, self.encoder, self.chunk, self.cache = store, encoder, chunk, cache
         self._feats: dict = {}
 
+    def _have(self, name: str) -> bool:
+        return name in self.cache if self.cache is not None else name in self._feats
+
     def pixels(self, names) -> torch.Tensor:
-        todo = list(dict.fromkeys(n for n in names if n not in self._feats))
+        todo = list(dict.fromkeys(n for n in names if not self._have(n)))
         for lo in range(0, len(todo), self.chunk):
             part = todo[lo:lo + self.chunk]
             with torch.no_grad():
                 out = self.encoder(self.store.pixels(part)).float().cpu()
-            self._feats.update(zip(part, out))
+            if self.cache is not None:
+                self.cache.add(part, out)
+            else:
+                self._feats.update(zip(part, out))
+        if self.cache is not None:
+            return self.cache.get(list(names))
         return torch.stack([self._feats[n] for n in names])
+
+
+def frozen_feature_cache(model, root, tag: str = "frozen_image_stage", dtype: str = "float32"):
+    """The on-disk FeatureCache of `model`'s frozen image stage, keyed by the backbone's weights, the
+    preprocessing and `tag`."""
+    from cirlab.training.feature_cache import FeatureCache, module_fingerprint
+
+    return FeatureCache(root, {"tag": tag, "method": model.name, "backbone": module_fingerprint(model.backbone.model),
+                               "preprocess": model.backbone.preprocess.key()}, dtype)

@@ -10,18 +10,19 @@ from cirlab.data.images import PixelStore
 from cirlab.data.readers import attach_captions, read_split
 from cirlab.errors import CirlabError
 from cirlab.methods import build_model, method_class
-from cirlab.training.data import FrozenFeatureStore, TripletSource
+from cirlab.training.data import FrozenFeatureStore, TripletSource, frozen_feature_cache
 from cirlab.training.loop import TrainConfig, TrainResult, fit
 
 
 def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method_config: dict | None = None,
                  dataset: str = "synth", split: str = "train", resume: bool = False, join: str = "and",
-                 captions=None, on_epoch=None) -> TrainResult:
+                 captions=None, on_epoch=None, feature_cache=None) -> TrainResult:
     """Train `method` on top of `backbone` (HF id or folder) and write a checkpoint folder to `out`.
 
     The loop's resumable state and metrics log live beside it in `<out>.train/`; the checkpoint folder is
     replaced whole after each epoch, so it always holds one complete epoch. `captions` is a caption cache (JSONL)
-    for the split's images; `on_epoch(model, out)` runs after each epoch's checkpoint is written.
+    for the split's images; `on_epoch(model, out)` runs after each epoch's checkpoint is written;
+    `feature_cache`, a folder, keeps a frozen image stage's outputs on disk across runs (training/feature_cache.py).
     """
     cls = method_class(method)
     if not cls.trainable:
@@ -39,7 +40,8 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
     store = PixelStore(data.gallery, model.backbone.preprocess)
     frozen = model.frozen_image_stage() if cfg.cache_frozen else None
     if frozen is not None:
-        store = FrozenFeatureStore(store, frozen)
+        cache = frozen_feature_cache(model, feature_cache) if feature_cache is not None else None
+        store = FrozenFeatureStore(store, frozen, cache=cache)
     source = TripletSource(data, store, model.needs_captions, cfg.group_by_reference, model.caption_level)
     def export(_):
         model.save(out)
