@@ -3,7 +3,7 @@ and recall@10 against exact search, for exact (torch), FAISS IVF-Flat and FAISS 
 
     python bench/search.py [--sizes 10000,100000,1000000] [--dim 256] [--queries 200] [--out bench.json]
 
-Vectors: `clusters` Gaussian centres, each point a centre plus noise, L2-normalised (scored by inner product, as
+Vectors: `clusters` Gaussian centres, each point a centre plus `spread` times Gaussian noise, L2-normalised (scored by inner product, as
 cirlab's features are). Queries come from the same distribution. Build time is printed too. Threads: torch and
 FAISS use every core they see.
 """
@@ -19,12 +19,12 @@ import numpy as np
 from cirlab.index import make_backend
 
 
-def sample(centres: np.ndarray, n: int, rng) -> np.ndarray:
+def sample(centres: np.ndarray, n: int, rng, spread: float = 1.0) -> np.ndarray:
     """n points: a random centre plus noise each, L2-normalised; made in chunks (1M x 256 floats is 1 GB)."""
     out = np.empty((n, centres.shape[1]), np.float32)
     for lo in range(0, n, 100_000):
         m = min(100_000, n - lo)
-        x = centres[rng.integers(len(centres), size=m)] + 0.5 * rng.normal(size=(m, centres.shape[1]))
+        x = centres[rng.integers(len(centres), size=m)] + spread * rng.normal(size=(m, centres.shape[1]))
         out[lo:lo + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--clusters", type=int, default=100)
+    ap.add_argument("--spread", type=float, default=1.0, help="noise around each centre (centres are N(0, 1))")
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-search", type=int, default=64)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     for n in map(int, args.sizes.split(",")):
         rng = np.random.default_rng(0)
         centres = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
-        x, q = sample(centres, n, rng), sample(centres, args.queries, rng)
+        x, q = sample(centres, n, rng, args.spread), sample(centres, args.queries, rng, args.spread)
         exact_rows = None
         for name, kind, params in (("exact", "flat", {}), ("faiss", "ivf", {"nprobe": args.nprobe}),
                                    ("faiss", "hnsw", {"hnsw_m": args.hnsw_m, "ef_search": args.ef_search})):
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
         del x
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"dim": args.dim, "queries": args.queries, "clusters": args.clusters, "rows": rows}, f,
-                      indent=1)
+            json.dump({"dim": args.dim, "queries": args.queries, "clusters": args.clusters, "spread": args.spread,
+                       "rows": rows}, f, indent=1)
     return 0
 
 

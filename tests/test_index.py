@@ -104,7 +104,7 @@ def test_kill_9_during_writes_leaves_the_last_complete_state(tmp_path):
     script.write_text(WRITER)
     rng = np.random.default_rng(0)
     counts = []
-    for trial in range(6):
+    for trial in range(4):
         proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ix"), str(trial)])
         time.sleep(1.5 + rng.uniform(0, 1.0))
         proc.send_signal(signal.SIGKILL)
@@ -186,7 +186,7 @@ def test_kill_9_during_index_add_keeps_a_loadable_index(sum_checkpoint, gallery,
     many.mkdir()
     for p in sorted((Path(world) / "test1").glob("*.png"))[100:500]:
         os.symlink(p, many / p.name)
-    for delay in (0.5, 2.0, 3.5, 5.0, 7.0):
+    for delay in (1.0, 3.0, 5.0):
         proc = subprocess.Popen(CLI + ["index", "add", str(tmp_path / "ix"), str(many), "--replace",
                                        "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)

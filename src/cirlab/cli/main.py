@@ -87,9 +87,25 @@ def cmd_train(args) -> None:
         out = save_zero_shot(args.method, args.backbone, args.out, method_config)
         print(f"{args.method} is zero-shot: saved its checkpoint to {out}")
         return
-    result = train_method(args.method, args.data_root, args.backbone, args.out, _train_config(args), method_config,
-                          dataset=args.dataset, resume=args.resume, join=args.join, captions=args.captions,
-                          feature_cache=args.feature_cache)
+    kwargs = dict(method=args.method, data_root=args.data_root, backbone=args.backbone, out=args.out,
+                  cfg=_train_config(args), method_config=method_config, dataset=args.dataset, resume=args.resume,
+                  join=args.join, captions=args.captions, feature_cache=args.feature_cache)
+    if args.nproc > 1:
+        from cirlab.training.distributed import launch
+
+        launch(train_method, args.nproc, args.device, **kwargs)
+        log = Path(args.out).with_name(Path(args.out).name + ".train") / "metrics.jsonl"
+        epochs = [json.loads(x)["epoch_loss"] for x in log.read_text().splitlines() if "epoch_loss" in x]
+        print(f"trained {args.method} in {args.nproc} processes (global batch {args.nproc * args.batch_size}); "
+              f"epoch losses: {', '.join(f'{x:.3f}' for x in epochs)}")
+        print(f"checkpoint: {args.out}")
+        return
+    if args.nproc < 1:
+        raise CirlabError(f"--nproc must be at least 1, got {args.nproc}")
+    from cirlab.training.distributed import init_from_torchrun
+
+    init_from_torchrun(args.device)  # under torchrun: join its group; otherwise one process
+    result = train_method(**kwargs)
     losses = ", ".join(f"{x:.3f}" for x in result.losses)
     print(f"trained {args.method} for {result.epochs_done} epochs ({result.seconds:.0f} s); epoch losses: {losses}")
     print(f"checkpoint: {args.out}")
@@ -191,6 +207,14 @@ def cmd_data_check(args) -> int:
     report = check_data(args.dataset, args.data_root)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
+
+
+def cmd_bench(args) -> None:
+    from cirlab.bench import run_bench
+
+    doc = run_bench(args.out, quick=args.quick, device=args.device)
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"written: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'} ({doc['seconds']} s)")
 
 
 def cmd_caption(args) -> None:
@@ -376,6 +400,12 @@ def _add_research_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
+    p = sub.add_parser("bench", help="throughput and memory per method, memory-bank overhead, feature-cache speedup")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="fewer steps and images (a few minutes on 2 cores)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("viz", help="figures of a checkpoint's embedding space")
     viz_sub = p.add_subparsers(dest="viz_command", required=True)
     p = viz_sub.add_parser("tsne", help="t-SNE of queries, target images and target captions (PNG + JSON figures)")
@@ -408,6 +438,9 @@ def _add_train_parser(sub) -> None:
                    help="zero-shot methods (mapcompose): synthetic triplets for stage II (0: stage I only)")
     p.add_argument("--stage2-epochs", type=int, default=None,
                    help="zero-shot methods: stage II epochs (default: --epochs)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA); --batch-size is per "
+                        "process; under torchrun leave it at 1")
     p.add_argument("--feature-cache", metavar="DIR",
                    help="keep a frozen image stage's outputs (csmcir's ViT) on disk here, shared by later runs with "
                         "the same backbone and preprocessing")

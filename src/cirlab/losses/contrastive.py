@@ -1,8 +1,41 @@
-"""Contrastive losses over a batch (row i of the queries matches row i of the targets)."""
+"""Contrastive losses over a batch (row i of the queries matches row i of the targets).
+
+In a process group (multi-process training) the batch is the global one: each rank's rows are scored against
+every rank's columns, gathered with gradients, and labelled by their global position; gradients averaged across
+ranks then equal those of one process with the whole batch.
+"""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+
+def _group() -> tuple:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` concatenated in rank order, (W*B, ...); gradients flow back to each rank's own part."""
+    _, world = _group()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
+def global_labels(b: int, device=None) -> torch.Tensor:
+    """The columns of this rank's b rows among the gathered targets: rank * b + (0..b-1)."""
+    return torch.arange(b, device=device) + _group()[0] * b
+
+
+def global_info_nce(q: torch.Tensor, t: torch.Tensor, scale) -> torch.Tensor:
+    """InfoNCE of this rank's queries (B, D) against the targets of the whole global batch."""
+    logits = scale * q @ gather(t).t()  # (B, W*B)
+    return F.cross_entropy(logits, global_labels(q.shape[0], q.device))
 
 
 def info_nce(logits: torch.Tensor) -> torch.Tensor:
@@ -12,6 +45,10 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric image-text contrastive loss on L2-normalised features (B, D), scale = exp(logit_scale)."""
-    logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (B, B)
-    return 0.5 * (info_nce(logits) + info_nce(logits.t()))
+    """Symmetric image-text contrastive loss on L2-normalised features (B, D), scale = exp(logit_scale), over the
+    global batch."""
+    scale = logit_scale.exp().clamp(max=100)
+    if _group()[1] == 1:
+        logits = scale * a @ b.t()  # (B, B)
+        return 0.5 * (info_nce(logits) + info_nce(logits.t()))
+    return 0.5 * (global_info_nce(a, b, scale) + global_info_nce(b, a, scale))

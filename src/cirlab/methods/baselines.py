@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cirlab.layers.combiner import Combiner
-from cirlab.losses import info_nce
+from cirlab.losses import global_info_nce
 from cirlab.methods.base import CIRModel, MethodConfig, register
 from cirlab.types import Batch, LossOutput
 
@@ -82,5 +82,5 @@ class CombinerModel(ClipFeatures):
     def loss(self, batch: Batch) -> LossOutput:
         q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
         t = self.encode_target(batch.tgt_pixels)  # (B, D)
-        loss = info_nce(self.config.logit_scale * q @ t.t())
+        loss = global_info_nce(q, t, self.config.logit_scale)  # against every rank's targets
         return LossOutput(loss, {"nce": loss.item()})

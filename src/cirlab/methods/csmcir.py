@@ -36,10 +36,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cirlab.layers.memory_bank import MemoryBank, MemoryBankConfig
-from cirlab.losses import info_nce
+from cirlab.losses import gather, global_labels
 from cirlab.methods.base import CIRModel, MethodConfig, register
 from cirlab.types import Batch, LossOutput
 
@@ -144,7 +145,7 @@ class Csmcir(CIRModel):
         q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
         t = self.encode_target(batch.tgt_pixels, batch.tgt_captions)  # (B, D) or (B, K, D)
         scale = self.logit_scale.exp().clamp(max=100)
-        logits = scale * self.similarity(q, t)  # (B, B)
+        logits = scale * self.similarity(q, gather(t))  # (B, W*B): every rank's targets; the bank stays local
         ids = torch.tensor([image_id(n) for n in batch.target_names], device=q.device)
         step = int(self.step)
         negs, valid = self.bank.negatives(q, ids, step, self._bank_similarity)  # (B, n, K*D), (B, n)
@@ -155,7 +156,7 @@ class Csmcir(CIRModel):
             # empty slots get a large finite negative, not -inf: -inf times the temperature's gradient is NaN
             neg_logits = torch.where(valid, neg_logits, torch.full_like(neg_logits, -1e4))
             logits = torch.cat([logits, neg_logits], dim=1)  # (B, B + n)
-        loss = info_nce(logits)
+        loss = F.cross_entropy(logits, global_labels(q.shape[0], q.device))
         self.bank.push(t.detach().reshape(t.shape[0], -1), ids, step)
         self.step += 1
         return LossOutput(loss, {"nce": loss.item(), "bank_negatives": float(n_neg)})

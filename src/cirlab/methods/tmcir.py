@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cirlab.layers.token_fusion import AdaptiveTokenFusion
-from cirlab.losses import info_nce
+from cirlab.losses import global_info_nce
 from cirlab.methods.baselines import ClipFeatures
 from cirlab.methods.base import MethodConfig, register
 from cirlab.types import Batch, LossOutput
@@ -90,6 +90,6 @@ class Tmcir(ClipFeatures):
         out = self.fuse(batch.ref_pixels, batch.texts)
         q = self.normalise(out["pooled"])
         t = self.encode_target(batch.tgt_pixels)
-        loss = info_nce(self.logit_scale.exp().clamp(max=100) * q @ t.t())
+        loss = global_info_nce(q, t, self.logit_scale.exp().clamp(max=100))
         merged_per_query = out["merged"].any(1).sum(1).float().mean().item()
         return LossOutput(loss, {"nce": loss.item(), "merged_text_tokens": merged_per_query})

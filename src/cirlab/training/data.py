@@ -81,7 +81,8 @@ class FrozenFeatureStore:
     def _have(self, name: str) -> bool:
         return name in self.cache if self.cache is not None else name in self._feats
 
-    def pixels(self, names) -> torch.Tensor:
+    def fill(self, names) -> None:
+        """Compute and keep the features of `names` that are not kept yet."""
         todo = list(dict.fromkeys(n for n in names if not self._have(n)))
         for lo in range(0, len(todo), self.chunk):
             part = todo[lo:lo + self.chunk]
@@ -91,6 +92,9 @@ class FrozenFeatureStore:
                 self.cache.add(part, out)
             else:
                 self._feats.update(zip(part, out))
+
+    def pixels(self, names) -> torch.Tensor:
+        self.fill(names)
         if self.cache is not None:
             return self.cache.get(list(names))
         return torch.stack([self._feats[n] for n in names])

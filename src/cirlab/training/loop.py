@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cirlab.errors import CirlabError
+from cirlab.training.distributed import Rank, average_gradients, barrier, current, mean_across_ranks
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -118,11 +119,13 @@ def _optimizer(module: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> t
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total_steps))
 
 
-def _accumulate(module, data: BatchSource, order: list, step_in_epoch: int, cfg: TrainConfig, device) -> tuple:
-    """Forward and backward over `grad_accum` micro-batches; returns the step's mean loss and named parts."""
+def _accumulate(module, data: BatchSource, order: list, step_in_epoch: int, cfg: TrainConfig, device,
+                rank: Rank) -> tuple:
+    """Forward and backward over `grad_accum` micro-batches (this rank's slice of each global micro-batch), then
+    gradients averaged across ranks; returns the step's mean loss (this rank's) and named parts."""
     loss, parts = 0.0, {}
     for a in range(cfg.grad_accum):
-        lo = (step_in_epoch * cfg.grad_accum + a) * cfg.batch_size
+        lo = ((step_in_epoch * cfg.grad_accum + a) * rank.world + rank.rank) * cfg.batch_size
         batch = data.batch(order[lo:lo + cfg.batch_size]).to(device)
         with _autocast(cfg, device):
             out = module.loss(batch)
@@ -130,17 +133,23 @@ def _accumulate(module, data: BatchSource, order: list, step_in_epoch: int, cfg:
         loss += out.loss.item() / cfg.grad_accum
         for k, v in out.parts.items():
             parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+    average_gradients(module)
     return loss, parts
 
 
 def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path, resume: bool = False,
         export: Callable[[Path], None] | None = None, desc: str = "train") -> TrainResult:
-    """Train `module` (anything with `loss(batch) -> LossOutput`) on `data`; returns per-epoch mean losses."""
+    """Train `module` (anything with `loss(batch) -> LossOutput`) on `data`; returns per-epoch mean losses.
+
+    In a process group (training/distributed.py) `batch_size` is per rank, each rank trains on its slice of every
+    global batch, and only rank 0 writes the log, the state and the export; the losses returned are the ranks'
+    mean."""
+    rank = current()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
+    device = torch.device(f"cuda:{rank.rank}" if cfg.device == "cuda" and rank.world > 1 else cfg.device)
     module.to(device)
-    steps_per_epoch = max(1, len(data) // (cfg.batch_size * cfg.grad_accum))
+    steps_per_epoch = max(1, len(data) // (cfg.batch_size * cfg.grad_accum * rank.world))
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     opt, sched = _optimizer(module, cfg, steps_per_epoch * cfg.epochs)
@@ -152,7 +161,7 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, losses = state["epoch"], state["step"], state["losses"]
-    logger = _Logger(out, resume and state_path.exists())
+    logger = _Logger(out, resume and state_path.exists()) if rank.main else None
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         module.train()
@@ -161,25 +170,27 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
         order = torch.randperm(len(data), generator=gen).tolist()
         epoch_loss = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress, mininterval=1.0)
+                   disable=not cfg.progress or not rank.main, mininterval=1.0)
         for s in bar:
             opt.zero_grad(set_to_none=True)
-            loss, parts = _accumulate(module, data, order, s, cfg, device)
+            loss, parts = _accumulate(module, data, order, s, cfg, device, rank)
             opt.step()
             sched.step()
             step += 1
             epoch_loss += loss
             bar.set_postfix(loss=f"{loss:.3f}")
-            if step % cfg.log_every == 0:
+            if step % cfg.log_every == 0 and logger is not None:
                 logger.log({"step": step, "epoch": epoch, "loss": loss, "lr": sched.get_last_lr()[0],
                             **{f"loss/{k}": v for k, v in parts.items()}})
-        losses.append(epoch_loss / steps_per_epoch)
-        logger.log({"step": step, "epoch": epoch + 1, "epoch_loss": losses[-1], "seconds": time.time() - t0})
-        if export is not None:
-            module.eval()
-            export(out)
-        _atomic_save({"model": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "epoch": epoch + 1, "step": step, "losses": losses, "config": dataclasses.asdict(cfg)},
-                     state_path)
+        losses.append(mean_across_ranks(epoch_loss / steps_per_epoch))
+        if rank.main:
+            logger.log({"step": step, "epoch": epoch + 1, "epoch_loss": losses[-1], "seconds": time.time() - t0})
+            if export is not None:
+                module.eval()
+                export(out)
+            _atomic_save({"model": module.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "epoch": epoch + 1, "step": step, "losses": losses,
+                          "config": dataclasses.asdict(cfg)}, state_path)
+        barrier()  # no rank starts the next epoch (or returns) before the checkpoint is written
     module.eval()
     return TrainResult(cfg.epochs, step, losses, time.time() - t0)

@@ -11,6 +11,7 @@ from cirlab.data.readers import attach_captions, read_split
 from cirlab.errors import CirlabError
 from cirlab.methods import build_model, method_class
 from cirlab.training.data import FrozenFeatureStore, TripletSource, frozen_feature_cache
+from cirlab.training.distributed import barrier, current
 from cirlab.training.loop import TrainConfig, TrainResult, fit
 
 
@@ -40,7 +41,13 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
     store = PixelStore(data.gallery, model.backbone.preprocess)
     frozen = model.frozen_image_stage() if cfg.cache_frozen else None
     if frozen is not None:
-        cache = frozen_feature_cache(model, feature_cache) if feature_cache is not None else None
+        cache = None
+        if feature_cache is not None:  # rank 0 fills the cache; the other ranks then only read it
+            if current().main:
+                names = sorted({n for q in data.queries if q.targets for n in (q.reference, q.targets[0])})
+                FrozenFeatureStore(store, frozen, cache=frozen_feature_cache(model, feature_cache)).fill(names)
+            barrier()
+            cache = frozen_feature_cache(model, feature_cache)
         store = FrozenFeatureStore(store, frozen, cache=cache)
     source = TripletSource(data, store, model.needs_captions, cfg.group_by_reference, model.caption_level)
     def export(_):

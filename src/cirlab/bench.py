@@ -1,0 +1,203 @@
+"""`cirlab bench --out DIR [--quick]`: throughput and memory per method, csmcir's memory-bank overhead and the
+frozen-feature cache's speedup, on the synthetic world; writes `DIR/bench.json` and `DIR/bench.md`.
+
+Per method (`methods`), each measured in a fresh process so that its peak resident memory is its own:
+- `train_samples_per_s`: triplets (zero-shot methods: stage I's image-caption pairs) per second through forward,
+  backward and an AdamW step, after warm-up steps; frozen image stages pre-computed in memory, as training does;
+- `eval_images_per_s`: gallery images per second through `encode_target` (decoded and resized beforehand);
+- `peak_rss_mb`: the process's peak resident memory.
+csmcir's `bank_overhead_pct`: step time with the entropy memory bank (full) over the step without, minus one, in
+percent. `cache_speedup`: csmcir's training samples per second with the frozen ViT's outputs read from the on-disk
+cache (training/feature_cache.py) over recomputing the ViT every step, on a BLIP-2 whose frozen ViT has about five
+times the Q-Former's parameters (BLIP-2 ViT-g: 1.0 B against 0.19 B). Backbones are built from configs with random
+weights: speed does not depend on them. On a GPU (`--device cuda`) the same figures are taken there.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {"quick": {"steps": 20, "warmup": 3, "batch": 32, "eval_images": 512},
+         "full": {"steps": 50, "warmup": 5, "batch": 64, "eval_images": 2048}}
+CLIP = {"patch_size": 16, "width": 128, "layers": 4, "dim": 128}
+BLIP2 = {"vision_width": 128, "vision_layers": 4, "qformer_width": 128, "qformer_layers": 2, "dim": 128}
+# the cache-speedup backbone: a ViT of 12 layers of width 256 (9.7 M parameters) against a Q-Former of 2 layers of
+# width 36 whose 49,408-word table dominates (1.9 M): 5.2 to 1, as ViT-g (1.0 B) to BLIP-2's Q-Former (0.19 B)
+BIG_VIT = {"vision_width": 256, "vision_layers": 12, "qformer_width": 36, "qformer_layers": 2, "dim": 128}
+
+
+def _backbone(kind: str, spec: dict, device: str):
+    from cirlab.backbones import tiny_backbone
+
+    torch.manual_seed(0)
+    bb = tiny_backbone(kind, **spec)
+    if kind == "blip2":
+        bb.model.vision_model.requires_grad_(False)  # csmcir's default: the ViT is frozen
+    bb.model.to(device)
+    return bb
+
+
+def _source(model, data, size: dict, zero_shot: bool):
+    from cirlab.data.images import PixelStore
+    from cirlab.training.data import FrozenFeatureStore, PairSource, TripletSource
+
+    store = PixelStore(data.gallery, model.backbone.preprocess)
+    frozen = model.frozen_image_stage()
+    if frozen is not None:
+        store = FrozenFeatureStore(store, frozen)
+    if zero_shot:
+        names = sorted(n for n in data.gallery if n in data.captions)
+        return PairSource(names, data.captions, store)
+    return TripletSource(data, store, model.needs_captions)
+
+
+def _steps_per_s(model, source, size: dict, device: str) -> float:
+    """Seconds per step over `steps` steps after `warmup`, as samples per second."""
+    from cirlab.training.loop import TrainConfig, _optimizer
+
+    opt, _ = _optimizer(model, TrainConfig(lr=1e-4), 1000)
+    model.train()
+    b = size["batch"]
+    batches = [source.batch(list(range(i * b, (i + 1) * b))) for i in range(size["warmup"] + size["steps"])]
+    for n, batch in enumerate(batches):
+        if n == size["warmup"]:
+            t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model.loss(batch.to(device)).loss.backward()
+        opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return size["steps"] * b / (time.perf_counter() - t)
+
+
+def measure_method(name: str, data_root: str, size: dict, device: str = "cpu") -> dict:
+    """One method's row (run it in a process of its own for a meaningful peak_rss_mb)."""
+    from cirlab.data.images import PixelStore
+    from cirlab.data.readers import read_split
+    from cirlab.methods import build_model, method_class
+
+    cls = method_class(name)
+    spec = CLIP if cls.backbone_kind == "clip" else BLIP2
+    zero_shot = getattr(cls, "zero_shot", False)
+    config = {"stage": "mapping"} if zero_shot else None
+    model = build_model(name, _backbone(cls.backbone_kind, spec, device), config)
+    data = read_split("synth", data_root, "train")
+    row = {"train_samples_per_s": None}
+    if cls.trainable:
+        row["train_samples_per_s"] = round(_steps_per_s(model, _source(model, data, size, zero_shot), size,
+                                                        device), 1)
+    test = read_split("synth", data_root, "test1")
+    names = sorted(test.gallery)[:size["eval_images"]]
+    pixels = PixelStore(test.gallery, model.backbone.preprocess)
+    px = pixels.pixels(names)
+    caps = test.caption_texts(names, model.caption_level) if model.needs_captions else None
+    model.eval()
+    with torch.no_grad():
+        model.encode_target(px[:8].to(device), caps[:8] if caps else None)  # warm-up
+        t = time.perf_counter()
+        for lo in range(0, len(names), 64):
+            model.encode_target(px[lo:lo + 64].to(device), caps[lo:lo + 64] if caps else None)
+    row["eval_images_per_s"] = round(len(names) / (time.perf_counter() - t), 1)
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return row
+
+
+def bank_overhead(data_root: str, size: dict, device: str = "cpu") -> dict:
+    """csmcir steps per second without the memory bank and with the entropy bank once it is full."""
+    from cirlab.data.readers import read_split
+    from cirlab.methods import build_model
+
+    data = read_split("synth", data_root, "train")
+    rates = {}
+    for mode in ("off", "entropy"):
+        model = build_model("csmcir", _backbone("blip2", BLIP2, device),
+                            {"memory_bank": {"mode": mode, "warmup_steps": 0, "num_negatives": 64}})
+        source = _source(model, data, size, False)
+        if mode == "entropy":  # fill the bank first: the overhead of a full bank is the one that lasts
+            with torch.no_grad():
+                for i in range(model.bank.config.capacity // size["batch"] + 1):
+                    model.loss(source.batch(list(range(i * size["batch"], (i + 1) * size["batch"]))).to(device))
+        rates[mode] = _steps_per_s(model, source, size, device)
+    return {"bank_overhead_pct": round(100 * (rates["off"] / rates["entropy"] - 1), 1),
+            "train_samples_per_s_bank_off": round(rates["off"], 1),
+            "train_samples_per_s_bank_entropy": round(rates["entropy"], 1)}
+
+
+def cache_speedup(data_root: str, cache_dir: str, size: dict, device: str = "cpu") -> dict:
+    """csmcir on the big-ViT BLIP-2: samples per second recomputing the frozen ViT every step against reading its
+    outputs from the on-disk feature cache."""
+    from cirlab.data.images import PixelStore
+    from cirlab.data.readers import read_split
+    from cirlab.methods import build_model
+    from cirlab.training.data import FrozenFeatureStore, TripletSource, frozen_feature_cache
+
+    data = read_split("synth", data_root, "train")
+    model = build_model("csmcir", _backbone("blip2", BIG_VIT, device), {"memory_bank": {"mode": "off"}})
+    vit = sum(p.numel() for p in model.backbone.model.vision_model.parameters())
+    qformer = sum(p.numel() for n, p in model.backbone.model.named_parameters() if not n.startswith("vision_model"))
+    pixels = PixelStore(data.gallery, model.backbone.preprocess)
+    uncached = _steps_per_s(model, TripletSource(data, pixels, model.needs_captions), size, device)
+    cache = frozen_feature_cache(model, cache_dir)
+    store = FrozenFeatureStore(pixels, model.frozen_image_stage(), cache=cache)
+    b = size["batch"]
+    store.fill([n for q in data.queries[:(size["warmup"] + size["steps"]) * b] for n in (q.reference, q.targets[0])])
+    cached = _steps_per_s(model, TripletSource(data, store, model.needs_captions), size, device)
+    return {"cache_speedup": round(cached / uncached, 2), "train_samples_per_s_uncached": round(uncached, 1),
+            "train_samples_per_s_cached": round(cached, 1), "vision_params_m": round(vit / 1e6, 2),
+            "qformer_params_m": round(qformer / 1e6, 2), "vision_to_qformer": round(vit / qformer, 2)}
+
+
+def _in_process(fn, *args) -> dict:
+    """fn(*args) in a fresh spawned process (its own peak memory, no state shared with the others)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=print) -> dict:
+    from cirlab.demo import ensure_world
+    from cirlab.methods import REGISTRY
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = SIZES["quick" if quick else "full"]
+    data = out / "data"
+    t0 = time.time()
+    ensure_world(data, seed, "small", False, log)
+    doc = {"device": device, "quick": quick, "batch_size": size["batch"], "steps": size["steps"],
+           "threads": torch.get_num_threads(), "methods": {}}
+    for name in sorted(REGISTRY):
+        doc["methods"][name] = _in_process(measure_method, name, str(data), size, device)
+        log(f"[{time.time() - t0:6.1f}s] {name}: {doc['methods'][name]}")
+    doc["methods"]["csmcir"] |= _in_process(bank_overhead, str(data), size, device)
+    log(f"[{time.time() - t0:6.1f}s] csmcir bank overhead: {doc['methods']['csmcir']['bank_overhead_pct']}%")
+    doc["methods"]["csmcir"] |= _in_process(cache_speedup, str(data), str(out / "feature_cache"), size, device)
+    log(f"[{time.time() - t0:6.1f}s] csmcir cache speedup: {doc['methods']['csmcir']['cache_speedup']}x")
+    doc["seconds"] = round(time.time() - t0, 1)
+    (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "bench.md").write_text(markdown(doc))
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# cirlab bench ({doc['device']}, {'quick' if doc['quick'] else 'full'}, batch {doc['batch_size']}, "
+             f"{doc['threads']} threads)", "", "| method | train samples/s | eval images/s | peak RSS MB |",
+             "|---|---:|---:|---:|"]
+    for name, row in doc["methods"].items():
+        train = "-" if row["train_samples_per_s"] is None else f"{row['train_samples_per_s']:.1f}"
+        lines.append(f"| {name} | {train} | {row['eval_images_per_s']:.1f} | {row['peak_rss_mb']:.0f} |")
+    cs = doc["methods"]["csmcir"]
+    lines += ["", f"csmcir memory bank overhead: {cs['bank_overhead_pct']}% (samples/s "
+              f"{cs['train_samples_per_s_bank_off']} without, {cs['train_samples_per_s_bank_entropy']} with the "
+              "entropy bank, full)",
+              f"csmcir frozen-feature cache speedup: {cs['cache_speedup']}x (samples/s "
+              f"{cs['train_samples_per_s_uncached']} recomputing the ViT, {cs['train_samples_per_s_cached']} from "
+              f"the cache; ViT {cs['vision_params_m']} M parameters, Q-Former {cs['qformer_params_m']} M: "
+              f"{cs['vision_to_qformer']} to 1)", f"Wall time {doc['seconds']} s.", ""]
+    return "\n".join(lines)
