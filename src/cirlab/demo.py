@@ -38,7 +38,7 @@ ZERO_SHOT = {"mapcompose": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-
                              "triplets": 2000},
              "pic2word": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
                           "stage2": {}, "triplets": 0}}
-_QUICK_STAGE1 = ZERO_SHOT["mapcompose"]["stage1"] | {"epochs": 1}
+_QUICK_STAGE1 = ZERO_SHOT["mapcompose"]["stage1"] | {"epochs": 1, "steps_per_epoch": 30}  # a smoke test
 QUICK_ZERO_SHOT = {"mapcompose": {"stage1": _QUICK_STAGE1, "triplets": 500,
                                   "stage2": ZERO_SHOT["mapcompose"]["stage2"] | {"epochs": 2}},
                    "pic2word": {"stage1": _QUICK_STAGE1, "stage2": {}, "triplets": 0}}

@@ -7,6 +7,7 @@ usable level at all is counted as a failure and not cached, so the next run asks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from tqdm import tqdm
 
@@ -14,6 +15,7 @@ from cirlab.captioning.cache import CaptionCache
 from cirlab.captioning.prompt import (LEVELS, PROMPT_VERSION, MalformedAnswer, fallback_levels, messages,
                                       parse_answer, prompt_hash)
 from cirlab.data.readers import read_split
+from cirlab.errors import CirlabError
 
 
 @dataclass
@@ -31,37 +33,66 @@ def _record(image: str, levels: dict, model_id: str, fallback: bool) -> dict:
             "model": model_id, "prompt_version": PROMPT_VERSION, "prompt_hash": prompt_hash(), "fallback": fallback}
 
 
+class _Captioner:
+    """Captions one batch: generate, parse, one repair prompt for malformed answers, then the partial fallback."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, chunk: list) -> list:
+        answers = self.backend.generate([p for _, p in chunk], [messages() for _ in chunk])
+        out, retry = [], []
+        for n, ((name, path), text) in enumerate(zip(chunk, answers)):
+            try:
+                out.append({"levels": parse_answer(text), "fallback": False, "repaired": False})
+            except MalformedAnswer:
+                out.append(None)
+                retry.append((n, path, text))
+        if retry:
+            again = self.backend.generate([p for _, p, _ in retry], [messages(repair_of=t) for _, _, t in retry])
+            for (n, _, _), text in zip(retry, again):
+                try:
+                    out[n] = {"levels": parse_answer(text), "fallback": False, "repaired": True}
+                except MalformedAnswer as e:
+                    levels = fallback_levels(e.levels)
+                    out[n] = {"levels": levels, "fallback": True, "repaired": False} if levels else \
+                        {"levels": None, "fallback": False, "repaired": False}
+        model_id = self.backend.model_id
+        return [r | {"model": model_id} for r in out]
+
+
+def _captioner(backend_factory):
+    return _Captioner(backend_factory())
+
+
 def caption_images(items: list, backend, cache: CaptionCache, batch_size: int = 16, progress: bool = True,
-                   stats: CaptionStats | None = None) -> CaptionStats:
-    """Caption (name, path) items missing from the cache."""
+                   stats: CaptionStats | None = None, engine: str = "local", backend_factory=None,
+                   address: str | None = None, concurrency: int = 1) -> CaptionStats:
+    """Caption (name, path) items missing from the cache. With `engine="ray"`, `backend_factory` (picklable,
+    for example a functools.partial of `make_backend`) builds the captioner inside each of `concurrency` Ray
+    actors; the cache is written here either way."""
+    from cirlab.engines import run_batches
+
     stats = stats or CaptionStats()
     todo = [(n, p) for n, p in items if (n, PROMPT_VERSION) not in cache]
     stats.images += len(items)
     stats.cached += len(items) - len(todo)
+    if engine == "ray":
+        if backend_factory is None:
+            raise CirlabError("the ray engine needs a picklable backend_factory to build the captioner in each actor")
+        factory = partial(_captioner, backend_factory)
+    else:
+        factory = partial(_Captioner, backend)
     bar = tqdm(total=len(todo), desc="caption", disable=not progress, mininterval=1.0)
-    for lo in range(0, len(todo), batch_size):
-        chunk = todo[lo:lo + batch_size]
-        answers = backend.generate([p for _, p in chunk], [messages() for _ in chunk])
-        parsed, retry = {}, []
-        for (name, path), text in zip(chunk, answers):
-            try:
-                parsed[name] = (parse_answer(text), False)
-            except MalformedAnswer:
-                retry.append((name, path, text))
-        if retry:
-            again = backend.generate([p for _, p, _ in retry], [messages(repair_of=t) for _, _, t in retry])
-            for (name, _, _), text in zip(retry, again):
-                try:
-                    parsed[name] = (parse_answer(text), False)
-                    stats.repaired += 1
-                except MalformedAnswer as e:
-                    levels = fallback_levels(e.levels)
-                    if levels is None:
-                        stats.failures += 1
-                    else:
-                        parsed[name] = (levels, True)
-                        stats.fallbacks += 1
-        records = [_record(n, parsed[n][0], backend.model_id, parsed[n][1]) for n, _ in chunk if n in parsed]
+    for chunk, results in run_batches(todo, factory, batch_size, engine, address, concurrency):
+        records = []
+        for (name, _), r in zip(chunk, results):
+            if r["levels"] is None:
+                stats.failures += 1
+                continue
+            stats.repaired += r["repaired"]
+            stats.fallbacks += r["fallback"]
+            records.append(_record(name, r["levels"], r["model"], r["fallback"]))
         cache.append(records)
         stats.captioned += len(records)
         bar.update(len(chunk))
@@ -70,6 +101,7 @@ def caption_images(items: list, backend, cache: CaptionCache, batch_size: int = 
 
 
 def caption_split(dataset: str, data_root, split: str, backend, out, batch_size: int = 16,
-                  progress: bool = True, category: str | None = None) -> CaptionStats:
+                  progress: bool = True, category: str | None = None, **engine) -> CaptionStats:
+    """Caption the split's gallery into the cache `out`; `engine` holds caption_images' engine options."""
     data = read_split(dataset, data_root, split, category=category, require_gallery=True)
-    return caption_images(sorted(data.gallery.items()), backend, CaptionCache(out), batch_size, progress)
+    return caption_images(sorted(data.gallery.items()), backend, CaptionCache(out), batch_size, progress, **engine)

@@ -27,6 +27,15 @@ def _train_config(args, **extra):
                        progress=not args.no_progress, **extra)
 
 
+def add_engine_options(p) -> None:
+    """--engine local|ray for the batch jobs (cirlab.engines)."""
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: a Ray Data actor pool (a local Ray, or --ray-address)")
+    p.add_argument("--ray-address", help="the Ray cluster to join (ray://host:10001 or auto); default: a local Ray")
+    p.add_argument("--ray-actors", dest="concurrency_ray", type=int, default=2,
+                   help="ray: workers (actors) in the pool (default 2)")
+
+
 def _add_train_options(p, epochs: int, batch_size: int, lr: float):
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=batch_size)
@@ -224,12 +233,15 @@ def cmd_caption(args) -> None:
     if args.backend == "oracle" and args.dataset not in ("synth", "synth-circo"):
         raise CirlabError(f"the oracle captioner knows only the synthetic world; use --backend hf or openai for "
                           f"{args.dataset}")
-    backend = make_backend(args.backend, args.dataset, args.data_root, latency_s=args.oracle_latency,
-                           model=args.model, device=args.device, max_new_tokens=args.max_new_tokens,
-                           base_url=args.base_url, api_key=args.api_key, timeout_s=args.timeout,
-                           retries=args.retries, concurrency=args.concurrency)
-    stats = caption_split(args.dataset, args.data_root, args.split, backend, args.out, args.batch_size,
-                          progress=not args.no_progress, category=args.category)
+    from functools import partial
+
+    factory = partial(make_backend, args.backend, args.dataset, args.data_root, latency_s=args.oracle_latency,
+                      model=args.model, device=args.device, max_new_tokens=args.max_new_tokens,
+                      base_url=args.base_url, api_key=args.api_key, timeout_s=args.timeout, retries=args.retries,
+                      concurrency=args.concurrency)
+    stats = caption_split(args.dataset, args.data_root, args.split, factory(), args.out, args.batch_size,
+                          progress=not args.no_progress, category=args.category, engine=args.engine,
+                          backend_factory=factory, address=args.ray_address, concurrency=args.concurrency_ray)
     print(f"{stats.images} images: {stats.cached} already cached, {stats.captioned} captioned "
           f"({stats.repaired} after a repair prompt, {stats.fallbacks} fell back to a partial answer), "
           f"{stats.failures} failed; cache: {args.out}")
@@ -238,19 +250,23 @@ def cmd_caption(args) -> None:
 def cmd_edit(args) -> None:
     from cirlab.editing.run import edit_split
 
+    from functools import partial
+
     if args.backend == "oracle":
         from cirlab.editing.oracle import OracleEditor
 
         if args.dataset != "synth":
             raise CirlabError(f"the oracle editor knows only the synthetic world, not {args.dataset}")
-        editor = OracleEditor(args.data_root, args.split, args.imperfection, args.seed, args.oracle_latency)
+        factory = partial(OracleEditor, args.data_root, args.split, args.imperfection, args.seed,
+                          args.oracle_latency)
     else:
         from cirlab.editing.diffusion import DEFAULT_MODEL, DiffusersEditor
 
-        editor = DiffusersEditor(args.model or DEFAULT_MODEL, args.steps, args.guidance_scale,
-                                 args.image_guidance_scale, args.seed, args.device)
-    stats = edit_split(args.dataset, args.data_root, args.split, editor, args.out, args.n, args.batch_size,
-                       progress=not args.no_progress, limit=args.limit)
+        factory = partial(DiffusersEditor, args.model or DEFAULT_MODEL, args.steps, args.guidance_scale,
+                          args.image_guidance_scale, args.seed, args.device)
+    stats = edit_split(args.dataset, args.data_root, args.split, factory(), args.out, args.n, args.batch_size,
+                       progress=not args.no_progress, limit=args.limit, engine=args.engine, editor_factory=factory,
+                       address=args.ray_address, concurrency=args.concurrency_ray)
     print(f"{stats.triplets} triplets x {args.n}: {stats.cached} pseudo-targets already made, {stats.made} made; "
           f"manifest: {Path(args.out) / 'manifest.jsonl'}")
 
@@ -350,6 +366,7 @@ def _add_benchmark_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
     p.add_argument("--no-progress", action="store_true")
+    add_engine_options(p)
     p.set_defaults(func=cmd_caption)
 
 
@@ -375,6 +392,7 @@ def _add_edit_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
     p.add_argument("--no-progress", action="store_true")
+    add_engine_options(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("align-intent", help="TMCIR stage 1: fine-tune CLIP on (modification text, pseudo-target)")

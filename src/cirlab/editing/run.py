@@ -53,9 +53,32 @@ def safe_name(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
+class _Editor:
+    """Edits one batch of (query, sample) pairs: (image, info) each."""
+
+    def __init__(self, editor, data):
+        self.editor, self.data = editor, data
+
+    def __call__(self, chunk: list) -> list:
+        if hasattr(self.editor, "edit_batch"):
+            return self.editor.edit_batch(chunk, self.data)
+        return [self.editor.edit(q.key, q.reference, k) for q, k in chunk]
+
+
+def _editor(editor_factory, dataset: str, data_root, split: str):
+    return _Editor(editor_factory(), read_split(dataset, data_root, split))
+
+
 def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, batch_size: int = 32,
-               progress: bool = True, limit: int | None = None) -> EditStats:
-    """Make `n` pseudo-targets for each query with a target in the split (the first `limit` queries if given)."""
+               progress: bool = True, limit: int | None = None, engine: str = "local", editor_factory=None,
+               address: str | None = None, concurrency: int = 1) -> EditStats:
+    """Make `n` pseudo-targets for each query with a target in the split (the first `limit` queries if given).
+    With `engine="ray"`, `editor_factory` (picklable) builds the editor inside each of `concurrency` Ray actors;
+    images and the manifest are written here either way."""
+    from functools import partial
+
+    from cirlab.engines import run_batches
+
     if n < 1:
         raise CirlabError(f"the number of pseudo-targets per triplet must be at least 1, got {n}")
     data = read_split(dataset, data_root, split)
@@ -65,11 +88,14 @@ def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, bat
     manifest = EditManifest(out / MANIFEST)
     todo = [(q, k) for q in queries for k in range(n) if (q.key, k) not in manifest]
     stats = EditStats(len(queries), len(queries) * n, len(queries) * n - len(todo), 0)
+    if engine == "ray":
+        if editor_factory is None:
+            raise CirlabError("the ray engine needs a picklable editor_factory to build the editor in each actor")
+        factory = partial(_editor, editor_factory, dataset, data_root, split)
+    else:
+        factory = partial(_Editor, editor, data)
     bar = tqdm(total=len(todo), desc=f"edit ({editor.name})", disable=not progress, mininterval=1.0)
-    for lo in range(0, len(todo), batch_size):
-        chunk = todo[lo:lo + batch_size]
-        made = editor.edit_batch(chunk, data) if hasattr(editor, "edit_batch") else \
-            [editor.edit(q.key, q.reference, k) for q, k in chunk]
+    for chunk, made in run_batches(todo, factory, batch_size, engine, address, concurrency):
         records = []
         for (q, k), (img, info) in zip(chunk, made):
             rel = f"images/{safe_name(q.key)}-{k}.png"

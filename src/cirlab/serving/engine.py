@@ -81,31 +81,64 @@ def _captions_for(model, items: list, captions=None, captioner=None, work: Path 
     return [lookup(i, p) for i, p in items]
 
 
-@torch.no_grad()
-def embed_images(model, paths: list, captions: list | None = None, batch_size: int = 64,
-                 progress: bool = True) -> np.ndarray:
-    """encode_target of image files, (N, K, D) float32; images are decoded batch by batch, never all at once."""
-    out = []
-    model.eval()
-    for lo in tqdm(range(0, len(paths), batch_size), desc="embed images", disable=not progress,
-                   mininterval=1.0, unit="batch"):
-        pixels = model.backbone.preprocess([open_image(p) for p in paths[lo:lo + batch_size]])
-        caps = captions[lo:lo + batch_size] if model.needs_captions else None
-        feats = model.encode_target(pixels.to(model.backbone.device), caps).float().cpu()
-        out.append(feats if feats.dim() == 3 else feats[:, None, :])
-    return torch.cat(out).numpy() if out else np.zeros((0, 1, 1), np.float32)
+class _Embedder:
+    """encode_target of one batch of (path, caption) items: (K, D) float32 arrays."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, chunk: list) -> list:
+        m = self.model
+        pixels = m.backbone.preprocess([open_image(p) for p, _ in chunk])
+        feats = m.encode_target(pixels.to(m.backbone.device), [c for _, c in chunk] if m.needs_captions else None)
+        feats = feats.float().cpu()
+        return list((feats if feats.dim() == 3 else feats[:, None, :]).numpy())
+
+
+def _embedder(checkpoint: str):
+    import cirlab
+
+    return _Embedder(cirlab.load(checkpoint))
+
+
+def embed_images(model, paths: list, captions: list | None = None, batch_size: int = 64, progress: bool = True,
+                 engine: str = "local", checkpoint=None, address: str | None = None,
+                 concurrency: int = 1) -> np.ndarray:
+    """encode_target of image files, (N, K, D) float32; images are decoded batch by batch, never all at once.
+    With `engine="ray"` each of `concurrency` Ray actors loads `checkpoint` and embeds its batches."""
+    from functools import partial
+
+    from cirlab.engines import run_batches
+
+    items = list(zip(paths, captions or [""] * len(paths)))
+    position = {}
+    for n, item in enumerate(items):
+        position.setdefault(item, []).append(n)
+    factory = partial(_embedder, str(checkpoint)) if engine == "ray" else partial(_Embedder, model)
+    out = [None] * len(items)
+    bar = tqdm(total=len(items), desc="embed images", disable=not progress, mininterval=1.0, unit="img")
+    for chunk, vectors in run_batches(items, factory, batch_size, engine, address, concurrency):
+        for item, v in zip(chunk, vectors):
+            out[position[item].pop()] = v  # results may come back in any order
+        bar.update(len(chunk))
+    bar.close()
+    return np.stack(out).astype(np.float32) if out else np.zeros((0, 1, 1), np.float32)
 
 
 def build_index(checkpoint, images, out, backend: str = "exact", params: dict | None = None, captions=None,
-                captioner=None, batch_size: int = 64, progress: bool = True) -> ImageIndex:
-    """Embed every image under `images` with the checkpoint's target encoder into a new index at `out`."""
+                captioner=None, batch_size: int = 64, progress: bool = True, engine: str = "local",
+                address: str | None = None, concurrency: int = 1) -> ImageIndex:
+    """Embed every image under `images` with the checkpoint's target encoder into a new index at `out` (in this
+    process, or with `engine="ray"` in a pool of `concurrency` Ray actors)."""
     import cirlab
     from cirlab.evaluation.protocols import checkpoint_identity
 
     items = scan_images(images)
     model = cirlab.load(checkpoint)
     texts = _captions_for(model, items, captions, captioner, Path(out), progress)
-    vectors = embed_images(model, [p for _, p in items], texts, batch_size, progress)
+    vectors = embed_images(model, [p for _, p in items], texts, batch_size, progress, engine, checkpoint, address,
+                           concurrency)
     return ImageIndex.create(out, checkpoint=str(Path(checkpoint).resolve()),
                              checkpoint_id=checkpoint_identity(checkpoint), method=model.name, backend=backend,
                              params=params, ids=[i for i, _ in items], paths=[p for _, p in items], captions=texts,
