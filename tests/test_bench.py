@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from cirlab.bench import bank_overhead, cache_speedup, markdown, measure_method
 
-TINY = {"steps": 2, "warmup": 1, "batch": 8, "eval_images": 16}
+TINY = {"steps": 2, "warmup": 1, "batch": 8, "eval_images": 16, "bank_capacity": 16}
 
 
 def test_bench_rows_have_the_documented_fields(world, tmp_path):
-    rows = {name: measure_method(name, str(world), TINY) for name in ("sum", "combiner", "mapcompose")}
+    rows = {name: measure_method(name, str(world), TINY) for name in ("sum", "mapcompose")}
     assert rows["sum"]["train_samples_per_s"] is None  # nothing to train
-    for name in ("combiner", "mapcompose"):
+    for name in ("mapcompose",):
         assert rows[name]["train_samples_per_s"] > 0
     assert all(r["eval_images_per_s"] > 0 and r["peak_rss_mb"] > 50 for r in rows.values())
     csmcir = measure_method("csmcir", str(world), TINY) | bank_overhead(str(world), TINY) | \
@@ -20,4 +20,4 @@ def test_bench_rows_have_the_documented_fields(world, tmp_path):
     assert any((tmp_path / "cache").rglob("shard-*.npy"))  # the cached run read from disk
     text = markdown({"device": "cpu", "quick": True, "batch_size": 8, "threads": 1, "seconds": 1.0,
                      "methods": rows | {"csmcir": csmcir}})
-    assert "| combiner |" in text and "cache speedup" in text
+    assert "| mapcompose |" in text and "cache speedup" in text
