@@ -228,8 +228,8 @@ def test_a_service_without_a_key_refuses_writes(index_dir, tmp_path):
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed; .ci/run installs it "
-                                                         "with apt-get (apt-get install chromium)")
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is missing: `make test` (which "
+                    ".ci/run runs) installs it with apt-get when run as root; else apt-get install chromium")
 def test_the_web_page_searches_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import sync_playwright
 

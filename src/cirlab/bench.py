@@ -41,7 +41,7 @@ def _backbone(kind: str, spec: dict, device: str):
     return bb
 
 
-def _source(model, data, size: dict, zero_shot: bool):
+def _source(model, data, zero_shot: bool):
     from cirlab.data.images import PixelStore
     from cirlab.training.data import FrozenFeatureStore, PairSource, TripletSource
 
@@ -88,7 +88,7 @@ def measure_method(name: str, data_root: str, size: dict, device: str = "cpu") -
     data = read_split("synth", data_root, "train")
     row = {"train_samples_per_s": None}
     if cls.trainable:
-        row["train_samples_per_s"] = round(_steps_per_s(model, _source(model, data, size, zero_shot), size,
+        row["train_samples_per_s"] = round(_steps_per_s(model, _source(model, data, zero_shot), size,
                                                         device), 1)
     test = read_split("synth", data_root, "test1")
     names = sorted(test.gallery)[:size["eval_images"]]
@@ -118,7 +118,7 @@ def bank_overhead(data_root: str, size: dict, device: str = "cpu") -> dict:
         if "bank_capacity" in size:  # tests shrink the bank; the benchmark keeps csmcir's default capacity
             bank["capacity"] = size["bank_capacity"]
         model = build_model("csmcir", _backbone("blip2", BLIP2, device), {"memory_bank": bank})
-        source = _source(model, data, size, False)
+        source = _source(model, data, False)
         if mode == "entropy":  # fill the bank first: the overhead of a full bank is the one that lasts
             with torch.no_grad():
                 for i in range(model.bank.config.capacity // size["batch"] + 1):

@@ -55,15 +55,7 @@ def cmd_index_add(args) -> None:
             items.append((p.stem, str(p.resolve())))
         else:
             raise CirlabError(f"not an image file or folder: {p}")
-    captions = None
-    if args.captions:
-        from cirlab.serving.engine import read_captions
-
-        known = read_captions(args.captions, engine.model.caption_level)
-        captions = [known.get(i, known.get(Path(p).stem)) for i, p in items] if engine.model.needs_captions else None
-        if captions is not None and None in captions:
-            raise CirlabError(f"{args.captions} has no caption for {items[captions.index(None)][1]}")
-    engine.add(items, captions, _captioner(args), replace=args.replace, progress=not args.no_progress)
+    engine.add(items, args.captions, _captioner(args), replace=args.replace, progress=not args.no_progress)
     print(f"added {len(items)} images; the index holds {len(engine.index)}")
 
 
@@ -121,9 +113,19 @@ def cmd_serve(args) -> None:
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
 
 
-def _add_captioner_options(p) -> None:
-    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) for methods whose targets read "
-                                      "captions (csmcir)")
+def add_engine_options(p) -> None:
+    """--engine local|ray for the batch jobs (cirlab.engines)."""
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: a Ray Data actor pool (a local Ray, or --ray-address)")
+    p.add_argument("--ray-address", help="the Ray cluster to join (ray://host:10001 or auto); default: a local Ray")
+    p.add_argument("--ray-actors", dest="concurrency_ray", type=int, default=2,
+                   help="ray: workers (actors) in the pool (default 2)")
+
+
+def _add_captioner_options(p, cache: bool = True) -> None:
+    if cache:
+        p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) for methods whose targets "
+                                          "read captions (csmcir)")
     p.add_argument("--captioner", choices=("hf", "openai"), help="caption images the cache lacks with this backend")
     p.add_argument("--caption-model", help="the captioner's model (Hugging Face id or folder; or the served name)")
     p.add_argument("--caption-base-url", help="the OpenAI-compatible server of --captioner openai")
@@ -147,8 +149,6 @@ def _add_index_parsers(sub) -> None:
     b.add_argument("--milvus-uri", help="milvus: a Milvus server URL, or a milvus-lite file (default: milvus.db in "
                                         "the index folder)")
     b.add_argument("--batch-size", type=int, default=64)
-    from cirlab.cli.main import add_engine_options
-
     add_engine_options(b)
     _add_captioner_options(b)
     b.add_argument("--no-progress", action="store_true")
@@ -189,8 +189,6 @@ def add_engine_parsers(sub) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-upload-mb", type=float, default=10.0)
-    v.add_argument("--captioner", choices=("hf", "openai"), help="caption uploads for methods that need it")
-    v.add_argument("--caption-model")
-    v.add_argument("--caption-base-url")
+    _add_captioner_options(v, cache=False)  # uploads to an index whose method reads target captions
     v.add_argument("--log-level", default="warning")
     v.set_defaults(func=cmd_serve)

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from cirlab.cli.engine import add_engine_options, add_engine_parsers
 from cirlab.errors import CirlabError
 
 DATASETS = ("synth", "synth-circo", "cirr", "circo", "fashioniq", "shoes")
@@ -25,15 +26,6 @@ def _train_config(args, **extra):
                        grad_accum=args.grad_accum, amp=args.amp, seed=args.seed, device=args.device,
                        warmup_steps=args.warmup_steps, steps_per_epoch=args.steps_per_epoch,
                        progress=not args.no_progress, **extra)
-
-
-def add_engine_options(p) -> None:
-    """--engine local|ray for the batch jobs (cirlab.engines)."""
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local: this process; ray: a Ray Data actor pool (a local Ray, or --ray-address)")
-    p.add_argument("--ray-address", help="the Ray cluster to join (ray://host:10001 or auto); default: a local Ray")
-    p.add_argument("--ray-actors", dest="concurrency_ray", type=int, default=2,
-                   help="ray: workers (actors) in the pool (default 2)")
 
 
 def _add_train_options(p, epochs: int, batch_size: int, lr: float):
@@ -507,8 +499,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_research_parsers(sub)
     _add_edit_parser(sub)
-    from cirlab.cli.engine import add_engine_parsers
-
     add_engine_parsers(sub)
 
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")

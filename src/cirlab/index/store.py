@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cirlab.atomic import write_atomic
 from cirlab.errors import CirlabError
 from cirlab.index.backends import FaissBackend, MilvusBackend, fold_tokens, make_backend
 from cirlab.types import SearchHit
@@ -42,21 +42,6 @@ def check_id(item_id: str) -> str:
         raise CirlabError(f"invalid item id {item_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
                           "with a letter or digit")
     return item_id
-
-
-def _write_atomic(path: Path, write) -> None:
-    """`write(file)` into a temporary sibling, flush, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(frozen=True)
@@ -141,15 +126,15 @@ class ImageIndex:
         """Write generation g+1 and switch the manifest to it; returns the new manifest."""
         g = manifest["generation"] + 1
         files = {"vectors": f"vectors-{g}.npy", "items": f"items-{g}.jsonl"}
-        _write_atomic(folder / files["vectors"], lambda f: np.save(f, vectors.astype(np.float32)))
+        write_atomic(folder / files["vectors"], lambda f: np.save(f, vectors.astype(np.float32)))
         lines = "".join(json.dumps({"id": i, "path": p, "caption": c}) + "\n" for i, p, c in zip(ids, paths, captions))
-        _write_atomic(folder / files["items"], lambda f: f.write(lines.encode()))
+        write_atomic(folder / files["items"], lambda f: f.write(lines.encode()))
         if manifest["backend"] == "faiss":
             import faiss
 
             built = make_backend("faiss", vectors.reshape(-1, vectors.shape[2]), **manifest["params"])
             files["faiss"] = f"faiss-{g}.index"
-            _write_atomic(folder / files["faiss"], lambda f: f.write(faiss.serialize_index(built.index).tobytes()))
+            write_atomic(folder / files["faiss"], lambda f: f.write(faiss.serialize_index(built.index).tobytes()))
         milvus = None
         if manifest["backend"] == "milvus":  # one collection per generation, named by the manifest
             p = manifest["params"]
@@ -157,7 +142,7 @@ class ImageIndex:
             milvus = MilvusBackend.build(vectors.reshape(-1, vectors.shape[2]), p["uri"], files["milvus_collection"],
                                          p.get("index_type", "FLAT"))
         new = manifest | {"generation": g, "count": len(ids), "files": files}
-        _write_atomic(folder / MANIFEST, lambda f: f.write((json.dumps(new, indent=1) + "\n").encode()))
+        write_atomic(folder / MANIFEST, lambda f: f.write((json.dumps(new, indent=1) + "\n").encode()))
         if milvus is not None:
             stale = re.compile(re.escape(manifest["params"]["collection"]) + r"_g\d+$")
             for name in milvus.client.list_collections():
@@ -240,15 +225,6 @@ class ImageIndex:
             ids, paths, captions, vectors = change(snap)
             manifest = self._commit(self.folder, manifest, ids, paths, captions, vectors)
             self.snapshot, self.manifest = self._load(manifest), manifest
-
-    def refresh(self) -> bool:
-        """Pick up a write made by another process; True when the state changed."""
-        manifest = json.loads((self.folder / MANIFEST).read_text())
-        if manifest["generation"] == self.manifest["generation"]:
-            return False
-        with self._lock:
-            self.snapshot, self.manifest = self._load(manifest), manifest
-        return True
 
 
 def _as_items(vectors, n: int) -> np.ndarray:

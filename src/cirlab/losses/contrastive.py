@@ -48,7 +48,7 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> to
     """Symmetric image-text contrastive loss on L2-normalised features (B, D), scale = exp(logit_scale), over the
     global batch."""
     scale = logit_scale.exp().clamp(max=100)
-    if _group()[1] == 1:
+    if _group()[1] == 1:  # one (B, B) product and its transpose: the single-process figures stay bit for bit
         logits = scale * a @ b.t()  # (B, B)
         return 0.5 * (info_nce(logits) + info_nce(logits.t()))
     return 0.5 * (global_info_nce(a, b, scale) + global_info_nce(b, a, scale))

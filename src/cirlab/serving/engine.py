@@ -82,7 +82,7 @@ def _captions_for(model, items: list, captions=None, captioner=None, work: Path 
 
 
 class _Embedder:
-    """encode_target of one batch of (path, caption) items: (K, D) float32 arrays."""
+    """encode_target of one batch of (position, path, caption) items: (K, D) float32 arrays."""
 
     def __init__(self, model):
         self.model = model.eval()
@@ -90,8 +90,8 @@ class _Embedder:
     @torch.no_grad()
     def __call__(self, chunk: list) -> list:
         m = self.model
-        pixels = m.backbone.preprocess([open_image(p) for p, _ in chunk])
-        feats = m.encode_target(pixels.to(m.backbone.device), [c for _, c in chunk] if m.needs_captions else None)
+        pixels = m.backbone.preprocess([open_image(p) for _, p, _ in chunk])
+        feats = m.encode_target(pixels.to(m.backbone.device), [c for _, _, c in chunk] if m.needs_captions else None)
         feats = feats.float().cpu()
         return list((feats if feats.dim() == 3 else feats[:, None, :]).numpy())
 
@@ -111,16 +111,13 @@ def embed_images(model, paths: list, captions: list | None = None, batch_size: i
 
     from cirlab.engines import run_batches
 
-    items = list(zip(paths, captions or [""] * len(paths)))
-    position = {}
-    for n, item in enumerate(items):
-        position.setdefault(item, []).append(n)
+    items = list(zip(range(len(paths)), paths, captions or [""] * len(paths)))  # positions: results come unordered
     factory = partial(_embedder, str(checkpoint)) if engine == "ray" else partial(_Embedder, model)
     out = [None] * len(items)
     bar = tqdm(total=len(items), desc="embed images", disable=not progress, mininterval=1.0, unit="img")
     for chunk, vectors in run_batches(items, factory, batch_size, engine, address, concurrency):
-        for item, v in zip(chunk, vectors):
-            out[position[item].pop()] = v  # results may come back in any order
+        for (n, _, _), v in zip(chunk, vectors):
+            out[n] = v
         bar.update(len(chunk))
     bar.close()
     return np.stack(out).astype(np.float32) if out else np.zeros((0, 1, 1), np.float32)
@@ -171,7 +168,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
 
 
 class Engine:
-    """An index with the model that built it. `refresh()` picks up writes made by other processes."""
+    """An index with the model that built it."""
 
     def __init__(self, index_dir, device: str = "cpu"):
         import cirlab
@@ -204,18 +201,12 @@ class Engine:
         hits = self.index.search(self.query_vector(image, text)[None], k + 1)[0]
         return [h for h in hits if h.id != image][:k]
 
-    def add(self, items: list, captions: list | None = None, captioner=None, replace: bool = False,
-            progress: bool = False) -> None:
-        """Index (id, path) items."""
+    def add(self, items: list, captions=None, captioner=None, replace: bool = False, progress: bool = False) -> None:
+        """Index (id, path) items; target captions, where the method reads them, come from the caption cache
+        `captions` or the `captioner`, as in `build_index`."""
         for item_id, _ in items:
             check_id(item_id)
-        texts = captions if captions is not None else _captions_for(self.model, items, None, captioner,
-                                                                    self.index.folder, progress)
+        texts = _captions_for(self.model, items, captions, captioner, self.index.folder, progress)
         vectors = embed_images(self.model, [p for _, p in items], texts, progress=progress)
         self.index.add([i for i, _ in items], [p for _, p in items], vectors, texts, replace=replace)
-
-    def describe(self) -> dict:
-        m = self.index.manifest
-        return {k: m[k] for k in ("method", "checkpoint", "backend", "params", "dim", "tokens")} | \
-            {"count": len(self.index)}
 

@@ -14,11 +14,11 @@ Uploaded images are written atomically under INDEX/images/ before they are index
 from __future__ import annotations
 
 import hmac
-import os
 import time
 import uuid
 from pathlib import Path
 
+from cirlab.atomic import write_atomic
 from cirlab.errors import CirlabError
 from cirlab.index import check_id
 from cirlab.serving.engine import Engine, NotAnImage, TooLarge, decode_upload
@@ -128,9 +128,7 @@ class SearchService:
         folder = self.index.folder / "images"
         folder.mkdir(exist_ok=True)
         path = folder / f"{item_id}{FORMATS.get(img.format, '.png')}"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write(data))
         try:
             self.engine.add([(item_id, str(path))], captioner=self.captioner)
         except CirlabError as e:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cirlab.atomic import write_atomic
 from cirlab.errors import CirlabError
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -33,15 +33,6 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FeatureCache:
@@ -84,10 +75,10 @@ class FeatureCache:
             raise CirlabError(f"feature shape {shape} differs from the cache's {self.manifest['shape']}")
         n = len(self.manifest["shards"])
         shard = f"shard-{n:05d}.npy"
-        _save_atomic(self.folder / shard, lambda f: np.save(f, feats))
+        write_atomic(self.folder / shard, lambda f: np.save(f, feats))
         manifest = self.manifest | {"shape": shape, "shards": self.manifest["shards"] + [
             {"file": shard, "names": list(names)}]}
-        _save_atomic(self.folder / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+        write_atomic(self.folder / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
         self.manifest = manifest
         self._where.update({name: (n, r) for r, name in enumerate(names)})
 

@@ -42,12 +42,13 @@ def train_method(method: str, data_root, backbone, out, cfg: TrainConfig, method
     frozen = model.frozen_image_stage() if cfg.cache_frozen else None
     if frozen is not None:
         cache = None
-        if feature_cache is not None:  # rank 0 fills the cache; the other ranks then only read it
+        if feature_cache is not None:  # rank 0 fills the cache; the other ranks then open and only read it
             if current().main:
+                cache = frozen_feature_cache(model, feature_cache)
                 names = sorted({n for q in data.queries if q.targets for n in (q.reference, q.targets[0])})
-                FrozenFeatureStore(store, frozen, cache=frozen_feature_cache(model, feature_cache)).fill(names)
+                FrozenFeatureStore(store, frozen, cache=cache).fill(names)
             barrier()
-            cache = frozen_feature_cache(model, feature_cache)
+            cache = cache or frozen_feature_cache(model, feature_cache)
         store = FrozenFeatureStore(store, frozen, cache=cache)
     source = TripletSource(data, store, model.needs_captions, cfg.group_by_reference, model.caption_level)
     def export(_):

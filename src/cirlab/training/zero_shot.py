@@ -83,35 +83,37 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
         syn = synthesize_triplets({n: data.captions[n] for n in names}, triplets, vocab or world_vocab(data_root),
                                   seed=seed, min_match=min_match, rules=rules)
         _write_triplets(work / "synthetic_triplets.jsonl", syn, data.captions)
-        model.set_stage("composing")
-        source = TripletSource(Split(dataset, "synthetic", syn.queries, data.gallery, data.captions), store)
-        if stage2.steps_per_epoch:  # a fixed step budget whatever the number of triplets: repeat a small set
-            source = _Repeated(source, math.ceil(stage2.steps_per_epoch * stage2.batch_size / len(source)))
-        steps = max(1, len(source) // stage2.batch_size) * stage2.epochs
-        if stage2.steps_per_epoch:
-            steps = min(steps, stage2.steps_per_epoch * stage2.epochs)
-        model.set_negative_pool(_pool_features(model, store, names), names, [data.captions[n] for n in names],
-                                steps)
-        log(f"{method}: stage II on {len(syn.queries)} synthetic triplets ({syn.rules}; {syn.drawn} edits drawn; "
-            f"{stage2.epochs} epochs)")
-        def export(_):
-            pool, model.pool = model.pool, None  # the pool is training state, never saved
-            model.save(out)
-            model.pool = pool
-            if on_epoch is not None:
-                on_epoch(model, out)
-
-        result = fit(model, source, stage2, work / "stage2", export=export,
-                     desc=f"{method} stage II")
-        model.pool = None
-        summary |= {"triplets": len(syn.queries), "rules": syn.rules, "edits_drawn": syn.drawn,
-                    "mean_match_f1": round(sum(syn.match_f1) / len(syn.match_f1), 4),
-                    "stage2_losses": result.losses, "stage2_steps": result.steps,
-                    "stage2_seconds": round(result.seconds, 1)}
-        model.save(out)
+        summary |= _compose(model, syn, data, names, store, stage2, out, log, on_epoch)
     work.mkdir(parents=True, exist_ok=True)
     (work / "zero_shot.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _compose(model, syn, data: Split, names: list, store, stage2: TrainConfig, out: Path, log, on_epoch) -> dict:
+    """Stage II on the synthetic triplets, the hard-negative pool being every captioned image; the summary."""
+    model.set_stage("composing")
+    source = TripletSource(Split(data.dataset, "synthetic", syn.queries, data.gallery, data.captions), store)
+    if stage2.steps_per_epoch:  # a fixed step budget whatever the number of triplets: repeat a small set
+        source = _Repeated(source, math.ceil(stage2.steps_per_epoch * stage2.batch_size / len(source)))
+    steps = (stage2.steps_per_epoch or max(1, len(source) // stage2.batch_size)) * stage2.epochs
+    model.set_negative_pool(_pool_features(model, store, names), names, [data.captions[n] for n in names], steps)
+    log(f"{model.name}: stage II on {len(syn.queries)} synthetic triplets ({syn.rules}; {syn.drawn} edits drawn; "
+        f"{stage2.epochs} epochs)")
+
+    def export(_):
+        pool, model.pool = model.pool, None  # the pool is training state, never saved
+        model.save(out)
+        model.pool = pool
+        if on_epoch is not None:
+            on_epoch(model, out)
+
+    work = out.with_name(out.name + ".train")
+    result = fit(model, source, stage2, work / "stage2", export=export, desc=f"{model.name} stage II")
+    model.pool = None
+    model.save(out)
+    return {"triplets": len(syn.queries), "rules": syn.rules, "edits_drawn": syn.drawn,
+            "mean_match_f1": round(sum(syn.match_f1) / len(syn.match_f1), 4), "stage2_losses": result.losses,
+            "stage2_steps": result.steps, "stage2_seconds": round(result.seconds, 1)}
 
 
 class _Repeated:
