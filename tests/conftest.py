@@ -46,3 +46,15 @@ def clip_dir(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("backbones") / "clip"
     cfg = TrainConfig(epochs=1, batch_size=128, lr=1e-3, warmup_steps=10, progress=False)
     return pretrain("clip", world, out, cfg, {"patch_size": 16, "width": 64, "layers": 2, "dim": 64})
+
+
+@pytest.fixture(scope="session")
+def qformer_dir(world, clip_dir, tmp_path_factory):
+    """A tiny BLIP-2 as the demo builds one: the pretrained CLIP's ViT, frozen, under a Q-Former pretrained
+    briefly on the small world's (scene, caption) pairs."""
+    from cirlab.training.loop import TrainConfig
+    from cirlab.training.pretrain import pretrain
+
+    cfg = TrainConfig(epochs=2, batch_size=64, steps_per_epoch=15, lr=1e-3, warmup_steps=5, progress=False)
+    return pretrain("blip2", world, tmp_path_factory.mktemp("backbones") / "blip2-on-clip", cfg,
+                    {"num_query_tokens": 4, "qformer_layers": 1}, init_from=clip_dir)

@@ -27,10 +27,41 @@ def test_quick_demo(tmp_path):
         assert all(0 <= v <= 100 for v in metrics.values())
         assert (out / "checkpoints" / name / "cirlab.json").is_file()
     assert metrics_monotone(doc["methods"])
-    assert "| combiner |" in (out / "report.md").read_text()
+    assert_above_chance(doc["methods"], out)
+    assert_per_query_files_match(doc, out)
+    report = (out / "report.md").read_text()
+    assert "| combiner |" in report and "| csmcir (memory_bank.mode=off) |" in report  # variants are named
+    assert doc["variants"]["csmcir"] == "csmcir (memory_bank.mode=off)"
+    for name, base in (("csmcir", "combiner"), ("tmcir", "combiner"), ("mapcompose", "pic2word")):
+        r = doc["versus_closest_baseline"][name]
+        assert r["baseline"] == base and r["ci"][0] <= r["diff"] <= r["ci"][1]
+        assert f"| {doc['variants'][name]} | {doc['variants'][base]} | R@1 |" in report
     assert Image.open(out / "retrievals.png").size[0] > 500
     assert (out / "data" / "captions" / "cap.rc2.test1.json").is_file()
     assert "| method |" in proc.stdout
+
+
+def assert_above_chance(methods: dict, out) -> None:
+    """The trained methods must have learned: a random ranking of the test1 gallery puts the target in the top 10
+    with probability 10 / gallery size (under 1% here), and in the top 1 of the 5 other img_set members with 20%."""
+    from cirlab.data.readers import read_split
+
+    gallery = len(read_split("synth", out / "data", "test1").gallery)
+    chance_r10 = 100 * 10 / gallery
+    for name in ("combiner", "csmcir"):
+        assert methods[name]["R@10"] > 10 * chance_r10, (name, methods[name])
+    assert methods["csmcir"]["Rsubset@1"] > 30, methods["csmcir"]  # text alone reaches about 28 here
+    assert max(m["R@1"] for m in methods.values()) > 3
+
+
+def assert_per_query_files_match(doc: dict, out) -> None:
+    """Each method's per-query file gives exactly its R@1, R@10 and Rsubset@1."""
+    from cirlab.evaluation.per_query import metrics_from_records, read_records
+
+    for name, metrics in doc["methods"].items():
+        records = read_records(out / doc["per_query"][name])
+        again = metrics_from_records(records, ["R@1", "R@10", "Rsubset@1"])
+        assert {k: round(v, 2) for k, v in again.items()} == {k: metrics[k] for k in again}, name
 
 
 def metrics_monotone(methods: dict) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,3 +38,57 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(world, clip
     # only its 16 columns, as this run does
     half = train_method("combiner", world, clip_dir, tmp_path / "half", cfg(16), config)
     assert abs(half.losses[0] - one.losses[0]) > 10 * TOLERANCE
+
+
+def _weights(out) -> dict:
+    """The method's own weights and, where it fine-tunes them, the backbone's (saved under backbone/)."""
+    w = {f"own/{k}": v for k, v in load_file(out / "model.safetensors").items()}
+    if (out / "backbone" / "model.safetensors").exists():
+        w |= {f"backbone/{k}": v for k, v in load_file(out / "backbone" / "model.safetensors").items()}
+    return w
+
+
+@pytest.fixture(scope="module")
+def blip2_no_dropout(tmp_path_factory):
+    """A tiny BLIP-2 whose Q-Former has no dropout: dropout masks would differ between the runs."""
+    from cirlab.backbones import tiny_backbone
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("blip2", vision_width=32, vision_layers=1, qformer_width=32, qformer_layers=1,
+                       num_query_tokens=4, dim=32)
+    qcfg = bb.model.config.qformer_config
+    qcfg.hidden_dropout_prob = qcfg.attention_probs_dropout_prob = 0.0
+    out = tmp_path_factory.mktemp("backbones") / "blip2-no-dropout"
+    bb.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["csmcir", "tmcir"])
+def test_gathered_losses_of_csmcir_and_tmcir_match_one_process_towers_included(method, world, clip_dir,
+                                                                                blip2_no_dropout, tmp_path):
+    """csmcir (InfoNCE over gathered multi-token targets; bank off, since it stays per process) and tmcir
+    (gathered InfoNCE after token fusion): two processes with batch 16 end with the same losses and the same
+    weights, the fine-tuned towers (Q-Former; both CLIP encoders) included, as one process with batch 32."""
+    backbone = blip2_no_dropout if method == "csmcir" else clip_dir
+    config = {"memory_bank": {"mode": "off"}} if method == "csmcir" else {}
+    cfg = lambda batch: TrainConfig(epochs=1, batch_size=batch, lr=1e-3, backbone_lr=1e-4, warmup_steps=1,  # noqa
+                                    steps_per_epoch=3, log_every=1, progress=False)
+    one = train_method(method, world, backbone, tmp_path / "one", cfg(32), config)
+    launch(train_method, 2, "cpu", threads=1, method=method, data_root=world, backbone=backbone,
+           out=tmp_path / "two", cfg=cfg(16), method_config=config)
+    two = epoch_losses(tmp_path / "two")
+    assert abs(one.losses[0] - two[0]) < TOLERANCE, (one.losses, two)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys() and any(k.startswith("backbone/") for k in a)  # the towers were fine-tuned
+    start = _weights_of_backbone(backbone)
+    moved = [k for k in a if k.startswith("backbone/") and k[9:] in start
+             and a[k].is_floating_point() and not torch.allclose(a[k], start[k[9:]])]
+    assert moved, "no backbone weight changed: the towers did not train"
+    # attention key biases add q.b to every logit of a query's row, which softmax ignores: their gradient is zero
+    # in exact arithmetic, float noise in practice, and AdamW turns noise of either sign into steps of a full lr
+    diffs = sorted(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a if not k.endswith("k_proj.bias"))
+    assert diffs[-1][0] < TOLERANCE, diffs[-5:]
+
+
+def _weights_of_backbone(folder) -> dict:
+    return load_file(folder / "model.safetensors")

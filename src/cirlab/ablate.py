@@ -28,9 +28,16 @@ from pathlib import Path
 ROWS = {
     "csmcir": [
         {},
-        {"target_tower": "image_only"},
         {"memory_bank": {"mode": "off"}},
         {"memory_bank": {"mode": "fifo"}},
+        {"memory_bank": {"mode": "random"}},
+        {"memory_bank": {"mode": "hardest"}},
+        {"memory_bank": {"mode": "sampled"}},
+        {"memory_bank": {"semi_hard_margin": 0.05}},
+        {"memory_bank": {"consistency": "ema"}},
+        {"memory_bank": {"term": "separate", "weight": 0.5}},
+        {"memory_bank": {"warmup_epochs": 1.0}},
+        {"target_tower": "image_only"},
         {"captions": "single_level"},
         {"captions": "none"},
     ],
@@ -71,11 +78,17 @@ def _variant(method: str, change: dict) -> tuple:
     defaults = PIPELINE.get(method, {})
     config = {k: v for k, v in change.items() if k not in defaults}
     pipeline = defaults | {k: v for k, v in change.items() if k in defaults}
-    full = method_class(method).config_class.from_json(config)
+    cls = method_class(method).config_class
+    full, base = cls.from_json(config), cls()
     shown = {}
     for f in FIELDS[method]:
         value = pipeline[f] if f in pipeline else getattr(full, f)
-        shown[f] = value.get("mode", "entropy") if isinstance(value, dict) else value
+        if isinstance(value, dict):  # the dict's mode (if any), then the keys this row changes
+            default = getattr(base, f)
+            mode = value.get("mode", default.get("mode"))
+            rest = [f"{k}={v}" for k, v in value.items() if k != "mode" and default.get(k) != v]
+            value = ", ".join(([str(mode)] if mode is not None else []) + rest)
+        shown[f] = value
     return config, pipeline, shown
 
 
@@ -84,15 +97,22 @@ def _cell(value) -> str:
 
 
 def format_markdown(doc: dict) -> str:
+    """Means over seeds, and for R@1, R@10 and Rsubset@1 the difference to the reference row with its 95%
+    interval (paired over queries and seeds)."""
     fields = FIELDS[doc["method"]]
     extra = EXTRA_COLUMNS.get(doc["method"], {})
-    head = [*fields, *COLUMNS, "val R@1 per epoch", "epochs_to_best", "train_seconds", *extra]
+    compared = [c for c in COMPARED if all(c in r.get("ci", {}) for r in doc["rows"])]
+    head = [*fields, *COLUMNS, *(f"Δ{c} [95%]" for c in compared), "val R@1 per epoch", "epochs_to_best",
+            "train_seconds", *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(fields) + "---:|" * (len(head) - len(fields))]
     for row in doc["rows"]:
         curve = " ".join(f"{v:.1f}" for v in row["val_curve"])
         parts = row.get("last_epoch_parts", {})
+        deltas = ["ref." if row.get("reference") else
+                  f"{row['ci'][c]['diff']:+.2f} [{row['ci'][c]['ci'][0]:+.2f}, {row['ci'][c]['ci'][1]:+.2f}]"
+                  for c in compared]
         lines.append("| " + " | ".join([*(_cell(row["variant"][f]) for f in fields),
-                                        *(f"{row['metrics'][c]:.2f}" for c in COLUMNS),
+                                        *(f"{row['metrics'][c]:.2f}" for c in COLUMNS), *deltas,
                                         curve, str(row["epochs_to_best"]), f"{row['train_seconds']:.0f}",
                                         *(f"{parts[k]:.2f}" if k in parts else "" for k in extra.values())])
                      + " |")
@@ -134,11 +154,11 @@ def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path
     model = load_model(folder)
     if not curve:
         on_epoch(model, folder)
-    metrics, _ = evaluate(model, test, progress=False, store=stores["test"])
+    metrics, ranking = evaluate(model, test, progress=False, store=stores["test"])
     best = max(range(len(curve)), key=lambda e: (curve[e], -e))
     return {"metrics": {k: round(v, 2) for k, v in metrics.items()}, "val_curve": curve,
             "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1),
-            "last_epoch_parts": _last_epoch_parts(log)}
+            "last_epoch_parts": _last_epoch_parts(log), "ranking": ranking}
 
 
 def _last_epoch_parts(log: Path) -> dict:
@@ -158,21 +178,25 @@ def _write(out: Path, doc: dict) -> str:
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(out / "ablation.json")
     table = format_markdown(doc)
-    (out / "ablation.md").write_text(f"# Ablation of {doc['method']} (synthetic world: {doc['world']}, seed "
-                                     f"{doc['seed']})\n\nTest1 metrics after the last epoch; val R@1 after each "
-                                     f"epoch.\n\n{table}")
+    seeds = doc.get("seeds", [doc["seed"]])
+    (out / "ablation.md").write_text(
+        f"# Ablation of {doc['method']} (synthetic world: {doc['world']}, world seed {doc['seed']}, training "
+        f"seed(s) {', '.join(map(str, seeds))})\n\nTest1 metrics after the last epoch, means over the training "
+        f"seeds; val R@1 after each epoch. Δ: the row minus the reference row ({doc.get('reference_row')}), with "
+        f"the 95% paired bootstrap interval over queries{' and seeds' if len(seeds) > 1 else ''}; an interval that "
+        f"contains 0 is a tie. Per-query results: per_query/<row>/seed-<s>.jsonl.\n\n{table}")
     return table
 
 
 def _row_backbone(method: str, pipeline: dict, backbone: Path, ckpts: Path, data: Path, profile, seed: int,
-                  progress: bool, log) -> Path:
+                  progress: bool, log, tag: str = "") -> Path:
     """The backbone a row trains from: the shared one, or its stage-1 result (made once per spec)."""
     if not pipeline.get("stage1"):
         return backbone
     from cirlab.demo import ensure_intent_backbone
 
     spec = profile.stage1[method] | {"imperfection": pipeline["imperfection"]}
-    return ensure_intent_backbone(backbone, ckpts / f"{method}-stage1-p{spec['imperfection']}", data, spec, seed,
+    return ensure_intent_backbone(backbone, ckpts / f"{method}-stage1-p{spec['imperfection']}{tag}", data, spec, seed,
                                   progress, log)
 
 
@@ -208,19 +232,61 @@ def plot_sweep(doc: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def row_name(change: dict) -> str:
+    """A row's folder name under per_query/: "reference" for the defaults, else its changes ("field=value",
+    dict fields dotted, joined by "+")."""
+    def flat(d: dict, prefix: str = "") -> list:
+        return [x for k, v in d.items()
+                for x in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"])]
+
+    return "+".join(flat(change)).replace("/", "_").replace(" ", "") or "reference"
+
+
+def _reference_index(names: list, rows: list, reference: str | None) -> int:
+    """The row every other is compared with: the one named `reference`, else the first with no change, else the
+    first row."""
+    if reference is not None:
+        if reference not in names:
+            from cirlab.errors import CirlabError
+            raise CirlabError(f"no ablation row named {reference!r}; rows: {', '.join(names)}")
+        return names.index(reference)
+    return next((i for i, r in enumerate(rows) if not r), 0)
+
+
+def select_rows(method: str, names: list) -> list:
+    """The rows of `method`'s grid with these names (`row_name`), in the grid's order."""
+    from cirlab.errors import CirlabError
+
+    grid = {row_name(r): r for r in ROWS[method]}
+    unknown = [n for n in names if n not in grid]
+    if unknown:
+        raise CirlabError(f"no {method} ablation row named {', '.join(unknown)}; rows: {', '.join(grid)}")
+    return [r for n, r in grid.items() if n in names]
+
+
 def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress: bool = True, profile=None,
-                 rows: list | None = None, data=None) -> dict:
-    """Train and evaluate each row; `profile`, `rows` and an existing world folder `data` override the defaults."""
+                 rows: list | None = None, data=None, seeds: list | None = None, resamples: int = 10000,
+                 reference: str | None = None) -> dict:
+    """Train and evaluate each row once per training seed in `seeds` (default: `seed` alone) on the world and
+    backbone of `seed`; `profile`, `rows` and an existing world folder `data` override the defaults.
+
+    Each row gains `per_seed` (each seed's figures), the mean over seeds as `metrics`, and `ci`: the interval of its
+    difference to the reference row (the first row with no change), paired over queries and seeds."""
     from cirlab.backbones import load_backbone
     from cirlab.data.images import PixelStore
     from cirlab.data.readers import read_split
     from cirlab.demo import PROFILES, ensure_backbone, ensure_world
     from cirlab.errors import CirlabError
+    from cirlab.atomic import write_atomic
+    from cirlab.evaluation.per_query import read_records, write_records
     from cirlab.methods import method_class
     from cirlab.training.loop import TrainConfig
 
     if method not in ROWS:
         raise CirlabError(f"no ablation grid for {method!r}; grids exist for {', '.join(ROWS)}")
+    seeds = list(seeds) if seeds else [seed]
+    if len(set(seeds)) != len(seeds):
+        raise CirlabError(f"--seeds repeats a seed: {seeds}")
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,29 +302,63 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     kind = method_class(method).backbone_kind
     backbone = ensure_backbone(kind, out / "checkpoints", data, profile, seed, progress, log)
     val, test = read_split("synth", data, "val"), read_split("synth", data, "test1")
+    queries = [q for q in test.queries if q.targets]
     pre = load_backbone(kind, backbone).preprocess  # every row shares the backbone, so decoded images are shared
     stores = {"val": PixelStore(val.gallery, pre), "test": PixelStore(test.gallery, pre)}
-    cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(method, {})))
+    base = profile.train | profile.method_train.get(method, {})
     grid = ROWS[method] if rows is None else rows
-    results, stage1_done = [], {}
+    names = [row_name(c) for c in grid]
+    if len(set(names)) != len(names):
+        raise CirlabError(f"two ablation rows make the same change: {names}")
+    _reference_index(names, grid, reference)  # a bad name fails before any training
+    results, records, stage1_done = [], [], {}
     for i, change in enumerate(grid):
         config, pipeline, shown = _variant(method, change)
-        log(f"row {i + 1}/{len(grid)}: {shown}")
-        start = _row_backbone(method, pipeline, backbone, out / "checkpoints", data, profile, seed, progress, log)
-        folder = out / "checkpoints" / f"{method}-{i}"
-        zero_shot = None
-        if getattr(method_class(method), "zero_shot", False):  # rows with the same stage-I config share it
-            key = json.dumps({k: config.get(k) for k in ("visual_injection", "soft_align")})
-            zero_shot = {"spec": profile.zero_shot[method], "triplets": pipeline["triplets"],
-                         "stage1_from": stage1_done.get(key)}
-            stage1_done.setdefault(key, folder)
-        row = _run_row(method, config, data, start, folder, cfg, val, test, stores, zero_shot)
-        results.append({"variant": shown, "config": config, **({"pipeline": pipeline} if pipeline else {}), **row})
-        log(f"  test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 by epoch "
-            f"{row['val_curve']}; {row['train_seconds']:.0f} s")
-    doc = {"method": method, "world": profile.world, "seed": seed,
-           "train": {k: v for k, v in vars(cfg).items() if k != "progress"},
-           "rows": results, "seconds": round(time.time() - t0, 1)}
+        log(f"row {i + 1}/{len(grid)}: {shown}" + (f" (seeds {seeds})" if len(seeds) > 1 else ""))
+        per_seed, row_records = [], []
+        for s in seeds:
+            tag = f"-s{s}" if len(seeds) > 1 else ""
+            done_file = out / "rows" / names[i] / f"seed-{s}.json"
+            per_query = out / "per_query" / names[i] / f"seed-{s}.jsonl"
+            key = {"method": method, "config": config, "pipeline": pipeline, "train": base, "seed": s,
+                   "world_seed": seed, "world": profile.world, "profile": repr(profile)}
+            row = _finished_row(done_file, per_query, key)
+            if row is not None:
+                recs = read_records(per_query)
+                log(f"  seed {s}: reusing {done_file}")
+            else:
+                cfg = TrainConfig(**(base | {"seed": s, "progress": progress}))
+                start = _row_backbone(method, pipeline, backbone, out / "checkpoints", data, profile, s, progress,
+                                      log, tag)
+                folder = out / "checkpoints" / f"{method}-{_row_index(method, change, i)}{tag}"
+                zero_shot = None
+                if getattr(method_class(method), "zero_shot", False):  # rows with one stage-I config share it
+                    shared = json.dumps({k: config.get(k) for k in ("visual_injection", "soft_align")} | {"seed": s})
+                    zero_shot = {"spec": profile.zero_shot[method], "triplets": pipeline["triplets"],
+                                 "stage1_from": stage1_done.get(shared)}
+                    stage1_done.setdefault(shared, folder)
+                row = _run_row(method, config, data, start, folder, cfg, val, test, stores, zero_shot)
+                recs = row.pop("ranking").records(queries)
+                write_records(per_query, recs)
+                done_file.parent.mkdir(parents=True, exist_ok=True)
+                body = json.dumps({"key": key, "row": row}, indent=1).encode()
+                write_atomic(done_file, lambda f: f.write(body))
+            per_seed.append({"seed": s, **row})
+            row_records.append(recs)
+            log(f"  seed {s}: test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 "
+                f"by epoch {row['val_curve']}; {row['train_seconds']:.0f} s")
+        records.append(row_records)
+        results.append({"name": names[i], "variant": shown, "config": config,
+                        **({"pipeline": pipeline} if pipeline else {}), **_mean_row(per_seed), "per_seed": per_seed,
+                        "per_query": f"per_query/{names[i]}"})
+    ref = _reference_index(names, grid, reference)
+    from cirlab.evaluation.compare import compare_records
+
+    for i, row in enumerate(results):
+        row["ci"] = compare_records(records[ref], records[i], COMPARED, resamples, seed=0)
+        row["reference"] = i == ref
+    doc = {"method": method, "world": profile.world, "seed": seed, "seeds": seeds, "reference_row": names[ref],
+           "train": {k: v for k, v in base.items()}, "rows": results, "seconds": round(time.time() - t0, 1)}
     table = _write(out, doc)
     print(table)
     written = [out / "ablation.json", out / "ablation.md"]
@@ -267,3 +367,39 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
         written.append(out / SWEEPS[method][1])
     log(f"done: {', '.join(map(str, written))}")
     return doc
+
+
+def _row_index(method: str, change: dict, position: int) -> int:
+    """A row's number in checkpoint folder names: its place in the method's grid (so that processes running
+    different rows of it into one folder never share a checkpoint), else its place in the rows given."""
+    grid = ROWS.get(method, [])
+    return grid.index(change) if change in grid else position
+
+
+def _finished_row(done_file: Path, per_query: Path | None, key: dict | None) -> dict | None:
+    """A row-seed finished earlier: its figures when `done_file` exists with the same key (None: any key) and its
+    per-query file is there (None: not checked), else None. Rows are written when they finish, so a killed
+    ablation resumes at the first unfinished row, and rows split over processes sharing `out` join up."""
+    if not done_file.is_file():
+        return None
+    doc = json.loads(done_file.read_text())
+    if key is not None and doc.get("key") != json.loads(json.dumps(key)):
+        return None
+    if per_query is not None and not per_query.is_file():
+        return None
+    return doc["row"]
+
+
+COMPARED = ("R@1", "R@10", "Rsubset@1")  # metrics whose difference to the reference row gets an interval
+
+
+def _mean_row(per_seed: list) -> dict:
+    """Means over seeds of the figures of one row (val curve per epoch, test metrics, seconds)."""
+    n = len(per_seed)
+    metrics = {k: round(sum(r["metrics"][k] for r in per_seed) / n, 2) for k in per_seed[0]["metrics"]}
+    curve = [round(sum(r["val_curve"][e] for r in per_seed) / n, 2) for e in range(len(per_seed[0]["val_curve"]))]
+    best = max(range(len(curve)), key=lambda e: (curve[e], -e))
+    parts = per_seed[0]["last_epoch_parts"]
+    parts = {k: round(sum(r["last_epoch_parts"].get(k, 0.0) for r in per_seed) / n, 4) for k in parts}
+    return {"metrics": metrics, "val_curve": curve, "epochs_to_best": best + 1,
+            "train_seconds": round(sum(r["train_seconds"] for r in per_seed) / n, 1), "last_epoch_parts": parts}

@@ -31,8 +31,11 @@ class DemoProfile:
     # zero-shot method -> {"stage1": TrainConfig fields (mapping), "stage2": TrainConfig fields (composing),
     # "triplets": synthetic triplets for stage II}; trained on the world's (image, caption) pairs only
     zero_shot: dict = field(default_factory=dict)
+    # seed method -> the baseline its R@1 difference (with a paired interval over queries) is reported against
+    closest: dict = field(default_factory=lambda: dict(CLOSEST_BASELINE))
 
 
+CLOSEST_BASELINE = {"csmcir": "combiner", "tmcir": "combiner", "mapcompose": "pic2word"}
 ZERO_SHOT = {"mapcompose": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
                              "stage2": {"epochs": 10, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10},
                              "triplets": 2000},
@@ -173,6 +176,7 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     import torch
 
     from cirlab.data.readers import read_split
+    from cirlab.evaluation.per_query import write_records
 
     if threads:
         torch.set_num_threads(threads)
@@ -197,10 +201,12 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
                                           progress, log)
         timings[f"stage 1 {name}"] = round(time.time() - t, 1)
     test = read_split("synth", data, "test1")
+    queries = [q for q in test.queries if q.targets]
     for name in lane["methods"]:
         t = time.time()
         metrics, ranking = _train_and_evaluate(name, data, backbone, ckpts / name, profile, seed, progress, test,
                                                log)
+        write_records(out / "per_query" / f"{name}.jsonl", ranking.records(queries))
         results[name] = {k: round(v, 2) for k, v in metrics.items()}
         timings[name] = round(time.time() - t, 1)
         log(f"{name}: R@1 {metrics['R@1']:.1f}  R@10 {metrics['R@10']:.1f}  ({timings[name]:.0f} s)")
@@ -316,9 +322,13 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
             timings[k] = timings.get(k, 0.0) + v
     results = {n: results[n] for n in methods}
     wall = time.time() - t0
-    table = format_table(results, METRIC_COLUMNS)
+    names = {n: variant_name(n, REGISTRY[n], profile) for n in methods}
+    table = format_table({names[n]: results[n] for n in methods}, METRIC_COLUMNS)
     print(table)
-    doc = {"dataset": "synth", "split": "test1", "seed": seed, "methods": results,
+    intervals = closest_intervals(out / "per_query", methods, profile.closest)
+    doc = {"dataset": "synth", "split": "test1", "seed": seed, "methods": results, "variants": names,
+           "per_query": {n: f"per_query/{n}.jsonl" for n in methods},
+           "versus_closest_baseline": intervals,
            "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},
            "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -327,6 +337,47 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     write_report(out / "report.md", table, doc, timings, wall, quick, workers)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
+
+
+def config_changes(defaults, chosen, prefix: str = "") -> list:
+    """"field=value" for each field (dict fields by their keys, dotted) where `chosen` differs from `defaults`."""
+    out = []
+    for k in chosen:
+        a, b = defaults.get(k) if isinstance(defaults, dict) else None, chosen[k]
+        if isinstance(b, dict) and isinstance(a, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}={b}")
+    return out
+
+
+def variant_name(name: str, cls, profile: DemoProfile) -> str:
+    """The method's name with what the demo runs differently from its defaults, e.g. `csmcir
+    (memory_bank.mode=off)`; zero-shot methods say so, a stage 1 names its editor setting."""
+    notes = []
+    if name in profile.method_config:
+        cfg = cls.config_class.from_json(profile.method_config[name])
+        notes += config_changes(cls.config_class().to_json(), cfg.to_json())
+    if name in profile.stage1:
+        notes.append(f"oracle stage 1, imperfection {profile.stage1[name]['imperfection']}")
+    if getattr(cls, "zero_shot", False):
+        notes.append("zero-shot")
+    return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def closest_intervals(per_query: Path, methods: list, closest: dict, metric: str = "R@1") -> dict:
+    """For each seed method in `methods` whose baseline ran too: its `metric` minus the baseline's, with the
+    95% paired bootstrap interval over queries."""
+    from cirlab.evaluation.compare import compare_files
+
+    out = {}
+    for name, base in closest.items():
+        if name in methods and base in methods:
+            r = compare_files([per_query / f"{base}.jsonl"], [per_query / f"{name}.jsonl"], [metric])[metric]
+            out[name] = {"baseline": base, "metric": metric, "method": round(r["b"], 2),
+                         "baseline_value": round(r["a"], 2), "diff": round(r["diff"], 2),
+                         "ci": [round(x, 2) for x in r["ci"]]}
+    return out
 
 
 def _run_lanes_in_processes(lanes: list, workers: int, args: tuple) -> list:

@@ -49,6 +49,7 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
         "",
         table,
         "",
+        *_interval_lines(results.get("versus_closest_baseline", {}), results.get("variants", {})),
         "| step (pretraining, or a method's training and evaluation) | seconds |",
         "|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
@@ -65,3 +66,18 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
     path = Path(path)
     path.write_text("\n".join(lines))
     return path
+
+
+def _interval_lines(intervals: dict, names: dict) -> list:
+    """Each seed method against its closest baseline: the difference with its 95% paired interval over queries."""
+    if not intervals:
+        return []
+    lines = ["Each seed method against its closest baseline (one seed: a paired bootstrap over the test queries, "
+             "10,000 resamples; an interval that contains 0 is a tie):", "",
+             "| method | baseline | metric | method | baseline | difference | 95% interval |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for name, r in intervals.items():
+        lines.append(f"| {names.get(name, name)} | {names.get(r['baseline'], r['baseline'])} | {r['metric']} | "
+                     f"{r['method']:.2f} | {r['baseline_value']:.2f} | {r['diff']:+.2f} | "
+                     f"[{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] |")
+    return lines + ["", "Per-query results: per_query/<method>.jsonl (`cirlab compare A B`).", ""]

@@ -152,14 +152,54 @@ def cmd_eval(args) -> None:
         for split in splits:
             attach_captions(split, args.captions)
     model = cirlab.load(ckpt, device=args.device)
-    metrics = evaluate_benchmark(model, args.dataset, splits, _reference_option(args), ckpt / "cache",
-                                 checkpoint_identity(ckpt), progress=not args.no_progress)
+    from cirlab.evaluation.per_query import write_records
+
+    metrics, records = evaluate_benchmark(model, args.dataset, splits, _reference_option(args), ckpt / "cache",
+                                          checkpoint_identity(ckpt), progress=not args.no_progress)
     print(format_table({model.name: metrics}, list(metrics)))
     out = Path(args.json) if args.json else ckpt / f"eval-{args.dataset}-{args.split}.json"
+    per_query = per_query_path(out)
     out.write_text(json.dumps({"dataset": args.dataset, "split": args.split, "method": model.name,
                                "checkpoint": str(ckpt), "join": args.join, "reference": args.reference,
-                               "metrics": metrics}, indent=1) + "\n")
-    print(f"wrote {out}")
+                               "metrics": metrics, "per_query": per_query.name}, indent=1) + "\n")
+    write_records(per_query, records)
+    print(f"wrote {out} and {per_query} (one line per query, for `cirlab compare`)")
+
+
+def per_query_path(result: Path) -> Path:
+    """The per-query file written beside a result file: eval.json -> eval.per_query.jsonl."""
+    return result.with_name(result.stem + ".per_query.jsonl")
+
+
+def _per_query_files(arg: str) -> list:
+    """A comparison side: comma-separated per-query files, or a folder of them (its *.jsonl, sorted: seeds)."""
+    files = []
+    for part in (x for x in arg.split(",") if x):
+        p = Path(part)
+        if p.is_dir():
+            found = sorted(p.glob("*.jsonl"))
+            if not found:
+                raise CirlabError(f"{p}: no per-query files (*.jsonl) in this folder")
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
+def cmd_compare(args) -> None:
+    from cirlab.evaluation.compare import compare_files, format_comparison
+
+    if args.resamples < 100:
+        raise CirlabError(f"--resamples must be at least 100, got {args.resamples}")
+    a, b = _per_query_files(args.a), _per_query_files(args.b)
+    metrics = [m for m in args.metrics.split(",") if m]
+    result = compare_files(a, b, metrics, args.resamples, args.seed)
+    seeds = f"{len(a)} seed(s), " if len(a) > 1 else ""
+    print(format_comparison(result, args.a, args.b))
+    print(f"paired bootstrap over queries{' and seeds' if len(a) > 1 else ''} ({seeds}{args.resamples} resamples)")
+    if args.json:
+        print(json.dumps({m: {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
+                              for k, v in r.items()} for m, r in result.items()}))
 
 
 def cmd_score(args) -> None:
@@ -276,7 +316,19 @@ def cmd_align_intent(args) -> None:
 def cmd_ablate(args) -> None:
     from cirlab.ablate import run_ablation
 
-    run_ablation(args.method, args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    from cirlab.ablate import select_rows
+
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    rows = select_rows(args.method, [r for r in args.rows.split(",") if r]) if args.rows else None
+    run_ablation(args.method, args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+                 seeds=seeds, rows=rows, reference=args.reference)
+
+
+def _int_list(text: str, what: str) -> list:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CirlabError(f"{what} takes comma-separated integers, got {text!r}") from None
 
 
 def cmd_viz_tsne(args) -> None:
@@ -404,7 +456,12 @@ def _add_research_parsers(sub) -> None:
     p = sub.add_parser("ablate", help="train a method's ablation grid on the synthetic world; ablation.json + .md")
     p.add_argument("method", choices=("csmcir", "tmcir", "mapcompose"))
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and backbone (and of training, "
+                                                          "without --seeds)")
+    p.add_argument("--seeds", help="training seeds, comma-separated (e.g. 0,1,2): each row trains once per seed")
+    p.add_argument("--rows", help="only these rows, by name, comma-separated (names as in per_query/; "
+                                  "'reference' for the defaults)")
+    p.add_argument("--reference", help="the row the intervals compare with (default: the method's defaults)")
     p.add_argument("--quick", action="store_true",
                    help="the small world (under 10 minutes on 2 cores) instead of the default one (about 3 minutes per row)")
     p.add_argument("--no-progress", action="store_true")
@@ -496,6 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     _add_benchmark_parsers(sub)
+
+    p = sub.add_parser("compare", help="B minus A, query by query: paired bootstrap interval over queries and seeds")
+    p.add_argument("a", help="per-query file(s) of A: comma-separated (one per seed) or a folder of *.jsonl")
+    p.add_argument("b", help="per-query file(s) of B, in the same seed order as A")
+    p.add_argument("--metrics", default="R@1,R@10,Rsubset@1", help="R@K, Rsubset@K, mAP@K, comma-separated")
+    p.add_argument("--resamples", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    p.add_argument("--json", action="store_true", help="end with one JSON object: {metric: {a, b, diff, ci}}")
+    p.set_defaults(func=cmd_compare)
 
     _add_research_parsers(sub)
     _add_edit_parser(sub)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,17 +21,26 @@ from cirlab.data.images import PixelStore
 from cirlab.data.readers import Split
 from cirlab.errors import CirlabError
 from cirlab.evaluation.metrics import map_at_k, recall_at_k
+from cirlab.evaluation.per_query import records_from_ranking
 
 CIRR_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
 CIRCO_KS = (5, 10, 25, 50)
+MULTI_TARGET = ("circo", "synth-circo")  # per-query records carry every ground truth's rank
 
 
 @dataclass
 class Ranking:
-    """Top-`depth` ranked gallery names per query, and each query's subset ranking (empty when none)."""
+    """Top-`depth` ranked gallery names per query, each query's subset ranking (empty when none), the full
+    1-based rank of each query's first ground truth and, when asked for, of every ground truth."""
     ranked: list
     subset_ranked: list
+    target_ranks: list = field(default_factory=list)
+    gt_ranks: list | None = None
+
+    def records(self, queries: list) -> list:
+        """Per-query records (evaluation/per_query.py) of these queries, in the ranking's order."""
+        return records_from_ranking(queries, self.target_ranks, self.subset_ranked, self.gt_ranks)
 
 
 def _file_stats(folder: Path) -> list:
@@ -115,13 +124,26 @@ def _encode_phrasing(model, queries: list, store: PixelStore, batch_size: int, v
     return torch.cat(feats)
 
 
+def _full_rank(scores: torch.Tensor, col: int | None, top: list, name: str, depth: int) -> int:
+    """1-based rank of gallery column `col` in a query's scores (B=1, N): its place in the top list when it is
+    there, else one more than the entries scored above it (at least depth + 1); a name outside the gallery ranks
+    after every gallery item."""
+    if name in top:
+        return top.index(name) + 1
+    if col is None:
+        return scores.shape[0] + 1
+    return max(depth + 1, 1 + int((scores > scores[col]).sum()))
+
+
 @torch.no_grad()
 def rank(model, queries: list, qfeat: torch.Tensor, names: list, gfeat: torch.Tensor, remove_reference: bool,
-         depth: int = 50, batch_size: int = 256) -> Ranking:
+         depth: int = 50, batch_size: int = 256, all_targets: bool = False) -> Ranking:
+    """Rank the gallery for each query (similarities averaged over its phrasings); `all_targets` also records
+    the full rank of every ground truth (multi-target splits)."""
     index = {n: i for i, n in enumerate(names)}
     if qfeat.dim() == 2:
         qfeat = qfeat.unsqueeze(0)  # (V, Q, D): one phrasing
-    ranked, subset_ranked = [], []
+    ranked, subset_ranked, target_ranks, gt_ranks = [], [], [], []
     for lo in range(0, len(queries), batch_size):
         chunk = queries[lo:lo + batch_size]
         # (b, N), averaged over the phrasings of each query
@@ -133,6 +155,9 @@ def rank(model, queries: list, qfeat: torch.Tensor, names: list, gfeat: torch.Te
         top = scores.topk(min(depth, scores.shape[1]), dim=1).indices
         for i, q in enumerate(chunk):
             ranked.append([names[j] for j in top[i].tolist()])
+            ranks = [_full_rank(scores[i], index.get(t), ranked[-1], t, depth) for t in q.targets]
+            target_ranks.append(ranks[0] if ranks else len(names) + 1)
+            gt_ranks.append(ranks)
             members = [m for m in q.subset if m != q.reference]
             if members:
                 cols = torch.tensor([index[m] for m in members])
@@ -140,7 +165,7 @@ def rank(model, queries: list, qfeat: torch.Tensor, names: list, gfeat: torch.Te
                 subset_ranked.append([members[j] for j in order])
             else:
                 subset_ranked.append([])
-    return Ranking(ranked, subset_ranked)
+    return Ranking(ranked, subset_ranked, target_ranks, gt_ranks if all_targets else None)
 
 
 def _recalls(queries: list, ranked: list, ks, prefix: str = "") -> dict:
@@ -157,7 +182,7 @@ def benchmark_metrics(dataset: str, queries: list, ranked: list, subset_ranked: 
     truth); fashioniq: R@10/R@50 per category (keys "<category>/<row>"), their averages and the mean of the two;
     shoes: R@1/10/50 and their mean.
     """
-    if dataset in ("circo", "synth-circo"):
+    if dataset in MULTI_TARGET:
         out = {f"mAP@{k}": map_at_k(ranked, [q.targets for q in queries], k) for k in CIRCO_KS}
         return out | _recalls(queries, ranked, CIRCO_KS)
     if dataset == "fashioniq":
@@ -204,7 +229,8 @@ def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_ref
     model.eval()
     names, gfeat = encode_gallery(model, split, store, batch_size, cache_dir, model_id, progress)
     qfeat = encode_queries(model, queries, store, batch_size, split)
-    ranking = rank(model, queries, qfeat, names, gfeat, remove_reference, depth=50)
+    ranking = rank(model, queries, qfeat, names, gfeat, remove_reference, depth=50,
+                   all_targets=split.dataset in MULTI_TARGET)
     metrics = benchmark_metrics(split.dataset, queries, ranking.ranked, ranking.subset_ranked)
     return metrics, ranking
 
@@ -221,15 +247,17 @@ def read_benchmark(dataset: str, data_root, split: str, join: str = "and") -> li
 
 
 def evaluate_benchmark(model, dataset: str, splits: list, remove_reference: bool | None = None, cache_dir=None,
-                       model_id: str = "", progress: bool = True) -> dict:
-    """The benchmark's protocol on the splits `read_benchmark` gives. FashionIQ ranks each category against its
-    own gallery, then reports R@10/R@50 per category, their averages and the mean of the two (keys as
-    `cirlab score` writes them)."""
-    if dataset != "fashioniq":
-        return evaluate(model, splits[0], cache_dir, model_id, remove_reference, progress=progress)[0]
-    queries, ranked = [], []
+                       model_id: str = "", progress: bool = True) -> tuple:
+    """The benchmark's protocol on the splits `read_benchmark` gives: (metrics, per-query records). FashionIQ
+    ranks each category against its own gallery, then reports R@10/R@50 per category, their averages and the mean
+    of the two (keys as `cirlab score` writes them); its records follow the categories in order."""
+    queries, ranked, records = [], [], []
     for part in splits:
-        _, ranking = evaluate(model, part, cache_dir, model_id, remove_reference, progress=progress)
-        queries += [q for q in part.queries if q.targets]
+        metrics, ranking = evaluate(model, part, cache_dir, model_id, remove_reference, progress=progress)
+        part_queries = [q for q in part.queries if q.targets]
+        queries += part_queries
         ranked += ranking.ranked
-    return benchmark_metrics("fashioniq", queries, ranked)
+        records += ranking.records(part_queries)
+    if dataset != "fashioniq":
+        return metrics, records
+    return benchmark_metrics("fashioniq", queries, ranked), records

@@ -11,7 +11,19 @@ evolving model. The abstract gives no formula; cirlab's interpretation, each par
 - Time: the score is multiplied by 0.5 ** (age / half_life), age = current step - the entry's step, so stale
   features from an older model count less.
 - An entry carrying the positive's image id is never chosen for that query.
-- Mode "fifo" takes the newest entries instead (a MoCo-style queue); "off" gives none.
+- Mode "fifo" takes the newest entries instead (a MoCo-style queue); "off" gives none. For fair tests of the
+  entropy rule (whose -p log p rises with p below 1/e, so it picks nearly the hardest entries): "random" draws
+  entries uniformly, "hardest" takes the most similar, and "sampled" draws entries without replacement in
+  proportion to p (times the time decay), so that easy entries still appear now and then.
+- `semi_hard_margin` (null: off) bans, for a query, every entry more similar to it than its positive is, less
+  the margin: the likely false negatives and near-duplicates of the target.
+- `warmup_epochs`, when above 0, replaces `warmup_steps` by that many epochs of the schedule the trainer runs
+  (`set_schedule`), so the bank's start moves with the schedule instead of sitting right after the learning-rate
+  warm-up.
+- How the negatives enter the loss (`term`: "joint" appends them to the in-batch softmax, "separate" gives them a
+  softmax of their own with the positive, weighted by `weight`) and whether stored features stay consistent with
+  the model (`consistency`: "ema" fills the bank from a momentum copy of the target tower) are the method's
+  part: the fields live here so one dict configures the bank.
 - Warm-up: for the first `warmup_steps` steps the bank fills but hands out no negatives. Early in training the
   target features change fast and a fresh model's features are nearly all alike; measured on the default world,
   bank negatives from step 0 drove csmcir's loss back up to chance within two epochs.
@@ -26,8 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-MODES = ("off", "fifo", "entropy")
+MODES = ("off", "fifo", "random", "hardest", "sampled", "entropy")
 REFRESH = ("oldest", "least_informative")
+TERMS = ("joint", "separate")
+CONSISTENCY = ("none", "ema")
 
 
 @dataclass
@@ -40,6 +54,13 @@ class MemoryBankConfig:
     refresh: str = "oldest"
     score_momentum: float = 0.9  # for the running informativeness used by refresh="least_informative"
     warmup_steps: int = 0  # steps during which the bank fills but gives no negatives
+    warmup_epochs: float = 0.0  # when > 0: the warm-up in epochs of the trainer's schedule (overrides the steps)
+    semi_hard_margin: float | None = None  # ban entries scored above the positive minus this margin
+    term: str = "joint"  # joint | separate (the method's loss: one softmax, or a weighted term of their own)
+    weight: float = 1.0  # weight of the separate term
+    consistency: str = "none"  # none | ema (the method fills the bank from a momentum target tower)
+    ema_momentum: float = 0.99
+    diagnose_every: int = 0  # every this many steps the method re-encodes a sample of entries (0: never)
 
 
 class MemoryBank(nn.Module):
@@ -47,9 +68,12 @@ class MemoryBank(nn.Module):
         super().__init__()
         if config.mode not in MODES:
             raise ValueError(f"memory bank mode must be one of {MODES}, got {config.mode!r}")
-        if config.refresh not in REFRESH:
-            raise ValueError(f"memory bank refresh must be one of {REFRESH}, got {config.refresh!r}")
+        for value, allowed, what in ((config.refresh, REFRESH, "refresh"), (config.term, TERMS, "term"),
+                                     (config.consistency, CONSISTENCY, "consistency")):
+            if value not in allowed:
+                raise ValueError(f"memory bank {what} must be one of {allowed}, got {value!r}")
         self.config = config
+        self.warmup = config.warmup_steps
         c = config.capacity
         self.register_buffer("features", torch.zeros(c, dim))
         self.register_buffer("ids", torch.full((c,), -1, dtype=torch.long))
@@ -62,11 +86,21 @@ class MemoryBank(nn.Module):
     def __len__(self) -> int:
         return int(self.valid.sum())
 
+    def set_schedule(self, steps_per_epoch: int) -> None:
+        """Tie the warm-up to the trainer's schedule when `warmup_epochs` asks for it."""
+        if self.config.warmup_epochs > 0:
+            self.warmup = int(round(self.config.warmup_epochs * steps_per_epoch))
+
+    def active(self, step: int) -> bool:
+        """True when the bank hands out negatives at `step`."""
+        return self.config.mode != "off" and bool(self.valid.any()) and step >= self.warmup
+
     @torch.no_grad()
-    def push(self, features: torch.Tensor, ids: torch.Tensor, step: int) -> None:
-        """Store detached features (B, D) with their image ids (B,) made at `step`."""
+    def push(self, features: torch.Tensor, ids: torch.Tensor, step: int) -> torch.Tensor:
+        """Store detached features (B, D) with their image ids (B,) made at `step`; returns the slots written
+        (for the last `capacity` rows of the batch)."""
         if self.config.mode == "off":
-            return
+            return torch.zeros(0, dtype=torch.long)
         features, ids = features.detach()[-self.config.capacity:], ids[-self.config.capacity:]
         n = features.shape[0]
         free = (~self.valid).nonzero().flatten()
@@ -89,34 +123,60 @@ class MemoryBank(nn.Module):
         self.informativeness[slots] = start
         self.serial[slots] = self.pushed + torch.arange(n, device=self.serial.device)
         self.pushed += n
+        return slots
 
-    def scores(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int, similarity=None) -> torch.Tensor:
-        """Selection scores (B, C); -inf where an entry may not be used for that query.
+    def scores(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int, similarity=None,
+               positive_sim: torch.Tensor | None = None) -> torch.Tensor:
+        """Selection scores (B, C); -inf where an entry may not be used for that query. The `n` highest are taken
+        (for "random" and "sampled" the scores carry Gumbel noise, so the top n are a draw without replacement).
 
         `similarity(queries, features) -> (B, C)` scores queries against stored features (default: dot product;
-        a method with multi-token targets stores them flattened and passes its own)."""
+        a method with multi-token targets stores them flattened and passes its own). `positive_sim` (B,), each
+        query's similarity to its positive, is needed for `semi_hard_margin`."""
         banned = ~self.valid[None, :] | (self.ids[None, :] == positive_ids[:, None])  # (B, C)
-        if self.config.mode == "fifo":
-            score = self.serial[None, :].float().expand(queries.shape[0], -1).clone()
-        else:
+        mode, b = self.config.mode, queries.shape[0]
+        raw = None
+        if mode not in ("fifo", "random") or self.config.semi_hard_margin is not None:
             raw = similarity(queries.detach(), self.features) if similarity else queries.detach() @ self.features.t()
-            sim = raw / self.config.temperature  # (B, C)
-            p = sim.masked_fill(banned, float("-inf")).softmax(-1)
-            score = -(p * p.clamp_min(1e-12).log())  # (B, C): each entry's entropy term
-            age = (step - self.steps).clamp_min(0).float()
-            score = score * 0.5 ** (age / self.config.half_life)[None, :]
+        if self.config.semi_hard_margin is not None:
+            if positive_sim is None:
+                raise ValueError("semi_hard_margin needs each query's similarity to its positive")
+            banned = banned | (raw > positive_sim.detach()[:, None] - self.config.semi_hard_margin)
+        age = (step - self.steps).clamp_min(0).float()
+        decay = 0.5 ** (age / self.config.half_life)  # (C,)
+        if mode == "fifo":
+            score = self.serial[None, :].float().expand(b, -1).clone()
+        elif mode == "random":
+            score = _gumbel(b, self.features.shape[0], queries.device)
+        elif mode == "hardest":
+            score = raw.clone()
+        else:
+            p = (raw / self.config.temperature).masked_fill(banned, float("-inf")).softmax(-1)  # (B, C)
+            if mode == "sampled":  # log of p times the decay, plus Gumbel noise: a draw in proportion to p
+                score = (p * decay[None, :]).clamp_min(1e-30).log() + _gumbel(b, p.shape[1], queries.device)
+            else:  # entropy: each entry's term in the entropy of p
+                score = -(p * p.clamp_min(1e-12).log()) * decay[None, :]
         return score.masked_fill(banned, float("-inf"))
 
-    def negatives(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int, similarity=None) -> tuple:
-        """Per-query negatives (B, n, D) and a mask (B, n) of the slots that hold a real entry."""
+    def negatives(self, queries: torch.Tensor, positive_ids: torch.Tensor, step: int, similarity=None,
+                  positive_sim: torch.Tensor | None = None) -> tuple:
+        """Per-query negatives (B, n, D), a mask (B, n) of the slots that hold a real entry, and the chosen
+        slots (B, n)."""
         b, n = queries.shape[0], min(self.config.num_negatives, self.config.capacity)
-        if self.config.mode == "off" or not bool(self.valid.any()) or step < self.config.warmup_steps:
-            return self.features.new_zeros(b, 0, self.features.shape[1]), queries.new_zeros(b, 0, dtype=torch.bool)
-        score = self.scores(queries, positive_ids, step, similarity)
+        if not self.active(step):
+            empty = queries.new_zeros(b, 0, dtype=torch.long)
+            return (self.features.new_zeros(b, 0, self.features.shape[1]), empty.bool(), empty)
+        score = self.scores(queries, positive_ids, step, similarity, positive_sim)
         top = score.topk(n, dim=1)  # (B, n)
         if self.config.mode == "entropy":
             with torch.no_grad():
                 mean = torch.where(torch.isfinite(score), score, torch.zeros_like(score)).mean(0)
                 m = self.config.score_momentum
                 self.informativeness.mul_(m).add_((1 - m) * mean)
-        return self.features[top.indices], torch.isfinite(top.values)
+        return self.features[top.indices], torch.isfinite(top.values), top.indices
+
+
+def _gumbel(b: int, c: int, device) -> torch.Tensor:
+    """(b, c) standard Gumbel noise from torch's global generator (seeded per epoch by the trainer)."""
+    u = torch.rand(b, c, device=device).clamp(1e-12, 1 - 1e-7)
+    return -(-u.log()).log()

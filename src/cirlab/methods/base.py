@@ -94,6 +94,10 @@ class CIRModel(nn.Module):
         methods choose their prompt template by it); the default changes nothing."""
         return contextlib.nullcontext()
 
+    def set_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Called by the trainer before the first step with the schedule it will run; the default ignores it
+        (csmcir ties its memory bank's warm-up to it)."""
+
     def frozen_image_stage(self):
         """A function pixels -> features for a first image stage that does not train, else None.
 

@@ -27,7 +27,17 @@ Interpretation (the full paper is not available), each a config field:
   BLIP-2 checkpoints (CLS text pooling, a 12-layer Q-Former) and "all" for tiny mean-pooling ones.
 - The memory bank (layers/memory_bank.py) hands out negatives only after its `warmup_steps`: with bank negatives
   from the first step, the loss climbed back to chance within two epochs (test1 R@1 0.7) while the same run
-  without the bank reached R@1 4.3.
+  without the bank reached R@1 4.3. `memory_bank` holds changes to BANK_DEFAULTS (a change of one key keeps the
+  others, so an ablation row changes one thing).
+- Bank negatives enter the loss (`memory_bank.term`) appended to the in-batch softmax ("joint"), or as a second
+  InfoNCE of the positive against the bank negatives alone, weighted by `memory_bank.weight` ("separate"), which
+  leaves the in-batch term, whose same-reference negatives teach the edit, its whole gradient.
+- `memory_bank.consistency="ema"` fills the bank from a momentum copy of the trainable parameters (MoCo): the
+  stored features then come from a slowly moving encoder instead of the one of their step.
+- Logged each step (LossOutput parts): the softmax mass of the joint logits on the positive, the other in-batch
+  targets and the bank negatives (whatever `term` is), the mean age of the chosen negatives; with
+  `memory_bank.diagnose_every` > 0, the cosine of stored entries to their re-encoding by the current model, for
+  the younger and the older half of a sample.
 """
 from __future__ import annotations
 
@@ -53,7 +63,10 @@ class CsmcirConfig(MethodConfig):
     captions: str = "mcot"  # mcot | single_level | none
     single_level: str = "objects"  # the caption level `captions="single_level"` reads
     query_pool: str = "auto"  # first | mean | all | auto (all when the backbone mean-pools text, else first)
-    memory_bank: dict = field(default_factory=lambda: {"mode": "entropy", "warmup_steps": 100, "num_negatives": 64})
+    memory_bank: dict = field(default_factory=lambda: dict(BANK_DEFAULTS))  # changes to BANK_DEFAULTS
+
+
+BANK_DEFAULTS = {"mode": "entropy", "warmup_steps": 100, "num_negatives": 64}
 
 
 def image_id(name: str) -> int:
@@ -84,8 +97,22 @@ class Csmcir(CIRModel):
         self.needs_captions = config.target_tower == "symmetric" and config.captions != "none"
         self.caption_level = config.single_level if config.captions == "single_level" else "final_caption"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.bank = MemoryBank(MemoryBankConfig(**config.memory_bank), self._target_width())
+        try:
+            bank = MemoryBankConfig(**(BANK_DEFAULTS | config.memory_bank))
+        except TypeError as e:
+            from cirlab.errors import CirlabError
+            raise CirlabError(f"csmcir memory_bank: {e}") from None
+        self.bank = MemoryBank(bank, self._target_width())
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._ema_params = []
+        if bank.consistency == "ema" and bank.mode != "off":  # a momentum copy of every trained parameter
+            self._ema_params = [p for p in self.parameters() if p.requires_grad]
+            for i, p in enumerate(self._ema_params):
+                self.register_buffer(f"ema_{i}", p.detach().clone())
+        self._inputs = {}  # bank slot -> (frozen-stage target input, caption), for re-encoding diagnostics
+
+    def set_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        self.bank.set_schedule(steps_per_epoch)
 
     def _pool_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, Q+L, Dq) joint hidden states -> (B, Dq) at the text positions, per `query_pool`."""
@@ -142,21 +169,95 @@ class Csmcir(CIRModel):
         return self.similarity(queries, flat.view(flat.shape[0], -1, queries.shape[-1]))
 
     def loss(self, batch: Batch) -> LossOutput:
+        self._update_ema()
         q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
         t = self.encode_target(batch.tgt_pixels, batch.tgt_captions)  # (B, D) or (B, K, D)
         scale = self.logit_scale.exp().clamp(max=100)
         logits = scale * self.similarity(q, gather(t))  # (B, W*B): every rank's targets; the bank stays local
+        labels = global_labels(q.shape[0], q.device)
         ids = torch.tensor([image_id(n) for n in batch.target_names], device=q.device)
-        step = int(self.step)
-        negs, valid = self.bank.negatives(q, ids, step, self._bank_similarity)  # (B, n, K*D), (B, n)
-        n_neg = int(valid.sum(1).min()) if negs.shape[1] else 0
+        step, cfg = int(self.step), self.bank.config
+        pos = (q[:, None, :] * t.view(t.shape[0], -1, q.shape[-1])).sum(-1).amax(-1)  # (B,) as `similarity`
+        negs, valid, slots = self.bank.negatives(q, ids, step, self._bank_similarity, pos)  # (B, n, K*D), (B, n)
+        parts = {"bank_negatives": float(valid.sum(1).min()) if negs.shape[1] else 0.0}
+        loss = F.cross_entropy(logits, labels)
+        joint = logits
         if negs.shape[1]:
             neg = negs.view(q.shape[0], negs.shape[1], -1, q.shape[-1])  # (B, n, K, D)
             neg_logits = scale * torch.einsum("bd,bnkd->bnk", q, neg).amax(-1)  # (B, n)
             # empty slots get a large finite negative, not -inf: -inf times the temperature's gradient is NaN
             neg_logits = torch.where(valid, neg_logits, torch.full_like(neg_logits, -1e4))
-            logits = torch.cat([logits, neg_logits], dim=1)  # (B, B + n)
-        loss = F.cross_entropy(logits, global_labels(q.shape[0], q.device))
-        self.bank.push(t.detach().reshape(t.shape[0], -1), ids, step)
+            joint = torch.cat([logits, neg_logits], dim=1)  # (B, W*B + n)
+            if cfg.term == "joint":
+                loss = F.cross_entropy(joint, labels)
+            else:  # the positive against the bank negatives alone, in a term of its own
+                own = torch.cat([logits.gather(1, labels[:, None]), neg_logits], dim=1)  # (B, 1 + n)
+                bank_term = F.cross_entropy(own, torch.zeros_like(labels))
+                parts["nce_batch"], parts["nce_bank"] = loss.item(), bank_term.item()
+                loss = loss + cfg.weight * bank_term
+            age = (step - self.bank.steps[slots]).float()  # (B, n)
+            parts["bank_age"] = float(age[valid].mean()) if bool(valid.any()) else 0.0
+        parts |= self._softmax_mass(joint.detach(), labels, logits.shape[1])
+        if cfg.diagnose_every and (step + 1) % cfg.diagnose_every == 0:
+            parts |= self._staleness(step)
+        stored = self._ema_targets(batch) if self._ema_params else t.detach()
+        written = self.bank.push(stored.reshape(t.shape[0], -1), ids, step)
+        if cfg.diagnose_every and len(written):
+            keep = batch.tgt_pixels[-len(written):].detach()
+            caps = (batch.tgt_captions or [None] * len(batch))[-len(written):]
+            for slot, x, c in zip(written.tolist(), keep, caps):
+                self._inputs[slot] = (x, c)
         self.step += 1
-        return LossOutput(loss, {"nce": loss.item(), "bank_negatives": float(n_neg)})
+        return LossOutput(loss, {"nce": loss.item(), **parts})
+
+    @staticmethod
+    def _softmax_mass(joint: torch.Tensor, labels: torch.Tensor, width: int) -> dict:
+        """Mean softmax mass of the joint logits (B, W*B + n) on the positive, the other in-batch columns and the
+        bank columns."""
+        p = joint.float().softmax(-1)
+        positive = p.gather(1, labels[:, None]).mean()
+        batch = p[:, :width].sum(1).mean() - positive
+        return {"mass_positive": float(positive), "mass_batch": float(batch),
+                "mass_bank": float(p[:, width:].sum(1).mean()) if p.shape[1] > width else 0.0}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if not self._ema_params or not self.training:
+            return
+        m = self.bank.config.ema_momentum
+        for i, p in enumerate(self._ema_params):
+            getattr(self, f"ema_{i}").mul_(m).add_(p.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def _ema_targets(self, batch: Batch) -> torch.Tensor:
+        """The batch's targets encoded with the momentum copy of the parameters (swapped in, then back), in eval
+        mode: stored features carry no dropout noise."""
+        saved, was = [p.data for p in self._ema_params], self.training
+        try:
+            for i, p in enumerate(self._ema_params):
+                p.data = getattr(self, f"ema_{i}")
+            self.eval()
+            return self.encode_target(batch.tgt_pixels, batch.tgt_captions).detach()
+        finally:
+            self.train(was)
+            for p, d in zip(self._ema_params, saved):
+                p.data = d
+
+    @torch.no_grad()
+    def _staleness(self, step: int, sample: int = 64) -> dict:
+        """Cosine of stored bank entries to the current model's encoding of the same inputs, for the younger and
+        the older half of up to `sample` entries (how far stored negatives lag the model)."""
+        slots = [s for s in self._inputs if bool(self.bank.valid[s])][-sample:]
+        if len(slots) < 2:
+            return {}
+        x = torch.stack([self._inputs[s][0] for s in slots])
+        caps = [self._inputs[s][1] for s in slots]
+        now = self.encode_target(x, None if caps[0] is None else caps).reshape(len(slots), -1)
+        stored = self.bank.features[slots]
+        k = max(1, now.shape[1] // self.backbone.dim)  # tokens per entry
+        cos = F.cosine_similarity(now.view(len(slots), k, -1), stored.view(len(slots), k, -1), dim=-1).mean(1)
+        age = (step - self.bank.steps[slots]).float()
+        order = age.argsort()
+        half = len(slots) // 2
+        return {"reencode_cos_young": float(cos[order[:half]].mean()), "reencode_cos_old": float(cos[order[half:]].mean()),
+                "reencode_age_young": float(age[order[:half]].mean()), "reencode_age_old": float(age[order[half:]].mean())}

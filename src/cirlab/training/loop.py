@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cirlab.errors import CirlabError
+from cirlab.methods.base import CIRModel
 from cirlab.training.distributed import Rank, average_gradients, barrier, current, mean_across_ranks
 
 STATE_FILE = "train_state.pt"
@@ -153,6 +154,8 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     opt, sched = _optimizer(module, cfg, steps_per_epoch * cfg.epochs)
+    if isinstance(module, CIRModel):
+        module.set_schedule(steps_per_epoch, steps_per_epoch * cfg.epochs)
     start_epoch, step, losses = 0, 0, []
     state_path = out / STATE_FILE
     if resume and state_path.exists():
