@@ -73,6 +73,11 @@ def test_synth_then_eval_writes_json(clip_dir, world, tmp_path):
     doc = json.loads((tmp_path / "m.json").read_text())
     assert set(doc["metrics"]) == {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
     assert list((ckpt / "cache").glob("gallery-*.pt")), "gallery features are cached per checkpoint"
+    from cirlab.evaluation.per_query import metrics_from_records, read_records
+
+    records = read_records(tmp_path / "m.per_query.jsonl")  # written beside the metrics, named in them
+    assert doc["per_query"] == "m.per_query.jsonl" and len(records) == 200
+    assert metrics_from_records(records, list(doc["metrics"])) == pytest.approx(doc["metrics"], abs=1e-9)
     again = cirlab("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "test1", "--json",
                    tmp_path / "m2.json", "--no-progress")
     assert again.returncode == 0, again.stderr
@@ -104,6 +109,11 @@ def test_eval_on_the_circo_layout_reports_map(clip_dir, world, tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "c.json").read_text())["metrics"]
     assert {"mAP@5", "mAP@10", "mAP@25", "mAP@50", "R@5", "R@10", "R@25", "R@50"} == set(metrics)
+    from cirlab.evaluation.per_query import metrics_from_records, read_records
+
+    records = read_records(tmp_path / "c.per_query.jsonl")  # every ground truth's rank: mAP follows exactly
+    assert all(len(r["gt_ranks"]) >= 1 and r["subset_rank"] is None for r in records)
+    assert metrics_from_records(records, list(metrics)) == pytest.approx(metrics, abs=1e-9)
     assert metrics["mAP@5"] <= 100 and metrics["R@50"] >= metrics["R@5"]
 
 

@@ -42,7 +42,7 @@ def test_imperfection_disturbs_only_what_the_text_leaves_open(world):
     disturbed = slots = 0
     for q in _train(world, 200):
         ops = [Op.from_json(o) for o in editor.edits[q.key]["ops"]]
-        scene, changes = editor.pseudo_target(q.key, q.reference, 0)
+        scene, changes, _ = editor.pseudo_target(q.key, q.reference, 0)
         protected = {f"{op.index}.{ATTRIBUTE_OF_OP[op.kind]}" for op in ops if op.kind in ATTRIBUTE_OF_OP}
         assert not [c for c in changes if c.split(":")[0] in protected], (q.key, changes)
         assert all((o.shape, o.colour) not in HELD_OUT_PAIRS for o in scene)
@@ -60,6 +60,41 @@ def test_samples_are_reproducible_and_differ(world):
     assert first == [b.pseudo_target(q.key, q.reference, 0) for q in qs]
     second = [a.pseudo_target(q.key, q.reference, 1) for q in qs]
     assert sum(x != y for x, y in zip(first, second)) > 10
+
+
+def test_failure_modes_of_real_editors(world):
+    """Each failure at rate 1 does what it names; at rate 0.3 about 30% of pseudo-targets carry it."""
+    from cirlab.data.synth.world import apply_ops, graph_to_scene, render
+
+    qs = _train(world, 120)
+    truth = {q.key: apply_ops(graph_to_scene(OracleEditor(world).graphs[q.reference]),
+                              [Op.from_json(o) for o in OracleEditor(world).edits[q.key]["ops"]]) for q in qs}
+    no_edit = OracleEditor(world, failures={"no_edit": 1.0})
+    for q in qs:
+        scene, changes, cast = no_edit.pseudo_target(q.key, q.reference, 0)
+        assert scene == graph_to_scene(no_edit.graphs[q.reference]) and changes == ["failure: edit not applied"]
+    wrong = OracleEditor(world, failures={"wrong_object": 1.0})
+    moved = [q for q in qs if "failure: edit applied to another object" in wrong.pseudo_target(q.key, q.reference, 0)[1]]
+    assert len(moved) > 20 and all(wrong.pseudo_target(q.key, q.reference, 0)[0] != truth[q.key] for q in moved)
+    shift = OracleEditor(world, failures={"shift": 1.0})
+    for q in qs:
+        scene, changes, _ = shift.pseudo_target(q.key, q.reference, 0)
+        if changes:  # same objects, one of them one cell away
+            assert sorted((o.shape, o.colour, o.size) for o in scene) == \
+                sorted((o.shape, o.colour, o.size) for o in truth[q.key])
+            assert len({o.cell for o in scene} ^ {o.cell for o in truth[q.key]}) == 2
+    cast = OracleEditor(world, failures={"colour_cast": 1.0})
+    q = qs[0]
+    image, info = cast.edit(q.key, q.reference, 0)
+    clean = render(truth[q.key], cast.image_size)
+    assert np.abs(np.asarray(image, dtype=float) - np.asarray(clean, dtype=float)).mean() > 5
+    assert info["changes"][0].startswith("failure: colour cast")
+    some = OracleEditor(world, failures={"no_edit": 0.3}, seed=2)
+    rate = sum(bool(some.pseudo_target(q.key, q.reference, 0)[1]) for q in qs) / len(qs)
+    assert 0.18 < rate < 0.42, rate
+    assert some.options() == {"imperfection": 0.0, "failures": {"no_edit": 0.3}}
+    with pytest.raises(CirlabError, match="unknown editor failure"):
+        OracleEditor(world, failures={"blur": 0.1})
 
 
 def test_bad_options_are_clear_errors(world, tmp_path):

@@ -98,6 +98,21 @@ def test_hard_negatives_never_include_a_positive(bb):
     assert chosen == set(range(2, 6)) - set(fits)  # only two candidates left: fewer negatives, none excluded
 
 
+@pytest.mark.parametrize("mine_reference", [True, False])
+def test_the_reference_is_mined_only_when_asked(bb, mine_reference):
+    """One row (reference r, target t) against a pool of t, r and two others, 3 negatives asked: the reference is
+    among the candidates unless `mine_reference` is off, which leaves two."""
+    model = build_model("mapcompose", bb, {"hard_negatives": 3, "hard_negative_start": 0.0,
+                                           "mine_reference": mine_reference})
+    model.set_stage("composing")
+    model.train()
+    names = ["t", "r", "a", "b"]
+    model.set_negative_pool(F.normalize(torch.randn(4, 32), dim=-1), names, names, total_steps=10)
+    px = torch.randn(1, 3, 64, 64)
+    out = model.loss(Batch(px, ["make it red"], px, None, ["t"], [()], ["r"]))
+    assert out.parts["hard_negatives"] == (3.0 if mine_reference else 2.0)
+
+
 def test_synthesis_edits_captions_and_retrieves_matching_targets(world):
     split = read_split("synth", world, "train")
     captions = {n: split.captions[n] for n in split.gallery if n in split.captions}
@@ -209,10 +224,13 @@ def test_ablate_mapcompose_shares_stage1_and_draws_the_triplet_sweep(world, tmp_
         train=short, zero_shot={"mapcompose": {"stage1": short, "stage2": short | {"epochs": 2}, "triplets": 40}})
     doc = run_ablation("mapcompose", tmp_path / "abl", profile=profile, data=world, progress=False,
                        rows=[{"triplets": 0}, {"triplets": 40}, {"visual_injection": False, "triplets": 40}])
-    assert [r["variant"] for r in doc["rows"]] == [
-        {"triplets": 0, "visual_injection": True, "soft_align": True, "hard_negatives": 4},
-        {"triplets": 40, "visual_injection": True, "soft_align": True, "hard_negatives": 4},
-        {"triplets": 40, "visual_injection": False, "soft_align": True, "hard_negatives": 4}]
+    same = {"soft_align": True, "hard_negatives": 4, "min_match": 0.8, "mine_reference": True}
+    assert [r["variant"] for r in doc["rows"]] == [{"triplets": 0, "visual_injection": True} | same,
+                                                   {"triplets": 40, "visual_injection": True} | same,
+                                                   {"triplets": 40, "visual_injection": False} | same]
+    for row in doc["rows"][1:]:  # reported at the best val epoch, the last epoch's figures beside them
+        best = max(range(2), key=lambda e: (row["val_curve"][e], -e))
+        assert row["checkpoint"] == f"best val (epoch {best + 1})" and "R@1" in row["last_epoch_metrics"]
     assert [len(r["val_curve"]) for r in doc["rows"]] == [1, 2, 2]  # stage I only: one evaluation
     ckpts = tmp_path / "abl" / "checkpoints"
     summaries = [json.loads((ckpts / f"mapcompose-{i}.train" / "zero_shot.json").read_text()) for i in range(3)]

@@ -82,6 +82,12 @@ def test_fashioniq_eval_reports_the_official_keys(clip_dir, tmp_path):
         metrics = json.loads((tmp_path / f"{join}.json").read_text())["metrics"]
         assert list(metrics) == ["dress/R@10", "dress/R@50", "shirt/R@10", "shirt/R@50", "toptee/R@10",
                                  "toptee/R@50", "avg/R@10", "avg/R@50", "avg"]
+        from cirlab.evaluation.per_query import read_records
+
+        records = read_records(tmp_path / f"{join}.per_query.jsonl")  # keys "<category>/<row>", all categories
+        for cat in ("dress", "shirt", "toptee"):
+            mine = [r for r in records if r["query"].startswith(f"{cat}/")]
+            assert mine and abs(100 * sum(r["rank"] <= 10 for r in mine) / len(mine) - metrics[f"{cat}/R@10"]) < 1e-9
     # image_only with the reference kept ranks the reference itself first: R@10 is below 100 only if targets
     # are pushed out, and removing the reference can only raise recall
     kept = json.loads((tmp_path / "and.json").read_text())["metrics"]

@@ -41,6 +41,28 @@ def test_fusion_merges_similar_pairs_and_keeps_the_rest():
     assert torch.allclose(none["pooled"][0], (v[0].sum(0) + t[0, :2].sum(0)) / 4, atol=1e-6)
 
 
+def test_relative_threshold_is_a_quantile_of_each_querys_candidates():
+    """Visual token i's only similar text token is text token i, at cosine 0.2, 0.4, 0.6 and 0.8: a relative
+    threshold merges the candidates at or above its quantile of those four, from all of them down to none."""
+    sims = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    eye = torch.eye(8)
+    v = eye[:4][None]  # (1, 4, 8)
+    t = (sims[:, None] * eye[:4] + (1 - sims[:, None] ** 2).sqrt() * eye[4:])[None]  # (1, 4, 8)
+    mask = torch.ones(1, 4, dtype=torch.long)
+
+    def merged(q: float) -> list:
+        out = AdaptiveTokenFusion(8, 4, threshold=q, threshold_mode="relative")(v, t, mask)["merged"]
+        return out[0].any(0).nonzero().flatten().tolist()  # the text tokens that merged
+
+    # quantiles of (0.2, 0.4, 0.6, 0.8), interpolated: 0.2, 0.38, 0.5, 0.74, then nothing at 1.0
+    assert [merged(q) for q in (0.0, 0.3, 0.5, 0.9, 1.0)] == [[0, 1, 2, 3], [1, 2, 3], [2, 3], [3], []]
+    # an absolute 0.5 merges by cosine alone
+    assert AdaptiveTokenFusion(8, 4, threshold=0.5)(v, t, mask)["merged"][0].any(0).tolist() == \
+        [False, False, True, True]
+    with pytest.raises(ValueError, match="quantile"):
+        AdaptiveTokenFusion(8, 4, threshold=1.5, threshold_mode="relative")
+
+
 def test_mutual_matching_is_one_to_one_and_position_stays_with_the_visual_slot():
     v = torch.tensor([[[1.0, 0, 0, 0], [0.9, 0.3, 0, 0]]])  # both closest to the first text token
     t = torch.tensor([[[1.0, 0.1, 0, 0], [0, 0, 1.0, 0]]])
@@ -164,9 +186,9 @@ def test_ablate_tmcir_rows_share_stage1_and_draw_the_sweep(world, tmp_path):
     doc = run_ablation("tmcir", tmp_path / "abl", profile=profile, data=world, progress=False,
                        rows=[{"threshold": 0.0}, {"threshold": 1.0}, {"stage1": False}])
     variants = [r["variant"] for r in doc["rows"]]
-    assert variants == [{"threshold": 0.0, "stage1": True, "imperfection": 0.1},
-                        {"threshold": 1.0, "stage1": True, "imperfection": 0.1},
-                        {"threshold": 0.5, "stage1": False, "imperfection": 0.1}]
+    same = {"threshold_mode": "absolute", "imperfection": 0.1, "failures": "none"}
+    assert variants == [{"threshold": 0.0, "stage1": True} | same, {"threshold": 1.0, "stage1": True} | same,
+                        {"threshold": 0.5, "stage1": False} | same]
     assert [r["config"] for r in doc["rows"]] == [{"threshold": 0.0}, {"threshold": 1.0}, {}]
     stage1 = list((tmp_path / "abl" / "checkpoints").glob("tmcir-stage1-*"))
     assert [p.name for p in stage1] == ["tmcir-stage1-p0.1"]
@@ -178,7 +200,7 @@ def test_ablate_tmcir_rows_share_stage1_and_draw_the_sweep(world, tmp_path):
     merged = [r["last_epoch_parts"]["merged_text_tokens"] for r in doc["rows"]]
     assert merged[1] == 0 and merged[0] > 0  # a cosine never exceeds 1.0; at 0.0 some pairs merge
     md = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "| 0.0 | on | 0.1 |" in md and "| 0.5 | off | 0.1 |" in md
+    assert "| 0.0 | absolute | on | 0.1 | none |" in md and "| 0.5 | absolute | off | 0.1 | none |" in md
     assert Image.open(tmp_path / "abl" / "threshold_sweep.png").size[0] > 300
     # the stage-1 folder is reused when nothing changed, and replaced (not mixed) when the spec changes
     from cirlab.demo import ensure_intent_backbone

@@ -43,16 +43,23 @@ ROWS = {
     ],
 }
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
-ROWS["tmcir"] = [*({"threshold": t} for t in THRESHOLDS), {"stage1": False},
-                 *({"imperfection": p} for p in (0.0, 0.3, 0.6))]
-FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank"), "tmcir": ("threshold", "stage1", "imperfection")}
+QUANTILES = (0.0, 0.25, 0.5, 0.75)  # relative thresholds: 0.0 merges every candidate pair (1.0 none, as above)
+ROWS["tmcir"] = [*({"threshold": t} for t in THRESHOLDS),
+                 *({"threshold_mode": "relative", "threshold": q} for q in QUANTILES), {"stage1": False},
+                 *({"imperfection": p} for p in (0.0, 0.3, 0.6)), {"failures": "realistic"}]
+FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank"),
+          "tmcir": ("threshold", "threshold_mode", "stage1", "imperfection", "failures")}
 ROWS["mapcompose"] = [*({"triplets": n} for n in (0, 100, 500, 2000)), {"visual_injection": False},
-                      {"soft_align": False}, {"hard_negatives": 0}]
-FIELDS["mapcompose"] = ("triplets", "visual_injection", "soft_align", "hard_negatives")
+                      {"soft_align": False}, {"hard_negatives": 0}, {"min_match": 1.0}, {"mine_reference": False}]
+FIELDS["mapcompose"] = ("triplets", "visual_injection", "soft_align", "hard_negatives", "min_match",
+                        "mine_reference")
+# the editor failure settings a tmcir row's stage 1 may name (editing/oracle.py)
+EDITOR_FAILURES = {"none": {}, "realistic": "REALISTIC_FAILURES"}
 SWEEPS = {"tmcir": ("threshold", "threshold_sweep.png", "fusion threshold (cosine; 1.0 merges nothing)", False),
           "mapcompose": ("triplets", "triplets_sweep.png", "synthetic triplets in stage II (0: stage I only)", True)}
 EXTRA_COLUMNS = {"tmcir": {"merged text tokens": "merged_text_tokens"}}  # header -> last_epoch_parts key
-PIPELINE = {"tmcir": {"stage1": True, "imperfection": 0.1}, "mapcompose": {"triplets": 2000}}  # row fields that change the backbone, not the model
+PIPELINE = {"tmcir": {"stage1": True, "imperfection": 0.1, "failures": "none"},
+            "mapcompose": {"triplets": 2000, "min_match": 0.8}}  # row fields that change the backbone, not the model
 
 
 def _quick_profile():
@@ -122,18 +129,26 @@ def format_markdown(doc: dict) -> str:
 def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path, cfg, val, test, stores,
              zero_shot: dict | None = None) -> dict:
     """Train one row, evaluating val after each epoch (after training, for a zero-shot row with no stage II);
-    test1 after the last. `zero_shot`: {"spec": the profile's zero-shot schedule, "triplets": N, "stage1_from":
-    a folder whose stage I to reuse, or None}."""
+    test1 after the last epoch or, where the method's ablation selects by val (`SELECT`), at the epoch of the best
+    val R@1 (a copy of that epoch's checkpoint is kept in `<folder>.best`). `zero_shot`: {"spec": the profile's
+    zero-shot schedule, "triplets": N, "min_match": F1, "stage1_from": a folder whose stage I to reuse, or None}."""
+    import shutil
+
     from cirlab.evaluation.protocols import evaluate
     from cirlab.methods import load_model
     from cirlab.training.train import train_method
 
     curve, eval_seconds = [], [0.0]
+    best_dir = folder.with_name(folder.name + ".best")
+    by_val = SELECT.get(method) == "best_val"
 
     def on_epoch(model, _folder):
         t = time.time()
         metrics, _ = evaluate(model, val, progress=False, store=stores["val"])
         curve.append(round(metrics["R@1"], 2))
+        if by_val and curve[-1] == max(curve) and curve.index(curve[-1]) == len(curve) - 1:  # a new best
+            shutil.rmtree(best_dir, ignore_errors=True)
+            shutil.copytree(folder, best_dir)
         eval_seconds[0] += time.time() - t
 
     t = time.time()
@@ -148,17 +163,25 @@ def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path
         train_zero_shot(method, data, backbone, folder, TrainConfig(seed=cfg.seed, progress=False, **spec["stage1"]),
                         TrainConfig(seed=cfg.seed, progress=False, **spec["stage2"]), config,
                         triplets=zero_shot["triplets"], seed=cfg.seed, log=lambda _m: None,
+                        min_match=zero_shot.get("min_match", 0.8),
                         stage1_from=zero_shot["stage1_from"], on_epoch=on_epoch)
         log = folder.with_name(folder.name + ".train") / "stage2" / "metrics.jsonl"
     train_seconds = time.time() - t - eval_seconds[0]
     model = load_model(folder)
     if not curve:
         on_epoch(model, folder)
-    metrics, ranking = evaluate(model, test, progress=False, store=stores["test"])
     best = max(range(len(curve)), key=lambda e: (curve[e], -e))
-    return {"metrics": {k: round(v, 2) for k, v in metrics.items()}, "val_curve": curve,
-            "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1),
-            "last_epoch_parts": _last_epoch_parts(log), "ranking": ranking}
+    last, _ = evaluate(model, test, progress=False, store=stores["test"]) if by_val else (None, None)
+    if by_val and best_dir.exists():
+        model = load_model(best_dir)
+    metrics, ranking = evaluate(model, test, progress=False, store=stores["test"])
+    row = {"metrics": {k: round(v, 2) for k, v in metrics.items()}, "val_curve": curve,
+           "epochs_to_best": best + 1, "train_seconds": round(train_seconds, 1),
+           "last_epoch_parts": _last_epoch_parts(log), "ranking": ranking}
+    if by_val:
+        row |= {"checkpoint": f"best val (epoch {best + 1})", "last_epoch_metrics": {k: round(v, 2)
+                                                                                     for k, v in last.items()}}
+    return row
 
 
 def _last_epoch_parts(log: Path) -> dict:
@@ -195,9 +218,17 @@ def _row_backbone(method: str, pipeline: dict, backbone: Path, ckpts: Path, data
         return backbone
     from cirlab.demo import ensure_intent_backbone
 
+    from cirlab.editing import oracle
+
+    failures = pipeline.get("failures", "none")
+    if failures not in EDITOR_FAILURES:
+        from cirlab.errors import CirlabError
+        raise CirlabError(f"unknown editor failure setting {failures!r}; known: {', '.join(EDITOR_FAILURES)}")
     spec = profile.stage1[method] | {"imperfection": pipeline["imperfection"]}
-    return ensure_intent_backbone(backbone, ckpts / f"{method}-stage1-p{spec['imperfection']}{tag}", data, spec, seed,
-                                  progress, log)
+    if failures != "none":
+        spec["failures"] = getattr(oracle, EDITOR_FAILURES[failures])
+    name = f"{method}-stage1-p{spec['imperfection']}" + ("" if failures == "none" else f"-{failures}")
+    return ensure_intent_backbone(backbone, ckpts / f"{name}{tag}", data, spec, seed, progress, log)
 
 
 def plot_sweep(doc: dict, path: Path) -> None:
@@ -334,8 +365,9 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
                 zero_shot = None
                 if getattr(method_class(method), "zero_shot", False):  # rows with one stage-I config share it
                     shared = json.dumps({k: config.get(k) for k in ("visual_injection", "soft_align")} | {"seed": s})
-                    zero_shot = {"spec": profile.zero_shot[method], "triplets": pipeline["triplets"],
-                                 "stage1_from": stage1_done.get(shared)}
+                    zero_shot = {"spec": _equal_steps(profile.zero_shot[method], PIPELINE[method]["triplets"]),
+                             "triplets": pipeline["triplets"],
+                                 "min_match": pipeline["min_match"], "stage1_from": stage1_done.get(shared)}
                     stage1_done.setdefault(shared, folder)
                 row = _run_row(method, config, data, start, folder, cfg, val, test, stores, zero_shot)
                 recs = row.pop("ranking").records(queries)
@@ -369,6 +401,16 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     return doc
 
 
+def _equal_steps(spec: dict, triplets: int) -> dict:
+    """The zero-shot schedule with stage II's epochs fixed at the steps the default triplet count takes, so that
+    every row of the triplet sweep makes the same optimizer steps under the same schedule (a smaller set is
+    repeated) instead of fewer, floored steps with the warm-up peaking late."""
+    stage2 = spec.get("stage2") or {}
+    if not stage2 or stage2.get("steps_per_epoch"):
+        return spec
+    return spec | {"stage2": stage2 | {"steps_per_epoch": max(1, triplets // stage2.get("batch_size", 128))}}
+
+
 def _row_index(method: str, change: dict, position: int) -> int:
     """A row's number in checkpoint folder names: its place in the method's grid (so that processes running
     different rows of it into one folder never share a checkpoint), else its place in the rows given."""
@@ -391,6 +433,9 @@ def _finished_row(done_file: Path, per_query: Path | None, key: dict | None) -> 
 
 
 COMPARED = ("R@1", "R@10", "Rsubset@1")  # metrics whose difference to the reference row gets an interval
+# methods whose ablation reports test1 at the epoch of the best val R@1 instead of the last (zero-shot stage II
+# overfits its few synthetic triplets: the last epoch is not the best one)
+SELECT = {"mapcompose": "best_val"}
 
 
 def _mean_row(per_seed: list) -> dict:
@@ -401,5 +446,10 @@ def _mean_row(per_seed: list) -> dict:
     best = max(range(len(curve)), key=lambda e: (curve[e], -e))
     parts = per_seed[0]["last_epoch_parts"]
     parts = {k: round(sum(r["last_epoch_parts"].get(k, 0.0) for r in per_seed) / n, 4) for k in parts}
-    return {"metrics": metrics, "val_curve": curve, "epochs_to_best": best + 1,
-            "train_seconds": round(sum(r["train_seconds"] for r in per_seed) / n, 1), "last_epoch_parts": parts}
+    out = {"metrics": metrics, "val_curve": curve, "epochs_to_best": best + 1,
+           "train_seconds": round(sum(r["train_seconds"] for r in per_seed) / n, 1), "last_epoch_parts": parts}
+    if "checkpoint" in per_seed[0]:  # selected by val: which epoch each seed reported, and the last epochs' mean
+        out["checkpoint"] = "; ".join(r["checkpoint"] for r in per_seed)
+        out["last_epoch_metrics"] = {k: round(sum(r["last_epoch_metrics"][k] for r in per_seed) / n, 2)
+                                     for k in per_seed[0]["last_epoch_metrics"]}
+    return out

@@ -145,7 +145,7 @@ def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, see
     folder.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps(key, indent=1))
     t = time.time()
-    editor = OracleEditor(data, imperfection=spec["imperfection"], seed=seed)
+    editor = OracleEditor(data, imperfection=spec["imperfection"], seed=seed, failures=spec.get("failures"))
     stats = edit_split("synth", data, "train", editor, folder / "pseudo", n=spec["n"], progress=progress)
     cfg = TrainConfig(seed=seed, progress=progress, **spec["train"])
     log(f"stage 1: {stats.images} oracle pseudo-targets (imperfection {spec['imperfection']}, {stats.made} made "

@@ -32,10 +32,11 @@ class Batch:
     tgt_captions: list | None = None
     target_names: list = field(default_factory=list)
     also_targets: list = field(default_factory=list)  # per row, other images that also fit (never negatives)
+    reference_names: list = field(default_factory=list)  # per row, the reference image's name (when known)
 
     def to(self, device) -> "Batch":
         return Batch(self.ref_pixels.to(device), self.texts, self.tgt_pixels.to(device), self.tgt_captions,
-                     self.target_names, self.also_targets)
+                     self.target_names, self.also_targets, self.reference_names)
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -10,6 +10,11 @@ the visual position to every visual-slot token (position-aware merging; initiali
 leave the set; unmatched tokens of both kinds are kept. The fused set is pooled by `pool`: "mean" over kept tokens,
 or "attention" (one learned query, softmax over kept tokens).
 
+`threshold_mode="relative"` reads the threshold as a quantile of each query's own candidate pairs (the matched pairs
+before the threshold): a candidate merges when its similarity is at or above that quantile, so 0.0 merges every
+candidate, 0.5 about half of them, and 1.0 none (an absolute cosine threshold of 0.5 merged about 0.003 text tokens
+a query on the default world: the sweep could not test fusion).
+
 The threshold gate is a hard decision; gradients reach the encoders through the similarity weights and the tokens.
 """
 from __future__ import annotations
@@ -21,8 +26,13 @@ from torch import nn
 
 class AdaptiveTokenFusion(nn.Module):
     def __init__(self, dim: int, num_visual: int, threshold: float = 0.5, matching: str = "best_visual",
-                 pool: str = "mean", position: bool = True):
+                 pool: str = "mean", position: bool = True, threshold_mode: str = "absolute"):
         super().__init__()
+        if threshold_mode not in ("absolute", "relative"):
+            raise ValueError(f"threshold_mode must be absolute or relative, got {threshold_mode!r}")
+        if threshold_mode == "relative" and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"a relative threshold is a quantile in [0, 1], got {threshold}")
+        self.threshold_mode = threshold_mode
         if matching not in ("best_visual", "mutual"):
             raise ValueError(f"matching must be best_visual or mutual, got {matching!r}")
         if pool not in ("mean", "attention"):
@@ -44,7 +54,14 @@ class AdaptiveTokenFusion(nn.Module):
         if self.matching == "mutual":
             best_v = sim.argmax(1, keepdim=True)  # (B, 1, Nt)
             m &= torch.zeros_like(sim, dtype=torch.bool).scatter_(1, best_v, True)
-        return m & (sim > self.threshold) & text_mask[:, None, :]
+        m &= text_mask[:, None, :]
+        if self.threshold_mode == "absolute":
+            return m & (sim > self.threshold)
+        if self.threshold >= 1.0:
+            return torch.zeros_like(m)
+        cand = sim.masked_fill(~m, float("nan")).flatten(1)  # (B, Nv*Nt): each query's candidate similarities
+        cut = torch.nanquantile(cand, self.threshold, dim=1)  # (B,); nan for a query without candidates
+        return m & (sim >= cut[:, None, None])
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> dict:
         """visual (B, Nv, D), text (B, Nt, D), text_mask (B, Nt) -> {"pooled": (B, D), "merged": (B, Nv, Nt)}."""

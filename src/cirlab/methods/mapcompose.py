@@ -17,7 +17,8 @@ layers `adapter_layers` train on synthetic triplets (training/zero_shot.py) with
 `hard_negative_start` of the stage's steps, the `hard_negatives` most similar images of a pool (every image of the
 synthesis data, features from the frozen encoder) join each row's softmax, never an image whose key (its caption:
 the same scene) equals the row's target's, nor one the synthesis found to fit the edit as well (`Batch.also_targets`);
-in-batch columns of either kind are masked too. The default of 4 is cirlab's choice: 16 cost 2 R@1 on the
+in-batch columns of either kind are masked too. `mine_reference=False` also keeps each row's reference image out of
+its mined negatives (the review found the reference mined; which is better is measured by the ablation). The default of 4 is cirlab's choice: 16 cost 2 R@1 on the
 synthetic world, where the matched targets are approximate.
 
 Inference prompts per benchmark (`benchmark_templates`, chosen through `query_context` by the evaluation): "a photo
@@ -73,6 +74,7 @@ class MapComposeConfig(MethodConfig):
     adapter_bottleneck: int = 32
     adapter_layers: list | None = None  # None: every layer
     hard_negatives: int = 4
+    mine_reference: bool = True  # False: a row's reference image is never mined as its hard negative
     hard_negative_start: float = 0.3
     init_temperature: float = 0.07
     stage: str = "mapping"
@@ -251,7 +253,8 @@ class MapCompose(CIRModel):
         if pool is not None and self.training:
             pool["step"] += 1
             if pool["step"] > pool["start"] and self.config.hard_negatives > 0:
-                negs = self._mine(q.detach(), keys, pool, also)
+                refs = batch.reference_names if not self.config.mine_reference else []
+                negs = self._mine(q.detach(), keys, pool, [a | {r} for a, r in zip(also, refs)] if refs else also)
                 logits = torch.cat([logits, scale * torch.einsum("bd,bkd->bk", q, negs)], dim=1)
                 parts["hard_negatives"] = float(negs.shape[1])
         loss = F.cross_entropy(logits, torch.arange(len(q), device=q.device))

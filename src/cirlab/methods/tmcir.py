@@ -7,7 +7,8 @@ of the modification text are fused by `AdaptiveTokenFusion` (layers/token_fusion
 query; the target is CLIP's pooled image feature; InfoNCE over the batch trains the fusion and both encoders.
 
 Interpretation (the full paper is not available), each a config field:
-- `threshold` (0.5): merge when the cosine of a visual and a text token exceeds it; `matching` "best_visual"
+- `threshold` (0.5): merge when the cosine of a visual and a text token exceeds it (`threshold_mode="absolute"`),
+  or when it is at or above that quantile of the query's candidate pairs ("relative", layers/token_fusion.py); `matching` "best_visual"
   (each visual token takes its most similar text token) or "mutual" (one-to-one); `pool` "mean" or "attention";
   `position`: a learned embedding of the visual position added to merged and unmerged visual-slot tokens.
 - Similarities are computed after a linear map per side that starts as the identity, i.e. in CLIP's joint space,
@@ -36,6 +37,7 @@ from cirlab.types import Batch, LossOutput
 class TmcirConfig(MethodConfig):
     finetune: str = "both"
     threshold: float = 0.5
+    threshold_mode: str = "absolute"  # absolute | relative (a quantile of each query's candidate pairs)
     matching: str = "best_visual"  # best_visual | mutual
     pool: str = "mean"  # mean | attention
     position: bool = True
@@ -52,14 +54,17 @@ class Tmcir(ClipFeatures):
         from cirlab.errors import CirlabError
 
         for value, allowed, what in ((config.matching, ("best_visual", "mutual"), "matching"),
-                                     (config.pool, ("mean", "attention"), "pool")):
+                                     (config.pool, ("mean", "attention"), "pool"),
+                                     (config.threshold_mode, ("absolute", "relative"), "threshold_mode")):
             if value not in allowed:
                 raise CirlabError(f"tmcir {what} must be one of {', '.join(allowed)}, got {value!r}")
         super().__init__(config, backbone)
         vc = backbone.model.config.vision_config
         num_visual = 1 + (vc.image_size // vc.patch_size) ** 2
+        if config.threshold_mode == "relative" and not 0.0 <= config.threshold <= 1.0:
+            raise CirlabError(f"tmcir: a relative threshold is a quantile in [0, 1], got {config.threshold}")
         self.fusion = AdaptiveTokenFusion(backbone.dim, num_visual, config.threshold, config.matching,
-                                          config.pool, config.position)
+                                          config.pool, config.position, config.threshold_mode)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     def frozen_image_stage(self):

@@ -44,7 +44,7 @@ class TripletSource:
         return Batch(self.store.pixels([q.reference for q in rows]), [q.text for q in rows],
                      self.store.pixels(targets),
                      self.split.caption_texts(targets, self.caption_level) if self.with_captions else None, targets,
-                     [q.targets[1:] for q in rows])
+                     [q.targets[1:] for q in rows], [q.reference for q in rows])
 
 
 class PairSource:
