@@ -152,14 +152,41 @@ def test_bad_switch_is_a_clear_error(blip2_dir):
 
 
 def test_training_keeps_the_bank_in_the_checkpoint(world, blip2_dir, tmp_path):
-    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, backbone_lr=5e-4, warmup_steps=5, steps_per_epoch=10,
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, backbone_lr=5e-4, warmup_steps=5, steps_per_epoch=10, log_every=2,
                       progress=False)
     train_method("csmcir", world, blip2_dir, tmp_path / "csmcir", cfg,
-                 {"memory_bank": {"mode": "entropy", "capacity": 256, "num_negatives": 32}})
+                 {"memory_bank": {"mode": "entropy", "capacity": 256, "num_negatives": 32, "warmup_steps": 0}})
     model = cirlab.load(tmp_path / "csmcir")
     assert len(model.bank) == 256 and int(model.step) == 10
     log = [json.loads(x) for x in (tmp_path / "csmcir.train" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["epoch"] == 1 and log[-1]["epoch_loss"] > 0
+    steps = [x for x in log if "loss/mass_bank" in x]  # the softmax mass is logged every step it is computed
+    assert steps and all(abs(x["loss/mass_positive"] + x["loss/mass_batch"] + x["loss/mass_bank"] - 1) < 1e-4
+                         for x in steps)
+    # the saved bank hands out negatives again, and the scene graphs say how far they are from the targets
+    from cirlab.cli.main import main
+
+    assert main(["viz", "bank", "--checkpoint", str(tmp_path / "csmcir"), "--data-root", str(world), "--n", "40",
+                 "--out", str(tmp_path / "bank.json")]) == 0
+    doc = json.loads((tmp_path / "bank.json").read_text())
+    assert doc["queries"] == 40 and doc["negatives"] + doc["not_in_split"] == 40 * 32
+    assert doc["negatives"] > 0 and abs(sum(doc["share_by_edits"].values()) - 1) < 1e-3
+
+
+def test_scene_edit_distance_counts_edits():
+    from cirlab.viz import scene_edit_distance
+
+    def g(*objs):
+        return {"objects": [dict(zip(("cell", "shape", "colour", "size"), o)) for o in objs]}
+
+    a = g(("top", "circle", "red", "small"), ("center", "star", "blue", "large"))
+    assert scene_edit_distance(a, a) == 0
+    assert scene_edit_distance(a, g(("top", "circle", "green", "small"), ("center", "star", "blue", "large"))) == 1
+    assert scene_edit_distance(a, g(("left", "circle", "red", "small"), ("center", "star", "blue", "large"))) == 1
+    assert scene_edit_distance(a, g(("center", "star", "blue", "large"),)) == 1  # removed
+    assert scene_edit_distance(a, g(("top", "square", "red", "large"), ("center", "star", "blue", "large"),
+                                    ("left", "cross", "cyan", "small"))) == 3  # reshape, resize, add
+    assert scene_edit_distance(a, g(("left", "square", "red", "small"), ("center", "star", "blue", "large"))) == 2
 
 
 def test_a_real_blip2_layout_goes_through_the_same_code(tmp_path):

@@ -119,3 +119,70 @@ def run_tsne(checkpoint, data_root, out, dataset: str = "synth", split: str = "t
            "queries": views["query"].shape[0], "stats": stats}
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     return doc
+
+
+def scene_edit_distance(a: dict, b: dict) -> int:
+    """How many atomic edits (recolour, reshape, resize, move, add, remove) turn scene graph `a` into `b`, counted
+    greedily: objects in the same cell differ by their attributes; an object found elsewhere with the same
+    attributes moved (1); others left over pair up as a move plus their attribute changes; the rest were added or
+    removed (1 each). An upper bound of the true edit distance, exact for the world's one- and two-edit queries."""
+    attrs = ("shape", "colour", "size")
+    left = {o["cell"]: o for o in a["objects"]}
+    right = {o["cell"]: o for o in b["objects"]}
+    d = 0
+    for cell in set(left) & set(right):
+        d += sum(left[cell][k] != right[cell][k] for k in attrs)
+    only_a = [left[c] for c in sorted(set(left) - set(right))]
+    only_b = [right[c] for c in sorted(set(right) - set(left))]
+    for o in list(only_a):
+        same = next((x for x in only_b if all(x[k] == o[k] for k in attrs)), None)
+        if same is not None:
+            d += 1
+            only_a.remove(o)
+            only_b.remove(same)
+    for x, y in zip(only_a, only_b):
+        d += 1 + sum(x[k] != y[k] for k in attrs)
+    return d + abs(len(only_a) - len(only_b))
+
+
+@torch.no_grad()
+def bank_report(checkpoint, data_root, n: int = 256, split: str = "train", seed: int = 0) -> dict:
+    """How far from each query's target (in scene-graph edits) are the negatives a csmcir checkpoint's memory
+    bank hands out: for `n` random triplets of the synthetic world's split, the bank's negatives as in training
+    (the bank's state as saved), each compared with the triplet's target. Distance 0 is a false negative (the
+    same scene as the target); 1 is a negative that differs by one edit, the ones that teach the edit."""
+    import random
+
+    from cirlab.data.images import PixelStore
+    from cirlab.data.readers import read_split
+    from cirlab.methods import load_model
+    from cirlab.training.data import TripletSource
+
+    model = load_model(checkpoint)
+    if model.name != "csmcir":
+        raise CirlabError(f"{checkpoint} holds a {model.name} checkpoint; only csmcir has a memory bank")
+    graphs_file = Path(data_root) / "synth" / "scenes.json"
+    if not graphs_file.exists():
+        raise CirlabError(f"the bank report needs the synthetic world's scene graphs, not found: {graphs_file}")
+    graphs = json.loads(graphs_file.read_text())
+    data = read_split("synth", data_root, split)
+    queries = [q for q in data.queries if q.targets]
+    rows = random.Random(seed).sample(range(len(queries)), min(n, len(queries)))
+    source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), model.needs_captions,
+                           False, model.caption_level)
+    names, distances, unknown = sorted(data.gallery), [], 0
+    for lo in range(0, len(rows), 64):
+        idx = rows[lo:lo + 64]
+        batch = source.batch(idx)
+        for target, negs in zip(batch.target_names, model.bank_negatives(batch, names)):
+            for neg in negs:
+                if neg is None or neg not in graphs:
+                    unknown += 1
+                    continue
+                distances.append(scene_edit_distance(graphs[target], graphs[neg]))
+    counts = {str(k): sum(d == k for d in distances) for k in range(4)}
+    counts["4+"] = sum(d >= 4 for d in distances)
+    total = max(1, len(distances))
+    return {"checkpoint": str(checkpoint), "split": split, "queries": len(rows), "negatives": len(distances),
+            "not_in_split": unknown, "share_by_edits": {k: round(v / total, 4) for k, v in counts.items()},
+            "mean_edits": round(sum(distances) / total, 3)}

@@ -341,6 +341,18 @@ def cmd_viz_tsne(args) -> None:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
 
 
+def cmd_viz_bank(args) -> None:
+    from cirlab.viz import bank_report
+
+    doc = bank_report(args.checkpoint, args.data_root, args.n, args.split, args.seed)
+    share = ", ".join(f"{k} edits {100 * v:.1f}%" for k, v in doc["share_by_edits"].items())
+    print(f"{doc['negatives']} bank negatives for {doc['queries']} {args.split} queries: {share}; mean "
+          f"{doc['mean_edits']} edits from the target ({doc['not_in_split']} outside the split)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
 def cmd_demo(args) -> None:
     from cirlab.demo import run_demo
 
@@ -486,6 +498,16 @@ def _add_research_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_viz_tsne)
+    p = viz_sub.add_parser("bank", help="csmcir: how many scene-graph edits from the target its bank's negatives "
+                                        "are (synthetic world)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="train", help="the split whose triplets ask for negatives (the bank holds "
+                                                    "train targets)")
+    p.add_argument("--n", type=int, default=256, help="triplets to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the figures as JSON")
+    p.set_defaults(func=cmd_viz_bank)
 
 
 def _add_train_parser(sub) -> None:

@@ -210,6 +210,20 @@ class Csmcir(CIRModel):
         self.step += 1
         return LossOutput(loss, {"nce": loss.item(), **parts})
 
+    @torch.no_grad()
+    def bank_negatives(self, batch: Batch, names: list) -> list:
+        """For each row of `batch`, the names (among `names`) of the negatives the bank hands it now, chosen as
+        in training; an entry whose image is not among `names` comes back as None. Empty lists when the bank is
+        off or not yet active."""
+        q = self.encode_query(batch.ref_pixels, batch.texts)
+        t = self.encode_target(batch.tgt_pixels, batch.tgt_captions)
+        pos = (q[:, None, :] * t.view(t.shape[0], -1, q.shape[-1])).sum(-1).amax(-1)
+        ids = torch.tensor([image_id(n) for n in batch.target_names], device=q.device)
+        _, valid, slots = self.bank.negatives(q, ids, int(self.step), self._bank_similarity, pos)
+        by_id = {image_id(n): n for n in names}
+        entry = self.bank.ids[slots].tolist() if slots.numel() else [[] for _ in range(len(batch))]
+        return [[by_id.get(e) for e, ok in zip(row, mask) if ok] for row, mask in zip(entry, valid.tolist())]
+
     @staticmethod
     def _softmax_mass(joint: torch.Tensor, labels: torch.Tensor, width: int) -> dict:
         """Mean softmax mass of the joint logits (B, W*B + n) on the positive, the other in-batch columns and the
