@@ -10,8 +10,6 @@ from cirlab.backbones import load_backbone
 from cirlab.backbones.convert import blip2_from_clip, clip_reference_tokens, fold_error
 from cirlab.data.images import PixelStore
 from cirlab.data.readers import read_split
-from cirlab.training.loop import TrainConfig
-from cirlab.training.pretrain import pretrain
 
 
 def _pixels(world, clip, n=64, offset=0):

@@ -152,8 +152,8 @@ def test_bad_switch_is_a_clear_error(blip2_dir):
 
 
 def test_training_keeps_the_bank_in_the_checkpoint(world, blip2_dir, tmp_path):
-    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, backbone_lr=5e-4, warmup_steps=5, steps_per_epoch=10, log_every=2,
-                      progress=False)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, backbone_lr=5e-4, warmup_steps=5, steps_per_epoch=10,
+                      log_every=2, progress=False)
     train_method("csmcir", world, blip2_dir, tmp_path / "csmcir", cfg,
                  {"memory_bank": {"mode": "entropy", "capacity": 256, "num_negatives": 32, "warmup_steps": 0}})
     model = cirlab.load(tmp_path / "csmcir")

@@ -74,7 +74,8 @@ def test_failure_modes_of_real_editors(world):
         scene, changes, cast = no_edit.pseudo_target(q.key, q.reference, 0)
         assert scene == graph_to_scene(no_edit.graphs[q.reference]) and changes == ["failure: edit not applied"]
     wrong = OracleEditor(world, failures={"wrong_object": 1.0})
-    moved = [q for q in qs if "failure: edit applied to another object" in wrong.pseudo_target(q.key, q.reference, 0)[1]]
+    moved = [q for q in qs
+             if "failure: edit applied to another object" in wrong.pseudo_target(q.key, q.reference, 0)[1]]
     assert len(moved) > 20 and all(wrong.pseudo_target(q.key, q.reference, 0)[0] != truth[q.key] for q in moved)
     shift = OracleEditor(world, failures={"shift": 1.0})
     for q in qs:

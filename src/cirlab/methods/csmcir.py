@@ -273,5 +273,6 @@ class Csmcir(CIRModel):
         age = (step - self.bank.steps[slots]).float()
         order = age.argsort()
         half = len(slots) // 2
-        return {"reencode_cos_young": float(cos[order[:half]].mean()), "reencode_cos_old": float(cos[order[half:]].mean()),
-                "reencode_age_young": float(age[order[:half]].mean()), "reencode_age_old": float(age[order[half:]].mean())}
+        young, old = order[:half], order[half:]
+        return {"reencode_cos_young": float(cos[young].mean()), "reencode_cos_old": float(cos[old].mean()),
+                "reencode_age_young": float(age[young].mean()), "reencode_age_old": float(age[old].mean())}

@@ -18,8 +18,8 @@ layers `adapter_layers` train on synthetic triplets (training/zero_shot.py) with
 synthesis data, features from the frozen encoder) join each row's softmax, never an image whose key (its caption:
 the same scene) equals the row's target's, nor one the synthesis found to fit the edit as well (`Batch.also_targets`);
 in-batch columns of either kind are masked too. `mine_reference=False` also keeps each row's reference image out of
-its mined negatives (the review found the reference mined; which is better is measured by the ablation). The default of 4 is cirlab's choice: 16 cost 2 R@1 on the
-synthetic world, where the matched targets are approximate.
+its mined negatives (the review found the reference mined; the ablation has a row for each). The default of 4 is
+cirlab's choice: 16 cost 2 R@1 on the synthetic world, where the matched targets are approximate.
 
 Inference prompts per benchmark (`benchmark_templates`, chosen through `query_context` by the evaluation): "a photo
 of $ {category} that {text}" for FashionIQ (dress, shirt, top), "a photo of $ shoes that {text}" for Shoes, "a photo

@@ -8,8 +8,9 @@ query; the target is CLIP's pooled image feature; InfoNCE over the batch trains 
 
 Interpretation (the full paper is not available), each a config field:
 - `threshold` (0.5): merge when the cosine of a visual and a text token exceeds it (`threshold_mode="absolute"`),
-  or when it is at or above that quantile of the query's candidate pairs ("relative", layers/token_fusion.py); `matching` "best_visual"
-  (each visual token takes its most similar text token) or "mutual" (one-to-one); `pool` "mean" or "attention";
+  or when it is at or above that quantile of the query's candidate pairs ("relative", layers/token_fusion.py);
+  `matching` "best_visual" (each visual token takes its most similar text token) or "mutual" (one-to-one); `pool`
+  "mean" or "attention";
   `position`: a learned embedding of the visual position added to merged and unmerged visual-slot tokens.
 - Similarities are computed after a linear map per side that starts as the identity, i.e. in CLIP's joint space,
   which stage 1 has aligned.
