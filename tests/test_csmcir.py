@@ -247,22 +247,46 @@ def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
                                         "qformer_layers": 1, "num_query_tokens": 4, "dim": 32},
                              "pretrain": {"epochs": 1, "batch_size": 32, "steps_per_epoch": 3, "warmup_steps": 1}}},
         train={"epochs": 2, "batch_size": 16, "steps_per_epoch": 3, "warmup_steps": 1, "lr": 1e-3})
-    doc = run_ablation("csmcir", tmp_path / "abl", profile=profile, data=world, progress=False,
-                       rows=[{}, {"target_tower": "image_only", "memory_bank": {"mode": "off"}}])
+    rows = [{}, {"target_tower": "image_only", "memory_bank": {"mode": "off"}}]
+    doc = run_ablation("csmcir", tmp_path / "abl", profile=profile, data=world, progress=False, rows=rows,
+                       seeds=[0, 1], resamples=2000)
     saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    assert saved["rows"] == doc["rows"] and len(saved["rows"]) == 2
+    assert saved["rows"] == doc["rows"] and len(saved["rows"]) == 2 and saved["seeds"] == [0, 1]
     first, second = saved["rows"]
     assert first["variant"] == {"target_tower": "symmetric", "captions": "mcot", "memory_bank": "entropy"}
     assert second["variant"] == {"target_tower": "image_only", "captions": "mcot", "memory_bank": "off"}
+    from cirlab.evaluation.compare import compare_files
+    from cirlab.evaluation.per_query import metrics_from_records, read_records
+
     for row in saved["rows"]:
         assert set(row["metrics"]) >= {"R@1", "R@10"} and 0 <= row["metrics"]["R@1"] <= row["metrics"]["R@10"]
         assert len(row["val_curve"]) == 2 and row["epochs_to_best"] in (1, 2) and row["train_seconds"] > 0
+        assert [r["seed"] for r in row["per_seed"]] == [0, 1]  # each seed trained, the mean reported
+        for c in ("R@1", "R@10"):
+            assert abs(row["metrics"][c] - sum(r["metrics"][c] for r in row["per_seed"]) / 2) < 0.011
+        for r in row["per_seed"]:  # each seed's per-query file gives its figures
+            recs = read_records(tmp_path / "abl" / row["per_query"] / f"seed-{r['seed']}.jsonl")
+            assert round(metrics_from_records(recs, ["R@10"])["R@10"], 2) == r["metrics"]["R@10"]
+        assert set(row["ci"]) == {"R@1", "R@10", "Rsubset@1"}
+        assert all(ci["ci"][0] <= ci["diff"] <= ci["ci"][1] for ci in row["ci"].values())
+    assert first["reference"] and first["ci"]["R@10"]["ci"] == [0.0, 0.0]
+    again = compare_files(sorted((tmp_path / "abl" / first["per_query"]).glob("*.jsonl")),
+                          sorted((tmp_path / "abl" / second["per_query"]).glob("*.jsonl")), ["R@10"], 2000)
+    assert again["R@10"]["diff"] == pytest.approx(second["ci"]["R@10"]["diff"])
     md = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "| symmetric | mcot | entropy |" in md and "| image_only | mcot | off |" in md
+    assert "| symmetric | mcot | entropy |" in md and "| image_only | mcot | off |" in md and "ΔR@1 [95%]" in md
+    # a second run finds every row finished and trains nothing
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        run_ablation("csmcir", tmp_path / "abl", profile=profile, data=world, progress=False, rows=rows,
+                     seeds=[0, 1], resamples=2000)
+    assert out.getvalue().count("seed 0: reusing") == 2 and out.getvalue().count("seed 1: reusing") == 2
 
     png = tmp_path / "tsne.png"
     done = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "viz", "tsne", "--checkpoint",
-                           str(tmp_path / "abl" / "checkpoints" / "csmcir-0"), "--data-root", str(world),
+                           str(tmp_path / "abl" / "checkpoints" / "csmcir-0-s0"), "--data-root", str(world),
                            "--split", "val", "--n", "40", "--out", str(png)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     from PIL import Image
