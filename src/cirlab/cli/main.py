@@ -197,9 +197,17 @@ def cmd_compare(args) -> None:
     seeds = f"{len(a)} seed(s), " if len(a) > 1 else ""
     print(format_comparison(result, args.a, args.b))
     print(f"paired bootstrap over queries{' and seeds' if len(a) > 1 else ''} ({seeds}{args.resamples} resamples)")
+    doc = {m: {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]) for k, v in r.items()}
+           for m, r in result.items()}
+    if args.out:
+        from cirlab.atomic import write_atomic
+
+        body = (json.dumps({"a": [str(x) for x in a], "b": [str(x) for x in b], "resamples": args.resamples,
+                            "seed": args.seed, "metrics": doc}, indent=1) + "\n").encode()
+        write_atomic(args.out, lambda f: f.write(body))
+        print(f"wrote {args.out}")
     if args.json:
-        print(json.dumps({m: {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
-                              for k, v in r.items()} for m, r in result.items()}))
+        print(json.dumps(doc))
 
 
 def cmd_score(args) -> None:
@@ -583,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--json", action="store_true", help="end with one JSON object: {metric: {a, b, diff, ci}}")
+    p.add_argument("--out", help="also write the inputs and the figures to this JSON file")
     p.set_defaults(func=cmd_compare)
 
     _add_research_parsers(sub)
