@@ -13,6 +13,15 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SEED = 3
 
+# Run order (pytest-xdist keeps it when it hands test files to its two workers): the Ray tests first, while the
+# other worker is on light tests, and the quick demo (four lane processes) last. Ray gives its raylet a fixed 30 s
+# to register, which it missed once while the demo's lanes held both cores.
+FIRST, LAST = ("test_ray.py",), ("test_demo.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: 0 if item.path.name in FIRST else 2 if item.path.name in LAST else 1)
+
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):

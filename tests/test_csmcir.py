@@ -73,7 +73,8 @@ def test_a_bank_change_keeps_the_other_defaults(blip2_dir):
     from cirlab.methods.csmcir import BANK_DEFAULTS
 
     fifo = build_model("csmcir", load_backbone("blip2", blip2_dir), {"memory_bank": {"mode": "fifo"}})
-    entropy = build_model("csmcir", load_backbone("blip2", blip2_dir))
+    entropy = build_model("csmcir", load_backbone("blip2", blip2_dir), {"memory_bank": {"mode": "entropy"}})
+    assert build_model("csmcir", load_backbone("blip2", blip2_dir)).bank.config.mode == "off"  # the default
     for key in ("capacity", "num_negatives", "warmup_steps", "half_life"):
         assert getattr(fifo.bank.config, key) == getattr(entropy.bank.config, key)
     assert fifo.bank.config.warmup_steps == BANK_DEFAULTS["warmup_steps"] and fifo.bank.config.mode == "fifo"
@@ -82,7 +83,7 @@ def test_a_bank_change_keeps_the_other_defaults(blip2_dir):
 
 
 def test_separate_term_and_the_logged_softmax_mass(blip2_dir):
-    bank = {"capacity": 64, "num_negatives": 8, "warmup_steps": 0}
+    bank = {"mode": "entropy", "capacity": 64, "num_negatives": 8, "warmup_steps": 0}
     joint = build_model("csmcir", load_backbone("blip2", blip2_dir), {"memory_bank": bank})
     separate = build_model("csmcir", load_backbone("blip2", blip2_dir),
                            {"memory_bank": bank | {"term": "separate", "weight": 0.25}})
@@ -103,7 +104,8 @@ def test_ema_consistency_fills_the_bank_from_the_momentum_copy(blip2_dir):
     import copy
 
     model = build_model("csmcir", load_backbone("blip2", blip2_dir),
-                        {"memory_bank": {"consistency": "ema", "ema_momentum": 0.5, "capacity": 64}})
+                        {"memory_bank": {"mode": "entropy", "consistency": "ema", "ema_momentum": 0.5,
+                                         "capacity": 64}})
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     before = [p.detach().clone() for p in model._ema_params]
@@ -128,7 +130,7 @@ def test_ema_consistency_fills_the_bank_from_the_momentum_copy(blip2_dir):
 
 def test_reencoding_diagnostic_reports_staleness(blip2_dir):
     model = build_model("csmcir", load_backbone("blip2", blip2_dir),
-                        {"memory_bank": {"capacity": 64, "diagnose_every": 2}})
+                        {"memory_bank": {"mode": "entropy", "capacity": 64, "diagnose_every": 2}})
     model.eval()  # nothing changes between steps: re-encoding gives the stored features back
     model.loss(_batch(model.backbone, seed=0))
     parts = model.loss(_batch(model.backbone, seed=1)).parts
@@ -247,14 +249,14 @@ def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
                                         "qformer_layers": 1, "num_query_tokens": 4, "dim": 32},
                              "pretrain": {"epochs": 1, "batch_size": 32, "steps_per_epoch": 3, "warmup_steps": 1}}},
         train={"epochs": 2, "batch_size": 16, "steps_per_epoch": 3, "warmup_steps": 1, "lr": 1e-3})
-    rows = [{}, {"target_tower": "image_only", "memory_bank": {"mode": "off"}}]
+    rows = [{}, {"target_tower": "image_only", "memory_bank": {"mode": "entropy"}}]
     doc = run_ablation("csmcir", tmp_path / "abl", profile=profile, data=world, progress=False, rows=rows,
                        seeds=[0, 1], resamples=2000)
     saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert saved["rows"] == doc["rows"] and len(saved["rows"]) == 2 and saved["seeds"] == [0, 1]
     first, second = saved["rows"]
-    assert first["variant"] == {"target_tower": "symmetric", "captions": "mcot", "memory_bank": "entropy"}
-    assert second["variant"] == {"target_tower": "image_only", "captions": "mcot", "memory_bank": "off"}
+    assert first["variant"] == {"target_tower": "symmetric", "captions": "mcot", "memory_bank": "off"}
+    assert second["variant"] == {"target_tower": "image_only", "captions": "mcot", "memory_bank": "entropy"}
     from cirlab.evaluation.compare import compare_files
     from cirlab.evaluation.per_query import metrics_from_records, read_records
 
@@ -274,7 +276,7 @@ def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
                           sorted((tmp_path / "abl" / second["per_query"]).glob("*.jsonl")), ["R@10"], 2000)
     assert again["R@10"]["diff"] == pytest.approx(second["ci"]["R@10"]["diff"])
     md = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "| symmetric | mcot | entropy |" in md and "| image_only | mcot | off |" in md and "ΔR@1 [95%]" in md
+    assert "| symmetric | mcot | off |" in md and "| image_only | mcot | entropy |" in md and "ΔR@1 [95%]" in md
     # a second run finds every row finished and trains nothing
     import contextlib
     import io

@@ -30,8 +30,8 @@ def test_quick_demo(tmp_path):
     assert_above_chance(doc["methods"], out)
     assert_per_query_files_match(doc, out)
     report = (out / "report.md").read_text()
-    assert "| combiner |" in report and "| csmcir (memory_bank.mode=off) |" in report  # variants are named
-    assert doc["variants"]["csmcir"] == "csmcir (memory_bank.mode=off)"
+    assert "| combiner |" in report and "| tmcir (oracle stage 1, imperfection 0.1) |" in report  # variants named
+    assert doc["variants"]["csmcir"] == "csmcir" and doc["variants"]["mapcompose"] == "mapcompose (zero-shot)"
     for name, base in (("csmcir", "combiner"), ("tmcir", "combiner"), ("mapcompose", "pic2word")):
         r = doc["versus_closest_baseline"][name]
         assert r["baseline"] == base and r["ci"][0] <= r["diff"] <= r["ci"][1]

@@ -55,7 +55,6 @@ PROFILES = {
                       "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
         train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
         method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
-        method_config={"csmcir": {"memory_bank": {"mode": "off"}}},
         stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
                           "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}},
         zero_shot=ZERO_SHOT),
@@ -69,7 +68,6 @@ PROFILES = {
         train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
         method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3},
                       "tmcir": {"epochs": 1}},  # the quick demo is a smoke test (about 2.5 minutes)
-        method_config={"csmcir": {"memory_bank": {"mode": "off"}}},
         stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
                           "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20,
                                     "steps_per_epoch": 30}}},
