@@ -13,10 +13,11 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SEED = 3
 
-# Run order (pytest-xdist keeps it when it hands test files to its two workers): the Ray tests first, while the
-# other worker is on light tests, and the quick demo (four lane processes) last. Ray gives its raylet a fixed 30 s
-# to register, which it missed once while the demo's lanes held both cores.
-FIRST, LAST = ("test_ray.py",), ("test_demo.py",)
+# Run order (pytest-xdist keeps it when it hands test files to its two workers): the quick demo (four lane
+# processes, the longest file) first, so that the other worker's files run beside it, and the Ray tests last, long
+# after it: Ray gives its raylet a fixed 30 s to register, which it missed once while the demo's lanes held both
+# cores.
+FIRST, LAST = ("test_demo.py",), ("test_ray.py",)
 
 
 def pytest_collection_modifyitems(items):

@@ -67,8 +67,9 @@ def test_failure_modes_of_real_editors(world):
     from cirlab.data.synth.world import apply_ops, graph_to_scene, render
 
     qs = _train(world, 120)
-    truth = {q.key: apply_ops(graph_to_scene(OracleEditor(world).graphs[q.reference]),
-                              [Op.from_json(o) for o in OracleEditor(world).edits[q.key]["ops"]]) for q in qs}
+    clean = OracleEditor(world)
+    truth = {q.key: apply_ops(graph_to_scene(clean.graphs[q.reference]),
+                              [Op.from_json(o) for o in clean.edits[q.key]["ops"]]) for q in qs}
     no_edit = OracleEditor(world, failures={"no_edit": 1.0})
     for q in qs:
         scene, changes, cast = no_edit.pseudo_target(q.key, q.reference, 0)
@@ -87,8 +88,8 @@ def test_failure_modes_of_real_editors(world):
     cast = OracleEditor(world, failures={"colour_cast": 1.0})
     q = qs[0]
     image, info = cast.edit(q.key, q.reference, 0)
-    clean = render(truth[q.key], cast.image_size)
-    assert np.abs(np.asarray(image, dtype=float) - np.asarray(clean, dtype=float)).mean() > 5
+    plain = render(truth[q.key], cast.image_size)
+    assert np.abs(np.asarray(image, dtype=float) - np.asarray(plain, dtype=float)).mean() > 5
     assert info["changes"][0].startswith("failure: colour cast")
     some = OracleEditor(world, failures={"no_edit": 0.3}, seed=2)
     rate = sum(bool(some.pseudo_target(q.key, q.reference, 0)[1]) for q in qs) / len(qs)
