@@ -308,10 +308,7 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     from cirlab.data.readers import read_split
     from cirlab.demo import PROFILES, ensure_backbone, ensure_world
     from cirlab.errors import CirlabError
-    from cirlab.atomic import write_atomic
-    from cirlab.evaluation.per_query import read_records, write_records
     from cirlab.methods import method_class
-    from cirlab.training.loop import TrainConfig
 
     if method not in ROWS:
         raise CirlabError(f"no ablation grid for {method!r}; grids exist for {', '.join(ROWS)}")
@@ -342,39 +339,17 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     if len(set(names)) != len(names):
         raise CirlabError(f"two ablation rows make the same change: {names}")
     _reference_index(names, grid, reference)  # a bad name fails before any training
-    results, records, stage1_done = [], [], {}
+    results, records = [], []
+    env = {"method": method, "out": out, "base": base, "seed": seed, "profile": profile, "data": data,
+           "backbone": backbone, "val": val, "test": test, "stores": stores, "queries": queries,
+           "progress": progress, "log": log, "stage1_done": {}}
     for i, change in enumerate(grid):
         config, pipeline, shown = _variant(method, change)
         log(f"row {i + 1}/{len(grid)}: {shown}" + (f" (seeds {seeds})" if len(seeds) > 1 else ""))
         per_seed, row_records = [], []
         for s in seeds:
             tag = f"-s{s}" if len(seeds) > 1 else ""
-            done_file = out / "rows" / names[i] / f"seed-{s}.json"
-            per_query = out / "per_query" / names[i] / f"seed-{s}.jsonl"
-            key = {"method": method, "config": config, "pipeline": pipeline, "train": base, "seed": s,
-                   "world_seed": seed, "world": profile.world, "profile": repr(profile)}
-            row = _finished_row(done_file, per_query, key)
-            if row is not None:
-                recs = read_records(per_query)
-                log(f"  seed {s}: reusing {done_file}")
-            else:
-                cfg = TrainConfig(**(base | {"seed": s, "progress": progress}))
-                start = _row_backbone(method, pipeline, backbone, out / "checkpoints", data, profile, s, progress,
-                                      log, tag)
-                folder = out / "checkpoints" / f"{method}-{_row_index(method, change, i)}{tag}"
-                zero_shot = None
-                if getattr(method_class(method), "zero_shot", False):  # rows with one stage-I config share it
-                    shared = json.dumps({k: config.get(k) for k in ("visual_injection", "soft_align")} | {"seed": s})
-                    zero_shot = {"spec": _equal_steps(profile.zero_shot[method], PIPELINE[method]["triplets"]),
-                             "triplets": pipeline["triplets"],
-                                 "min_match": pipeline["min_match"], "stage1_from": stage1_done.get(shared)}
-                    stage1_done.setdefault(shared, folder)
-                row = _run_row(method, config, data, start, folder, cfg, val, test, stores, zero_shot)
-                recs = row.pop("ranking").records(queries)
-                write_records(per_query, recs)
-                done_file.parent.mkdir(parents=True, exist_ok=True)
-                body = json.dumps({"key": key, "row": row}, indent=1).encode()
-                write_atomic(done_file, lambda f: f.write(body))
+            row, recs = _row_seed(env, i, change, config, pipeline, names[i], s, tag)
             per_seed.append({"seed": s, **row})
             row_records.append(recs)
             log(f"  seed {s}: test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 "
@@ -399,6 +374,44 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
         written.append(out / SWEEPS[method][1])
     log(f"done: {', '.join(map(str, written))}")
     return doc
+
+
+def _row_seed(env: dict, i: int, change: dict, config: dict, pipeline: dict, name: str, s: int, tag: str) -> tuple:
+    """One row trained with seed `s`, or its figures read back when a run with the same key finished it before:
+    (figures, per-query records). `env` holds what every row shares (run_ablation's settings and data)."""
+    from cirlab.atomic import write_atomic
+    from cirlab.evaluation.per_query import read_records, write_records
+    from cirlab.methods import method_class
+    from cirlab.training.loop import TrainConfig
+
+    method, out, profile, log = env["method"], env["out"], env["profile"], env["log"]
+    done_file = out / "rows" / name / f"seed-{s}.json"
+    per_query = out / "per_query" / name / f"seed-{s}.jsonl"
+    key = {"method": method, "config": config, "pipeline": pipeline, "train": env["base"], "seed": s,
+           "world_seed": env["seed"], "world": profile.world, "profile": repr(profile)}
+    row = _finished_row(done_file, per_query, key)
+    if row is not None:
+        log(f"  seed {s}: reusing {done_file}")
+        return row, read_records(per_query)
+    cfg = TrainConfig(**(env["base"] | {"seed": s, "progress": env["progress"]}))
+    start = _row_backbone(method, pipeline, env["backbone"], out / "checkpoints", env["data"], profile, s,
+                          env["progress"], log, tag)
+    folder = out / "checkpoints" / f"{method}-{_row_index(method, change, i)}{tag}"
+    zero_shot = None
+    if getattr(method_class(method), "zero_shot", False):  # rows with one stage-I config share it
+        shared = json.dumps({k: config.get(k) for k in ("visual_injection", "soft_align")} | {"seed": s})
+        zero_shot = {"spec": _equal_steps(profile.zero_shot[method], PIPELINE[method]["triplets"]),
+                     "triplets": pipeline["triplets"], "min_match": pipeline["min_match"],
+                     "stage1_from": env["stage1_done"].get(shared)}
+        env["stage1_done"].setdefault(shared, folder)
+    row = _run_row(method, config, env["data"], start, folder, cfg, env["val"], env["test"], env["stores"],
+                   zero_shot)
+    recs = row.pop("ranking").records(env["queries"])
+    write_records(per_query, recs)
+    done_file.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"key": key, "row": row}, indent=1).encode()
+    write_atomic(done_file, lambda f: f.write(body))
+    return row, recs
 
 
 def _equal_steps(spec: dict, triplets: int) -> dict:
