@@ -181,10 +181,8 @@ class Csmcir(CIRModel):
         scale = self.logit_scale.exp().clamp(max=100)
         logits = scale * self.similarity(q, gather(t))  # (B, W*B): every rank's targets; the bank stays local
         labels = global_labels(q.shape[0], q.device)
-        ids = torch.tensor([image_id(n) for n in batch.target_names], device=q.device)
         step, cfg = int(self.step), self.bank.config
-        pos = (q[:, None, :] * t.view(t.shape[0], -1, q.shape[-1])).sum(-1).amax(-1)  # (B,) as `similarity`
-        negs, valid, slots = self.bank.negatives(q, ids, step, self._bank_similarity, pos)  # (B, n, K*D), (B, n)
+        ids, (negs, valid, slots) = self._bank_draw(q, t, batch.target_names)  # (B, n, K*D), (B, n)
         parts = {"bank_negatives": float(valid.sum(1).min()) if negs.shape[1] else 0.0}
         loss = F.cross_entropy(logits, labels)
         joint = logits
@@ -216,6 +214,13 @@ class Csmcir(CIRModel):
         self.step += 1
         return LossOutput(loss, {"nce": loss.item(), **parts})
 
+    def _bank_draw(self, q: torch.Tensor, t: torch.Tensor, target_names: list) -> tuple:
+        """(the targets' image ids, the bank's negatives for these queries at the current step), each query's
+        similarity to its own target (as `similarity` scores it) given for the semi-hard margin."""
+        ids = torch.tensor([image_id(n) for n in target_names], device=q.device)
+        pos = (q[:, None, :] * t.view(t.shape[0], -1, q.shape[-1])).sum(-1).amax(-1)  # (B,)
+        return ids, self.bank.negatives(q, ids, int(self.step), self._bank_similarity, pos)
+
     @torch.no_grad()
     def bank_negatives(self, batch: Batch, names: list) -> list:
         """For each row of `batch`, the names (among `names`) of the negatives the bank hands it now, chosen as
@@ -223,9 +228,7 @@ class Csmcir(CIRModel):
         off or not yet active."""
         q = self.encode_query(batch.ref_pixels, batch.texts)
         t = self.encode_target(batch.tgt_pixels, batch.tgt_captions)
-        pos = (q[:, None, :] * t.view(t.shape[0], -1, q.shape[-1])).sum(-1).amax(-1)
-        ids = torch.tensor([image_id(n) for n in batch.target_names], device=q.device)
-        _, valid, slots = self.bank.negatives(q, ids, int(self.step), self._bank_similarity, pos)
+        _, (_, valid, slots) = self._bank_draw(q, t, batch.target_names)
         by_id = {image_id(n): n for n in names}
         entry = self.bank.ids[slots].tolist() if slots.numel() else [[] for _ in range(len(batch))]
         return [[by_id.get(e) for e, ok in zip(row, mask) if ok] for row, mask in zip(entry, valid.tolist())]
