@@ -2,7 +2,7 @@
 printed by the benchmark, never asserted here)."""
 from __future__ import annotations
 
-from cirlab.bench import bank_overhead, cache_speedup, markdown, measure_method
+from cirlab.experiments.bench import bank_overhead, cache_speedup, markdown, measure_method
 
 TINY = {"steps": 2, "warmup": 1, "batch": 8, "eval_images": 16, "bank_capacity": 16}
 

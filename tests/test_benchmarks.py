@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import run_cli
 
 from cirlab.data.readers import read_split
 from cirlab.errors import CirlabError
@@ -206,8 +205,7 @@ def test_malformed_annotation_names_file_row_and_field(roots, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cirlab.cli.main", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return run_cli(*args)
 
 
 def _circo_listing(root: Path, extra_ids=()):

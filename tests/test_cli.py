@@ -1,19 +1,15 @@
-"""The `cirlab` command: real subprocesses; user errors end with one line naming the file or value, no traceback."""
+"""The `cirlab` command through its `main()` (tests/helpers/cli.py); user errors end with one line naming the file
+or value, no traceback."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
+from helpers.cli import run_cli
 
 
 def cirlab(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cirlab.cli.main", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=cwd, timeout=600)
+    return run_cli(*args, cwd=cwd, env={"HF_HUB_OFFLINE": "1"})
 
 
 def _one_line_error(proc, *needles):

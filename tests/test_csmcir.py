@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.cli import run_cli
 
 import cirlab
 from cirlab.backbones import load_backbone
@@ -144,8 +145,21 @@ def test_ablation_switches_run(blip2_dir, variant):
     model = build_model("csmcir", load_backbone("blip2", blip2_dir), variant)
     out = model.loss(_batch(model.backbone))
     assert torch.isfinite(out.loss)
-    assert model.needs_captions == (variant.get("target_tower", "symmetric") == "symmetric"
-                                    and variant.get("captions", "mcot") != "none")
+    assert (model.target_captions is not None) == (variant.get("target_tower", "symmetric") == "symmetric"
+                                                   and variant.get("captions", "mcot") != "none")
+
+
+def test_targets_that_read_captions_refuse_to_encode_without_them(blip2_dir):
+    """csmcir's targets are image + caption: without captions it would rank with other features than it trained
+    with, so encode_target refuses; with the image-only tower it needs none."""
+    model = build_model("csmcir", load_backbone("blip2", blip2_dir))
+    b = _batch(model.backbone, n=2)
+    assert model.target_captions == "final_caption"
+    with pytest.raises(CirlabError, match="final_caption.*captions="):
+        model.encode_target(b.tgt_pixels)
+    assert model.encode_target(b.tgt_pixels, ["a red circle", "a blue star"]).shape[0] == 2
+    plain = build_model("csmcir", load_backbone("blip2", blip2_dir), {"target_tower": "image_only"})
+    assert plain.target_captions is None and plain.encode_target(b.tgt_pixels).shape[0] == 2
 
 
 def test_bad_switch_is_a_clear_error(blip2_dir):
@@ -176,7 +190,7 @@ def test_training_keeps_the_bank_in_the_checkpoint(world, blip2_dir, tmp_path):
 
 
 def test_scene_edit_distance_counts_edits():
-    from cirlab.viz import scene_edit_distance
+    from cirlab.experiments.viz import scene_edit_distance
 
     def g(*objs):
         return {"objects": [dict(zip(("cell", "shape", "colour", "size"), o)) for o in objs]}
@@ -195,7 +209,7 @@ def test_a_real_blip2_layout_goes_through_the_same_code(tmp_path):
     """A local copy laid out like Salesforce/blip2-itm-vit-g (same classes, BERT tokenizer, BlipImageProcessor,
     no cirlab_backbone.json), built tiny from a config: loads, reads the first text position, trains a step,
     saves and loads back."""
-    from transformers import (Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor, BertTokenizerFast)
+    from transformers import BertTokenizerFast, Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
 
     folder = tmp_path / "blip2-itm-vit-g-tiny"
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + \
@@ -237,11 +251,9 @@ def test_a_real_blip2_layout_goes_through_the_same_code(tmp_path):
 
 def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
     """`run_ablation` with a tiny profile and two rows; then `cirlab viz tsne` on one of its checkpoints."""
-    import subprocess
-    import sys
 
-    from cirlab.ablate import run_ablation
-    from cirlab.demo import DemoProfile
+    from cirlab.experiments.ablate import run_ablation
+    from cirlab.experiments.demo import DemoProfile
 
     profile = DemoProfile(
         world="small",
@@ -287,9 +299,8 @@ def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
     assert out.getvalue().count("seed 0: reusing") == 2 and out.getvalue().count("seed 1: reusing") == 2
 
     png = tmp_path / "tsne.png"
-    done = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "viz", "tsne", "--checkpoint",
-                           str(tmp_path / "abl" / "checkpoints" / "csmcir-0-s0"), "--data-root", str(world),
-                           "--split", "val", "--n", "40", "--out", str(png)], capture_output=True, text=True)
+    done = run_cli("viz", "tsne", "--checkpoint", tmp_path / "abl" / "checkpoints" / "csmcir-0-s0", "--data-root",
+                   world, "--split", "val", "--n", "40", "--out", png)
     assert done.returncode == 0, done.stderr
     from PIL import Image
 

@@ -6,22 +6,31 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
+from cirlab.experiments.profiles import DEMO_METHODS
 from cirlab.methods import REGISTRY
 
 KEYS = {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
 
 
-def test_quick_demo(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """`cirlab demo --quick --seed 1`, run once: (its output folder, the finished process)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
     proc = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--seed", "1", "--out",
                            str(out), "--no-progress"], capture_output=True, text=True, timeout=900,
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    return out, proc
+
+
+def test_quick_demo(quick_demo):
+    out, proc = quick_demo
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     assert doc["dataset"] == "synth" and doc["split"] == "test1" and doc["seed"] == 1
-    assert set(doc["methods"]) == {n for n, c in REGISTRY.items() if c.in_demo}
+    assert set(doc["methods"]) == set(DEMO_METHODS) and set(DEMO_METHODS) <= set(REGISTRY)
     for name, metrics in doc["methods"].items():
         assert set(metrics) == KEYS, name
         assert all(0 <= v <= 100 for v in metrics.values())
@@ -74,22 +83,30 @@ def metrics_monotone(methods: dict) -> bool:
     return True
 
 
-def test_killing_the_demo_kills_its_lane_workers(tmp_path):
-    """SIGKILL on the demo process leaves no lane process training on (the workers die with their parent)."""
+def test_killing_the_demo_kills_its_lane_workers(quick_demo, tmp_path):
+    """SIGKILL on the demo process leaves no lane process training on (the workers die with their parent). The
+    demo starts from the quick demo's world and CLIP (same seed and profile: it reuses them), so that its lanes
+    start at once."""
+    import shutil
     import signal
     import time
     import uuid
 
+    done, _ = quick_demo
+    shutil.copytree(done / "data", tmp_path / "demo" / "data")
+    shutil.copytree(done / "checkpoints" / "backbone-clip", tmp_path / "demo" / "checkpoints" / "backbone-clip")
     mark = uuid.uuid4().hex
     log = tmp_path / "demo.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--workers", "2",
-                                 "--out", str(tmp_path / "demo"), "--no-progress"], stdout=f, stderr=subprocess.STDOUT,
-                                env=os.environ | {"HF_HUB_OFFLINE": "1", "CIRLAB_TEST_MARK": mark})
+        proc = subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--seed", "1",
+                                 "--workers", "2", "--out", str(tmp_path / "demo"), "--no-progress"], stdout=f,
+                                stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1",
+                                                                           "CIRLAB_TEST_MARK": mark})
     deadline = time.time() + 300
     while time.time() < deadline and "lanes" not in log.read_text():
         time.sleep(0.5)
     assert "lanes" in log.read_text(), log.read_text()[-2000:]
+    assert "backbone clip: reusing" in log.read_text()
     time.sleep(3)
     assert len(_marked(mark)) >= 3  # the demo and its two lane workers
     proc.send_signal(signal.SIGKILL)

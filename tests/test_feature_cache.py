@@ -36,11 +36,11 @@ def csmcir():
 def test_cached_features_give_the_uncached_loss_and_are_not_recomputed(csmcir, world, tmp_path):
     split = read_split("synth", world, "train")
     split = dataclasses.replace(split, queries=split.queries[:24])
-    pixels = PixelStore(split.gallery, csmcir.backbone.preprocess)
-    plain = TripletSource(split, pixels, csmcir.needs_captions)
+    pixels = PixelStore(split.gallery, csmcir.preprocess)
+    plain = TripletSource(split, pixels, csmcir.target_captions)
     encoder = Counting(csmcir.frozen_image_stage())
     cached = TripletSource(split, FrozenFeatureStore(pixels, encoder, cache=frozen_feature_cache(csmcir, tmp_path)),
-                           csmcir.needs_captions)
+                           csmcir.target_captions)
     csmcir.eval()
     with torch.no_grad():
         for idx in ([0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]):
@@ -53,12 +53,13 @@ def test_cached_features_give_the_uncached_loss_and_are_not_recomputed(csmcir, w
     names = [q.reference for q in split.queries[:16]]
     assert torch.equal(reopened.pixels(names), cached.store.pixels(names)) and again.images == 0  # read, not computed
     key = frozen_feature_cache(csmcir, tmp_path).key
-    other = dataclasses.replace(csmcir.backbone.preprocess, size=csmcir.backbone.preprocess.size + 16)
-    csmcir.backbone.preprocess, saved = other, csmcir.backbone.preprocess
+    bb = csmcir.backbone  # the backbone's preprocessing changed: the model's follows it
+    bb.preprocess, saved = dataclasses.replace(bb.preprocess, size=bb.preprocess.size + 16), bb.preprocess
     try:
+        assert csmcir.preprocess.size == saved.size + 16
         assert frozen_feature_cache(csmcir, tmp_path).key != key  # another preprocessing: another folder
     finally:
-        csmcir.backbone.preprocess = saved
+        bb.preprocess = saved
     with torch.no_grad():
         csmcir.backbone.model.vision_model.embeddings.patch_embedding.weight.add_(0.01)
     assert frozen_feature_cache(csmcir, tmp_path).key != key  # other weights: another folder

@@ -171,8 +171,8 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
     ids = [str(p.relative_to(gallery).with_suffix("")).replace("/", "__") for p in paths]
     assert sum(i.startswith("more__") for i in ids) == 20  # the subfolder's images, "/" written as "__"
     with torch.no_grad():
-        targets = model.encode_target(model.backbone.preprocess([open_image(p) for p in paths]))
-        query = model.encode_query(model.backbone.preprocess([open_image(paths[3])]), ["make the circle red"])
+        targets = model.encode_target(model.prepare([open_image(p) for p in paths]))
+        query = model.encode_query(model.prepare([open_image(paths[3])]), ["make the circle red"])
     scores = (query @ targets.t())[0]
     scores[3] = float("-inf")  # an indexed reference is left out of its own results
     expected = [ids[i] for i in scores.argsort(descending=True)[:5]]

@@ -3,12 +3,11 @@ mining against hand-computed cases, triplet synthesis, and the zero-shot pipelin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.cli import run_cli
 
 import cirlab
 from cirlab.backbones import load_backbone, tiny_backbone
@@ -201,10 +200,8 @@ def test_zero_shot_training_beats_the_untrained_model_and_refuses_triplets(world
 
 
 def test_cli_trains_pic2word_zero_shot(world, clip_dir, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "train", "--method", "pic2word",
-                           "--data-root", str(world), "--backbone", str(clip_dir), "--out", str(tmp_path / "p2w"),
-                           "--epochs", "1", "--steps-per-epoch", "3", "--no-progress"],
-                          capture_output=True, text=True)
+    done = run_cli("train", "--method", "pic2word", "--data-root", world, "--backbone", clip_dir, "--out",
+                   tmp_path / "p2w", "--epochs", "1", "--steps-per-epoch", "3", "--no-progress")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.splitlines()[-2])
     assert summary["method"] == "pic2word" and "stage2_losses" not in summary  # no stage II for pic2word
@@ -214,8 +211,8 @@ def test_cli_trains_pic2word_zero_shot(world, clip_dir, tmp_path):
 def test_ablate_mapcompose_shares_stage1_and_draws_the_triplet_sweep(world, tmp_path):
     from PIL import Image
 
-    from cirlab.ablate import run_ablation
-    from cirlab.demo import DemoProfile
+    from cirlab.experiments.ablate import run_ablation
+    from cirlab.experiments.demo import DemoProfile
 
     short = {"epochs": 1, "batch_size": 16, "steps_per_epoch": 3, "warmup_steps": 1, "lr": 1e-3}
     profile = DemoProfile(

@@ -9,7 +9,7 @@ import torch
 import cirlab
 from cirlab.backbones import load_backbone
 from cirlab.errors import CirlabError
-from cirlab.methods import REGISTRY, build_model
+from cirlab.methods import REGISTRY, TrainingKind, build_model
 from cirlab.types import Batch
 
 METHODS = sorted(REGISTRY)
@@ -42,7 +42,7 @@ def test_interface_shapes_and_normalisation(name, backbone_dirs):
     assert s.shape == (4, 4)
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if REGISTRY[n].trainable])
+@pytest.mark.parametrize("name", [n for n in METHODS if REGISTRY[n].training is not TrainingKind.NONE])
 def test_every_trainable_parameter_gets_a_gradient(name, backbone_dirs):
     model = build_model(name, _backbone(name, backbone_dirs)).train()
     out = model.loss(_batch(model.backbone))

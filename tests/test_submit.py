@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from helpers.cli import run_cli
 from PIL import Image
-
 from test_benchmarks import SHARED
-
-ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cirlab.cli.main", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=600)
+    return run_cli(*args, env={"HF_HUB_OFFLINE": "1"})
 
 
 def _placeholder(path: Path, name: str) -> None:

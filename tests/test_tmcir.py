@@ -158,7 +158,7 @@ def test_frozen_image_tower_trains_from_cached_tokens_with_the_same_loss(world, 
     assert frozen is not None
     assert cirlab.methods.build_model("tmcir", load_backbone("clip", clip_dir)).frozen_image_stage() is None
     split = read_split("synth", world, "train")
-    store = PixelStore(split.gallery, model.backbone.preprocess)
+    store = PixelStore(split.gallery, model.preprocess)
     names = list(range(8))
     pixel_batch = TripletSource(split, store).batch(names)
     cached_batch = TripletSource(split, FrozenFeatureStore(store, frozen)).batch(names)
@@ -174,8 +174,8 @@ def test_ablate_tmcir_rows_share_stage1_and_draw_the_sweep(world, tmp_path):
     """`run_ablation("tmcir")` on a tiny profile: threshold rows share one stage 1, a no-stage-1 row skips it."""
     from PIL import Image
 
-    from cirlab.ablate import run_ablation
-    from cirlab.demo import DemoProfile
+    from cirlab.experiments.ablate import run_ablation
+    from cirlab.experiments.demo import DemoProfile
 
     short = {"epochs": 1, "batch_size": 16, "steps_per_epoch": 3, "warmup_steps": 1, "lr": 1e-3}
     profile = DemoProfile(
@@ -203,7 +203,7 @@ def test_ablate_tmcir_rows_share_stage1_and_draw_the_sweep(world, tmp_path):
     assert "| 0.0 | absolute | on | 0.1 | none |" in md and "| 0.5 | absolute | off | 0.1 | none |" in md
     assert Image.open(tmp_path / "abl" / "threshold_sweep.png").size[0] > 300
     # the stage-1 folder is reused when nothing changed, and replaced (not mixed) when the spec changes
-    from cirlab.demo import ensure_intent_backbone
+    from cirlab.experiments.demo import ensure_intent_backbone
 
     clip = tmp_path / "abl" / "checkpoints" / "backbone-clip"
     logs = []

@@ -25,7 +25,7 @@ def test_combiner_training_lowers_loss_and_raises_recall(world, clip_dir, tmp_pa
     val = read_split("synth", world, "val")
     untrained = save_zero_shot("combiner", clip_dir, tmp_path / "untrained")
     before, _ = evaluate(cirlab.load(untrained), val, progress=False)
-    result = train_method("combiner", world, clip_dir, tmp_path / "combiner", _cfg(epochs=3))
+    result = train_method("combiner", world, clip_dir, tmp_path / "combiner", _cfg(epochs=3, steps_per_epoch=30))
     after, _ = evaluate(cirlab.load(tmp_path / "combiner"), val, progress=False)
     assert result.losses[-1] < 0.7 * result.losses[0]
     assert after["R@10"] > before["R@10"] + 10, (before, after)

@@ -71,7 +71,7 @@ def caption_images(items: list, backend, cache: CaptionCache, batch_size: int = 
     """Caption (name, path) items missing from the cache. With `engine="ray"`, `backend_factory` (picklable,
     for example a functools.partial of `make_backend`) builds the captioner inside each of `concurrency` Ray
     actors; the cache is written here either way."""
-    from cirlab.engines import run_batches
+    from cirlab.batches import run_batches
 
     stats = stats or CaptionStats()
     todo = [(n, p) for n, p in items if (n, PROMPT_VERSION) not in cache]

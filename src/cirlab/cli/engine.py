@@ -114,7 +114,7 @@ def cmd_serve(args) -> None:
 
 
 def add_engine_options(p) -> None:
-    """--engine local|ray for the batch jobs (cirlab.engines)."""
+    """--engine local|ray for the batch jobs (cirlab.batches)."""
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process; ray: a Ray Data actor pool (a local Ray, or --ray-address)")
     p.add_argument("--ray-address", help="the Ray cluster to join (ray://host:10001 or auto); default: a local Ray")

@@ -77,15 +77,16 @@ def _json_arg(text: str | None, what: str) -> dict:
 
 
 def cmd_train(args) -> None:
-    from cirlab.methods import method_class
-    from cirlab.training.train import save_zero_shot, train_method
+    from cirlab.methods import TrainingKind, method_class
+    from cirlab.training.train import train, train_method
 
     method_config = _json_arg(args.config, "--config")
-    if getattr(method_class(args.method), "zero_shot", False):
+    kind = method_class(args.method).training
+    if kind is TrainingKind.ZERO_SHOT:
         _train_zero_shot(args, method_config)
         return
-    if not method_class(args.method).trainable:
-        out = save_zero_shot(args.method, args.backbone, args.out, method_config)
+    if kind is TrainingKind.NONE:
+        out = train(args.method, args.data_root, args.backbone, args.out, _train_config(args), method_config)
         print(f"{args.method} is zero-shot: saved its checkpoint to {out}")
         return
     kwargs = dict(method=args.method, data_root=args.data_root, backbone=args.backbone, out=args.out,
@@ -115,25 +116,16 @@ def cmd_train(args) -> None:
 def _train_zero_shot(args, method_config) -> None:
     import dataclasses
 
-    from cirlab.training.zero_shot import train_zero_shot
+    from cirlab.training.train import train
 
     if args.triplets < 0:
         raise CirlabError(f"--triplets must be at least 0, got {args.triplets}")
     stage1 = _train_config(args)
     stage2 = dataclasses.replace(stage1, epochs=args.stage2_epochs or stage1.epochs)
-    summary = train_zero_shot(args.method, args.data_root, args.backbone, args.out, stage1, stage2, method_config,
-                              triplets=args.triplets, dataset=args.dataset, seed=args.seed)
+    summary = train(args.method, args.data_root, args.backbone, args.out, stage1, method_config,
+                    {"stage2": stage2, "triplets": args.triplets, "seed": args.seed}, dataset=args.dataset)
     print(json.dumps(summary))
     print(f"checkpoint: {args.out}")
-
-
-def format_table(rows: dict, columns: list) -> str:
-    head = "| method | " + " | ".join(columns) + " |"
-    sep = "|---|" + "---:|" * len(columns)
-    lines = [head, sep]
-    for name, metrics in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.2f}" if c in metrics else "-" for c in columns) + " |")
-    return "\n".join(lines)
 
 
 def _reference_option(args):
@@ -156,6 +148,8 @@ def cmd_eval(args) -> None:
 
     metrics, records = evaluate_benchmark(model, args.dataset, splits, _reference_option(args), ckpt / "cache",
                                           checkpoint_identity(ckpt), progress=not args.no_progress)
+    from cirlab.experiments.report import format_table
+
     print(format_table({model.name: metrics}, list(metrics)))
     out = Path(args.json) if args.json else ckpt / f"eval-{args.dataset}-{args.split}.json"
     per_query = per_query_path(out)
@@ -214,6 +208,8 @@ def cmd_score(args) -> None:
     from cirlab.evaluation.scoring import score
 
     metrics = score(args.dataset, args.data_root, args.split, args.predictions, args.subset_predictions, args.join)
+    from cirlab.experiments.report import format_table
+
     print(format_table({Path(args.predictions).name: metrics}, list(metrics)))
     if args.json:
         print(json.dumps(metrics))
@@ -259,7 +255,7 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_bench(args) -> None:
-    from cirlab.bench import run_bench
+    from cirlab.experiments.bench import run_bench
 
     doc = run_bench(args.out, quick=args.quick, device=args.device)
     print((Path(args.out) / "bench.md").read_text())
@@ -322,9 +318,9 @@ def cmd_align_intent(args) -> None:
 
 
 def cmd_ablate(args) -> None:
-    from cirlab.ablate import run_ablation
+    from cirlab.experiments.ablate import run_ablation
 
-    from cirlab.ablate import select_rows
+    from cirlab.experiments.ablate import select_rows
 
     seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
     rows = select_rows(args.method, [r for r in args.rows.split(",") if r]) if args.rows else None
@@ -340,7 +336,7 @@ def _int_list(text: str, what: str) -> list:
 
 
 def cmd_viz_tsne(args) -> None:
-    from cirlab.viz import run_tsne
+    from cirlab.experiments.viz import run_tsne
 
     doc = run_tsne(args.checkpoint, args.data_root, args.out, args.dataset, args.split, args.n, args.captions,
                    args.seed, args.device)
@@ -350,7 +346,7 @@ def cmd_viz_tsne(args) -> None:
 
 
 def cmd_viz_bank(args) -> None:
-    from cirlab.viz import bank_report
+    from cirlab.experiments.viz import bank_report
 
     doc = bank_report(args.checkpoint, args.data_root, args.n, args.split, args.seed)
     share = ", ".join(f"{k} edits {100 * v:.1f}%" for k, v in doc["share_by_edits"].items())
@@ -362,7 +358,7 @@ def cmd_viz_bank(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from cirlab.demo import run_demo
+    from cirlab.experiments.demo import run_demo
 
     extra = tuple(m for m in (args.with_methods or "").split(",") if m)
     if args.workers is not None and args.workers < 1:

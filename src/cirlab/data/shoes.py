@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cirlab.data.readers import Split, field, load_json
+from cirlab.data.split import Split, field, load_json
 from cirlab.errors import CirlabError
 from cirlab.types import Query
 

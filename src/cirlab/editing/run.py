@@ -77,7 +77,7 @@ def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, bat
     images and the manifest are written here either way."""
     from functools import partial
 
-    from cirlab.engines import run_batches
+    from cirlab.batches import run_batches
 
     if n < 1:
         raise CirlabError(f"the number of pseudo-targets per triplet must be at least 1, got {n}")

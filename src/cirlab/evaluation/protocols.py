@@ -71,12 +71,12 @@ def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256
     """(names, features) for every gallery image, read from or written to the on-disk cache."""
     names = sorted(split.gallery)
     captions = None
-    if model.needs_captions:
+    if model.target_captions:
         missing = [n for n in names if n not in split.captions]
         if missing:
             raise CirlabError(f"{len(missing)} gallery images of {split.dataset}/{split.name} have no caption "
                               f"(first: {missing[0]}); caption the gallery first")
-        captions = split.caption_texts(names, model.caption_level)
+        captions = split.caption_texts(names, model.target_captions)
     cache = None
     if cache_dir is not None:
         key = hashlib.sha1(json.dumps([model_id, split.dataset, split.name, names, store.preprocess.key(),
@@ -225,7 +225,7 @@ def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_ref
         raise CirlabError(f"split {split.dataset}/{split.name} has no ground truth to evaluate against")
     if remove_reference is None:
         remove_reference = split.dataset not in REFERENCE_KEPT
-    store = store or PixelStore(split.gallery, model.backbone.preprocess)
+    store = store or PixelStore(split.gallery, model.preprocess)
     model.eval()
     names, gfeat = encode_gallery(model, split, store, batch_size, cache_dir, model_id, progress)
     qfeat = encode_queries(model, queries, store, batch_size, split)

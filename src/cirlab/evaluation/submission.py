@@ -141,7 +141,7 @@ def write_submission(model, dataset: str, data_root, out, split: str | None = No
     if split is None:
         raise CirlabError(f"test-server files exist for cirr and circo, not {dataset!r}")
     data = read_split(dataset, data_root, split)
-    store = PixelStore(data.gallery, model.backbone.preprocess)
+    store = PixelStore(data.gallery, model.preprocess)
     with torch.no_grad():
         names, gfeat = encode_gallery(model, data, store, progress=progress)
         qfeat = encode_queries(model, data.queries, store, split=data)

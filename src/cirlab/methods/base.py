@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import os
 import shutil
@@ -39,6 +40,13 @@ def method_class(name: str):
     return REGISTRY[name]
 
 
+class TrainingKind(str, enum.Enum):
+    """How a method learns, declared by its class; `training.train.train` dispatches on it."""
+    NONE = "none"  # nothing to learn: its checkpoint only records the backbone (zero-shot baselines)
+    TRIPLETS = "triplets"  # trained on a benchmark's (reference, text, target) triplets
+    ZERO_SHOT = "zero-shot"  # trained on image-caption pairs (and its own synthetic triplets), never on triplets
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Fields every method config has. `finetune` says which backbone towers train: none, text, image or both."""
@@ -61,10 +69,7 @@ class CIRModel(nn.Module):
     name = ""
     config_class = MethodConfig
     backbone_kind = "clip"
-    trainable = False  # False for zero-shot baselines that have nothing to learn on triplets
-    needs_captions = False  # True when encode_target uses target captions
-    caption_level = "final_caption"  # which caption of a record encode_target reads (see Split.caption_texts)
-    in_demo = True  # trained and evaluated by `cirlab demo`
+    training = TrainingKind.NONE
 
     def __init__(self, config, backbone):
         super().__init__()
@@ -72,12 +77,40 @@ class CIRModel(nn.Module):
         self._set_finetune(config.finetune)
 
     # ----------------------------------------------------------------- the interface
+    @property
+    def target_captions(self) -> str | None:
+        """The caption level `encode_target` reads ("final_caption" or an MCoT level, see Split.caption_texts), or
+        None when targets are images alone."""
+        return None
+
+    @property
+    def preprocess(self):
+        """The backbone's image preprocessing: a callable (PIL images -> pixels on the CPU) with a `key()` that
+        names it in cache keys."""
+        return self.backbone.preprocess
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def prepare(self, images) -> torch.Tensor:
+        """Pixels ready for `encode_query` and `encode_target`: PIL images preprocessed, on the model's device
+        (preprocessed pixels are moved there)."""
+        return self.pixels(images)
+
     def encode_query(self, images, texts) -> torch.Tensor:
         """Composed query features, L2-normalised: (B, D)."""
         raise NotImplementedError
 
     def encode_target(self, images, captions=None) -> torch.Tensor:
-        """Target features, L2-normalised: (N, D) or (N, K, D)."""
+        """Target features, L2-normalised: (N, D) or (N, K, D). A method whose targets read captions
+        (`target_captions`) refuses to run without them."""
+        if self.target_captions is not None and captions is None:
+            raise CirlabError(f"{self.name} encodes targets from images and their {self.target_captions!r} captions: "
+                              "pass captions= (cirlab caption writes them), or use a config whose targets read none")
+        return self._encode_target(images, captions)
+
+    def _encode_target(self, images, captions) -> torch.Tensor:
         raise NotImplementedError
 
     def similarity(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

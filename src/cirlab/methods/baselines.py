@@ -15,7 +15,7 @@ import torch
 
 from cirlab.layers.combiner import Combiner
 from cirlab.losses import global_info_nce
-from cirlab.methods.base import CIRModel, MethodConfig, register
+from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
 
 
@@ -29,7 +29,7 @@ class ClipFeatures(CIRModel):
         tokens = self.backbone.tokenize(texts, self.backbone.device)
         return self.normalise(self.backbone.encode_text(tokens))  # (B, D)
 
-    def encode_target(self, images, captions=None) -> torch.Tensor:
+    def _encode_target(self, images, captions) -> torch.Tensor:
         return self.image_feature(images)
 
 
@@ -70,7 +70,7 @@ class CombinerConfig(MethodConfig):
 class CombinerModel(ClipFeatures):
     name = "combiner"
     config_class = CombinerConfig
-    trainable = True
+    training = TrainingKind.TRIPLETS
 
     def __init__(self, config: CombinerConfig, backbone):
         super().__init__(config, backbone)

@@ -52,7 +52,7 @@ from torch import nn
 
 from cirlab.layers.memory_bank import MemoryBank, MemoryBankConfig
 from cirlab.losses import gather, global_labels
-from cirlab.methods.base import CIRModel, MethodConfig, register
+from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
 
 
@@ -83,7 +83,7 @@ class Csmcir(CIRModel):
     name = "csmcir"
     config_class = CsmcirConfig
     backbone_kind = "blip2"
-    trainable = True
+    training = TrainingKind.TRIPLETS
 
     def __init__(self, config: CsmcirConfig, backbone):
         for value, allowed, what in ((config.query_pool, ("auto", "first", "mean", "all"), "query_pool"),
@@ -98,8 +98,6 @@ class Csmcir(CIRModel):
         m.query_tokens.requires_grad_(True)
         m.text_projection.requires_grad_(True)
         m.vision_projection.requires_grad_(config.target_tower == "image_only")  # used by that tower only
-        self.needs_captions = config.target_tower == "symmetric" and config.captions != "none"
-        self.caption_level = config.single_level if config.captions == "single_level" else "final_caption"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # the checkpoint records the bank's settings whole, so a later change of BANK_DEFAULTS leaves it as trained
         config.memory_bank = BANK_DEFAULTS | config.memory_bank
@@ -156,7 +154,13 @@ class Csmcir(CIRModel):
         hidden = bb.joint(patches, tokens)  # (B, Q+L, Dq)
         return self.normalise(bb.model.text_projection(self._pool_text(hidden, tokens["attention_mask"])))
 
-    def encode_target(self, images, captions=None) -> torch.Tensor:
+    @property
+    def target_captions(self) -> str | None:
+        if self.config.target_tower != "symmetric" or self.config.captions == "none":
+            return None
+        return self.config.single_level if self.config.captions == "single_level" else "final_caption"
+
+    def _encode_target(self, images, captions) -> torch.Tensor:
         bb = self.backbone
         patches = self._patches(images)
         if self.config.target_tower == "image_only":
@@ -275,7 +279,7 @@ class Csmcir(CIRModel):
             return {}
         x = torch.stack([self._inputs[s][0] for s in slots])
         caps = [self._inputs[s][1] for s in slots]
-        now = self.encode_target(x, None if caps[0] is None else caps).reshape(len(slots), -1)
+        now = self._encode_target(x, None if caps[0] is None else caps).reshape(len(slots), -1)
         stored = self.bank.features[slots]
         k = max(1, now.shape[1] // self.backbone.dim)  # tokens per entry
         cos = F.cosine_similarity(now.view(len(slots), k, -1), stored.view(len(slots), k, -1), dim=-1).mean(1)

@@ -42,7 +42,7 @@ from torch import nn
 from cirlab.errors import CirlabError
 from cirlab.layers.text_injection import BottleneckAdapter, GatedCrossAttention, TokenLearner
 from cirlab.losses import clip_loss
-from cirlab.methods.base import CIRModel, MethodConfig, register
+from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
 
 STAGES = ("mapping", "composing")
@@ -84,8 +84,7 @@ class MapComposeConfig(MethodConfig):
 class MapCompose(CIRModel):
     name = "mapcompose"
     config_class = MapComposeConfig
-    trainable = True
-    zero_shot = True  # trains on image-caption pairs and its own synthetic triplets, never a benchmark's triplets
+    training = TrainingKind.ZERO_SHOT
 
     def __init__(self, config: MapComposeConfig, backbone):
         if backbone.kind != "clip":
@@ -157,7 +156,7 @@ class MapCompose(CIRModel):
         """Layer-normed vision tokens (B, 1+P, Dv) of pixels, PIL images, or already computed tokens (3-D)."""
         return self._cached_or(images, self.frozen_image_stage())
 
-    def encode_target(self, images, captions=None) -> torch.Tensor:
+    def _encode_target(self, images, captions) -> torch.Tensor:
         return self.normalise(self.backbone.model.visual_projection(self._visual(images)[:, 0]))
 
     def compose(self, visual: torch.Tensor, texts: list) -> tuple:

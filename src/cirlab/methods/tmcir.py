@@ -30,7 +30,7 @@ from torch import nn
 from cirlab.layers.token_fusion import AdaptiveTokenFusion
 from cirlab.losses import global_info_nce
 from cirlab.methods.baselines import ClipFeatures
-from cirlab.methods.base import MethodConfig, register
+from cirlab.methods.base import MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
 
 
@@ -49,7 +49,7 @@ class TmcirConfig(MethodConfig):
 class Tmcir(ClipFeatures):
     name = "tmcir"
     config_class = TmcirConfig
-    trainable = True
+    training = TrainingKind.TRIPLETS
 
     def __init__(self, config: TmcirConfig, backbone):
         from cirlab.errors import CirlabError
@@ -77,7 +77,7 @@ class Tmcir(ClipFeatures):
         """Projected image tokens (B, 1+P, D) of pixels, PIL images, or already computed tokens (3-D)."""
         return self._cached_or(images, self.backbone.image_tokens)
 
-    def encode_target(self, images, captions=None) -> torch.Tensor:
+    def _encode_target(self, images, captions) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() == 3:  # cached tokens: the class token is pooled
             return self.normalise(images[:, 0].to(self.backbone.device))
         return self.image_feature(images)

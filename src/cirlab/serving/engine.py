@@ -60,9 +60,9 @@ def read_captions(path, level: str = "final_caption") -> dict:
 
 def _captions_for(model, items: list, captions=None, captioner=None, work: Path | None = None,
                   progress: bool = True) -> list:
-    if not model.needs_captions:
+    if not model.target_captions:
         return [""] * len(items)
-    known = read_captions(captions, model.caption_level) if captions else {}
+    known = read_captions(captions, model.target_captions) if captions else {}
 
     def lookup(item_id: str, path: str):
         return known.get(item_id, known.get(Path(path).stem))
@@ -73,7 +73,7 @@ def _captions_for(model, items: list, captions=None, captioner=None, work: Path 
 
         cache = CaptionCache((work or Path(".")) / "captions.jsonl")
         caption_images(missing, captioner, cache, progress=progress)
-        known |= read_captions(cache.path, model.caption_level)
+        known |= read_captions(cache.path, model.target_captions)
         missing = [(i, p) for i, p in items if lookup(i, p) is None]
     if missing:
         raise CirlabError(f"method {model.name} needs a caption of every target image; {len(missing)} have none "
@@ -90,8 +90,8 @@ class _Embedder:
     @torch.no_grad()
     def __call__(self, chunk: list) -> list:
         m = self.model
-        pixels = m.backbone.preprocess([open_image(p) for _, p, _ in chunk])
-        feats = m.encode_target(pixels.to(m.backbone.device), [c for _, _, c in chunk] if m.needs_captions else None)
+        pixels = m.prepare([open_image(p) for _, p, _ in chunk])
+        feats = m.encode_target(pixels, [c for _, _, c in chunk] if m.target_captions else None)
         feats = feats.float().cpu()
         return list((feats if feats.dim() == 3 else feats[:, None, :]).numpy())
 
@@ -109,7 +109,7 @@ def embed_images(model, paths: list, captions: list | None = None, batch_size: i
     With `engine="ray"` each of `concurrency` Ray actors loads `checkpoint` and embeds its batches."""
     from functools import partial
 
-    from cirlab.engines import run_batches
+    from cirlab.batches import run_batches
 
     items = list(zip(range(len(paths)), paths, captions or [""] * len(paths)))  # positions: results come unordered
     factory = partial(_embedder, str(checkpoint)) if engine == "ray" else partial(_Embedder, model)
@@ -191,7 +191,7 @@ class Engine:
                 image = open_image(self.index.item(image)["path"])
             except KeyError:
                 raise CirlabError(f"unknown image id {image!r}") from None
-        pixels = self.model.backbone.preprocess([image]).to(self.model.backbone.device)
+        pixels = self.model.prepare([image])
         return self.model.encode_query(pixels, [text]).float().cpu().numpy()[0]
 
     def search(self, image, text: str, k: int = 10) -> list:

@@ -122,7 +122,7 @@ class SearchService:
         item_id = self.check_id(item_id) if item_id else uuid.uuid4().hex[:16]
         if item_id in self.index.snapshot.position:
             raise ServiceError(409, f"id {item_id!r} is already in the index")
-        if self.engine.model.needs_captions and self.captioner is None:
+        if self.engine.model.target_captions and self.captioner is None:
             raise ServiceError(422, f"method {self.engine.model.name} needs a caption of every target image and "
                                     "this service has no captioner")
         folder = self.index.folder / "images"

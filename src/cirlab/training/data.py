@@ -18,8 +18,8 @@ class TripletSource:
     counts groups.
     """
 
-    def __init__(self, split: Split, store: PixelStore, with_captions: bool = False,
-                 group_by_reference: bool = False, caption_level: str = "final_caption"):
+    def __init__(self, split: Split, store: PixelStore, captions: str | None = None,
+                 group_by_reference: bool = False):
         rows = [q for q in split.queries if q.targets]
         if not rows:
             raise CirlabError(f"split {split.dataset}/{split.name} has no queries with targets to train on")
@@ -27,9 +27,8 @@ class TripletSource:
         for q in rows:
             groups.setdefault(q.reference if group_by_reference else q.key, []).append(q)
         self.groups = list(groups.values())
-        self.store, self.split, self.with_captions = store, split, with_captions
-        self.caption_level = caption_level
-        if with_captions:
+        self.store, self.split, self.captions = store, split, captions  # the caption level targets read, or None
+        if captions is not None:
             missing = [q.targets[0] for q in rows if q.targets[0] not in split.captions]
             if missing:
                 raise CirlabError(f"{len(missing)} training targets have no caption (first: {missing[0]}); "
@@ -43,7 +42,7 @@ class TripletSource:
         targets = [q.targets[0] for q in rows]
         return Batch(self.store.pixels([q.reference for q in rows]), [q.text for q in rows],
                      self.store.pixels(targets),
-                     self.split.caption_texts(targets, self.caption_level) if self.with_captions else None, targets,
+                     self.split.caption_texts(targets, self.captions) if self.captions else None, targets,
                      [q.targets[1:] for q in rows], [q.reference for q in rows])
 
 
@@ -106,4 +105,4 @@ def frozen_feature_cache(model, root, tag: str = "frozen_image_stage", dtype: st
     from cirlab.training.feature_cache import FeatureCache, module_fingerprint
 
     return FeatureCache(root, {"tag": tag, "method": model.name, "backbone": module_fingerprint(model.backbone.model),
-                               "preprocess": model.backbone.preprocess.key()}, dtype)
+                               "preprocess": model.preprocess.key()}, dtype)

@@ -23,7 +23,7 @@ from cirlab.backbones import load_backbone
 from cirlab.data.images import PixelStore
 from cirlab.data.readers import Split, read_split
 from cirlab.errors import CirlabError
-from cirlab.methods import build_model, method_class
+from cirlab.methods import TrainingKind, build_model, method_class
 from cirlab.training.data import FrozenFeatureStore, PairSource, TripletSource
 from cirlab.training.loop import TrainConfig, fit
 from cirlab.training.synthesis import RULES, synthesize_triplets
@@ -58,7 +58,7 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
     from (stage I is then skipped; ablation rows share one). `on_epoch(model, out)` runs after each stage-II
     epoch, once the checkpoint is written."""
     cls = method_class(method)
-    if not getattr(cls, "zero_shot", False):
+    if cls.training is not TrainingKind.ZERO_SHOT:
         raise CirlabError(f"method {method!r} is not a zero-shot method; use train_method")
     out = Path(out)
     work = out.with_name(out.name + ".train")
@@ -68,7 +68,7 @@ def train_zero_shot(method: str, data_root, backbone, out, stage1: TrainConfig, 
         raise CirlabError(f"{dataset}/{split} has no captioned images to train {method} on")
     torch.manual_seed(stage1.seed)
     model = build_model(method, load_backbone("clip", backbone), (method_config or {}) | {"stage": "mapping"})
-    store = FrozenFeatureStore(PixelStore(data.gallery, model.backbone.preprocess), model.frozen_image_stage())
+    store = FrozenFeatureStore(PixelStore(data.gallery, model.preprocess), model.frozen_image_stage())
     summary = {"method": method, "pairs": len(names)}
     if stage1_from is not None:
         _load_stage1(model, stage1_from)

@@ -66,7 +66,7 @@ def _quick_profile():
     """The small world with the default demo's backbone sizes: the quick demo's narrower CLIP (2 epochs) left
     csmcir near chance (test1 R@1 0.0 to 2.5 in every row), too weak for rows to differ by more than noise.
     tmcir's ten rows train 2 epochs each: with 3, the quick grid took 10 min 24 s on 2 cores, with 2 7 min 37 s."""
-    from cirlab.demo import PROFILES, DemoProfile
+    from cirlab.experiments.demo import PROFILES, DemoProfile
 
     base = PROFILES["default"]
     return DemoProfile(
@@ -136,7 +136,7 @@ def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path
 
     from cirlab.evaluation.protocols import evaluate
     from cirlab.methods import load_model
-    from cirlab.training.train import train_method
+    from cirlab.training.train import train
 
     curve, eval_seconds = [], [0.0]
     best_dir = folder.with_name(folder.name + ".best")
@@ -153,18 +153,16 @@ def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path
 
     t = time.time()
     if zero_shot is None:
-        train_method(method, data, backbone, folder, cfg, config, on_epoch=on_epoch)
+        train(method, data, backbone, folder, cfg, config, on_epoch=on_epoch)
         log = folder.with_name(folder.name + ".train") / "metrics.jsonl"
     else:
         from cirlab.training.loop import TrainConfig
-        from cirlab.training.zero_shot import train_zero_shot
 
         spec = zero_shot["spec"]
-        train_zero_shot(method, data, backbone, folder, TrainConfig(seed=cfg.seed, progress=False, **spec["stage1"]),
-                        TrainConfig(seed=cfg.seed, progress=False, **spec["stage2"]), config,
-                        triplets=zero_shot["triplets"], seed=cfg.seed, log=lambda _m: None,
-                        min_match=zero_shot.get("min_match", 0.8),
-                        stage1_from=zero_shot["stage1_from"], on_epoch=on_epoch)
+        train(method, data, backbone, folder, TrainConfig(seed=cfg.seed, progress=False, **spec["stage1"]), config,
+              {"stage2": TrainConfig(seed=cfg.seed, progress=False, **spec["stage2"]), "triplets": zero_shot["triplets"],
+               "seed": cfg.seed, "log": lambda _m: None, "min_match": zero_shot.get("min_match", 0.8),
+               "stage1_from": zero_shot["stage1_from"], "on_epoch": on_epoch})
         log = folder.with_name(folder.name + ".train") / "stage2" / "metrics.jsonl"
     train_seconds = time.time() - t - eval_seconds[0]
     model = load_model(folder)
@@ -216,7 +214,7 @@ def _row_backbone(method: str, pipeline: dict, backbone: Path, ckpts: Path, data
     """The backbone a row trains from: the shared one, or its stage-1 result (made once per spec)."""
     if not pipeline.get("stage1"):
         return backbone
-    from cirlab.demo import ensure_intent_backbone
+    from cirlab.experiments.demo import ensure_intent_backbone
 
     from cirlab.editing import oracle
 
@@ -306,7 +304,7 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     from cirlab.backbones import load_backbone
     from cirlab.data.images import PixelStore
     from cirlab.data.readers import read_split
-    from cirlab.demo import PROFILES, ensure_backbone, ensure_world
+    from cirlab.experiments.demo import PROFILES, ensure_backbone, ensure_world
     from cirlab.errors import CirlabError
     from cirlab.methods import method_class
 
@@ -381,7 +379,7 @@ def _row_seed(env: dict, i: int, change: dict, config: dict, pipeline: dict, nam
     (figures, per-query records). `env` holds what every row shares (run_ablation's settings and data)."""
     from cirlab.atomic import write_atomic
     from cirlab.evaluation.per_query import read_records, write_records
-    from cirlab.methods import method_class
+    from cirlab.methods import TrainingKind, method_class
     from cirlab.training.loop import TrainConfig
 
     method, out, profile, log = env["method"], env["out"], env["profile"], env["log"]
@@ -398,7 +396,7 @@ def _row_seed(env: dict, i: int, change: dict, config: dict, pipeline: dict, nam
                           env["progress"], log, tag)
     folder = out / "checkpoints" / f"{method}-{_row_index(method, change, i)}{tag}"
     zero_shot = None
-    if getattr(method_class(method), "zero_shot", False):  # rows with one stage-I config share it
+    if method_class(method).training is TrainingKind.ZERO_SHOT:  # rows with one stage-I config share it
         shared = json.dumps({k: config.get(k) for k in ("visual_injection", "soft_align")} | {"seed": s})
         zero_shot = {"spec": _equal_steps(profile.zero_shot[method], PIPELINE[method]["triplets"]),
                      "triplets": pipeline["triplets"], "min_match": pipeline["min_match"],

@@ -9,70 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from cirlab.errors import CirlabError
+from cirlab.experiments.profiles import (CLOSEST_BASELINE, PROFILES, QUICK_ZERO_SHOT,  # noqa: F401
+                                         ZERO_SHOT, DemoProfile)
 
-
-@dataclass(frozen=True)
-class DemoProfile:
-    world: str
-    # kind -> {"config": tiny-config overrides, "pretrain": TrainConfig fields, optional "init_from": a kind whose
-    # pretrained weights it starts from (blip2 from clip: CLIP's ViT, frozen, under a fresh Q-Former)}
-    backbones: dict
-    train: dict  # TrainConfig fields shared by the trained methods
-    method_train: dict = field(default_factory=dict)  # method -> TrainConfig overrides
-    method_config: dict = field(default_factory=dict)  # method -> method config
-    # method -> TMCIR-style stage 1 before it trains: oracle pseudo-targets ("imperfection", "n" per triplet), then
-    # intent alignment of the CLIP ("unfreeze", "train": TrainConfig fields); the method starts from the result
-    stage1: dict = field(default_factory=dict)
-    # zero-shot method -> {"stage1": TrainConfig fields (mapping), "stage2": TrainConfig fields (composing),
-    # "triplets": synthetic triplets for stage II}; trained on the world's (image, caption) pairs only
-    zero_shot: dict = field(default_factory=dict)
-    # seed method -> the baseline its R@1 difference (with a paired interval over queries) is reported against
-    closest: dict = field(default_factory=lambda: dict(CLOSEST_BASELINE))
-
-
-CLOSEST_BASELINE = {"csmcir": "combiner", "tmcir": "combiner", "mapcompose": "pic2word"}
-ZERO_SHOT = {"mapcompose": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
-                             "stage2": {"epochs": 10, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10},
-                             "triplets": 2000},
-             "pic2word": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
-                          "stage2": {}, "triplets": 0}}
-_QUICK_STAGE1 = ZERO_SHOT["mapcompose"]["stage1"] | {"epochs": 1, "steps_per_epoch": 30}  # a smoke test
-QUICK_ZERO_SHOT = {"mapcompose": {"stage1": _QUICK_STAGE1, "triplets": 500,
-                                  "stage2": ZERO_SHOT["mapcompose"]["stage2"] | {"epochs": 2}},
-                   "pic2word": {"stage1": _QUICK_STAGE1, "stage2": {}, "triplets": 0}}
-PROFILES = {
-    "default": DemoProfile(
-        world="default",
-        backbones={
-            "clip": {"config": {"patch_size": 16, "width": 128, "layers": 4, "dim": 128},
-                     "pretrain": {"epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}},
-            "blip2": {"init_from": "clip", "config": {},
-                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
-        train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
-        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
-        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
-                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}},
-        zero_shot=ZERO_SHOT),
-    "quick": DemoProfile(
-        world="small",
-        backbones={
-            "clip": {"config": {"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
-                     "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}},
-            "blip2": {"init_from": "clip", "config": {},
-                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
-        train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
-        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3},
-                      "tmcir": {"epochs": 1}},  # the quick demo is a smoke test (about 2.5 minutes)
-        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
-                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20,
-                                    "steps_per_epoch": 30}}},
-        zero_shot=QUICK_ZERO_SHOT),
-}
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"]
 
 
@@ -155,8 +97,10 @@ def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, see
 def _lanes(methods: list, registry, profile: DemoProfile) -> list:
     """Methods grouped by backbone kind, one lane per backbone, run in order inside it; the zero-shot methods
     share a lane, and a method with a stage 1 of its own gets a lane of its own."""
+    from cirlab.methods import TrainingKind
+
     own = [n for n in methods if n in profile.stage1]
-    zero_shot = [n for n in methods if getattr(registry[n], "zero_shot", False) and n not in own]
+    zero_shot = [n for n in methods if registry[n].training is TrainingKind.ZERO_SHOT and n not in own]
     rest = [n for n in methods if n not in own and n not in zero_shot]
     kinds = sorted({registry[n].backbone_kind for n in rest})
     lanes = [{"kind": k, "methods": [n for n in rest if registry[n].backbone_kind == k]} for k in kinds]
@@ -209,7 +153,7 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
         timings[name] = round(time.time() - t, 1)
         log(f"{name}: R@1 {metrics['R@1']:.1f}  R@10 {metrics['R@10']:.1f}  ({timings[name]:.0f} s)")
         if name == grid:
-            from cirlab.report import retrieval_grid
+            from cirlab.experiments.report import retrieval_grid
 
             retrieval_grid(test, ranking, out / "retrievals.png", title=name)
     return {"results": results, "timings": timings}
@@ -220,19 +164,18 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
     """Train `name` on the world's train split with the profile's schedule (or save it, if zero-shot), then
     evaluate it on test1: (metrics, ranking)."""
     from cirlab.evaluation.protocols import checkpoint_identity, evaluate
-    from cirlab.methods import REGISTRY, load_model
+    from cirlab.methods import REGISTRY, TrainingKind, load_model
     from cirlab.training.loop import TrainConfig
-    from cirlab.training.train import save_zero_shot, train_method
+    from cirlab.training.train import train
 
-    if getattr(REGISTRY[name], "zero_shot", False):
-        from cirlab.training.zero_shot import train_zero_shot
-
+    kind, config = REGISTRY[name].training, profile.method_config.get(name)
+    cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
+    if kind is TrainingKind.ZERO_SHOT:
         spec = profile.zero_shot[name]
-        train_zero_shot(name, data, backbone, folder, TrainConfig(seed=seed, progress=progress, **spec["stage1"]),
-                        TrainConfig(seed=seed, progress=progress, **spec["stage2"]), profile.method_config.get(name),
-                        triplets=spec["triplets"], seed=seed, log=log)
-    elif REGISTRY[name].trainable:
-        cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
+        train(name, data, backbone, folder, TrainConfig(seed=seed, progress=progress, **spec["stage1"]), config,
+              {"stage2": TrainConfig(seed=seed, progress=progress, **spec["stage2"]), "triplets": spec["triplets"],
+               "seed": seed, "log": log})
+    elif kind is TrainingKind.TRIPLETS:
         log(f"{name}: training ({cfg.epochs} epochs)")
         done = []
 
@@ -240,9 +183,9 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
             done.append(1)
             log(f"{name}: epoch {len(done)}/{cfg.epochs} done")
 
-        train_method(name, data, backbone, folder, cfg, profile.method_config.get(name), on_epoch=on_epoch)
+        train(name, data, backbone, folder, cfg, config, on_epoch=on_epoch)
     else:
-        save_zero_shot(name, backbone, folder, profile.method_config.get(name))
+        train(name, data, backbone, folder, cfg, config)
     return evaluate(load_model(folder), test, cache_dir=folder / "cache", model_id=checkpoint_identity(folder),
                     progress=progress)
 
@@ -269,7 +212,7 @@ def default_workers() -> int:
 
 def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, extra: tuple = (),
              workers: int | None = None) -> dict:
-    """The demo; `extra` names registered methods to run besides those marked `in_demo`.
+    """The demo; `extra` names registered methods to run besides the profile's `methods`.
 
     After the world and the backbones other backbones start from (CLIP), the methods run in lanes, one per
     backbone (CLIP methods; BLIP-2 pretraining then csmcir) and one per method with a stage 1 of its own (tmcir:
@@ -279,7 +222,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     in turn (measured on a combiner step). Each lane's figures depend on its thread count only through float
     summation order: with the same `workers` on the same machine a run repeats exactly.
     """
-    from cirlab.cli.main import format_table
+    from cirlab.experiments.report import format_table
     from cirlab.methods import REGISTRY
 
     t0 = time.time()
@@ -295,7 +238,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     unknown = [n for n in extra if n not in REGISTRY]
     if unknown:
         raise CirlabError(f"unknown method(s) for --with: {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
-    methods = sorted({n for n, c in REGISTRY.items() if c.in_demo} | set(extra))
+    methods = sorted(set(profile.methods) | set(extra))
     lanes = _lanes(methods, REGISTRY, profile)
     timings = {}
     roots = sorted({profile.backbones[k].get("init_from") for k in (lane["kind"] for lane in lanes)} - {None})
@@ -330,7 +273,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
            "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},
            "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    from cirlab.report import write_report
+    from cirlab.experiments.report import write_report
 
     write_report(out / "report.md", table, doc, timings, wall, quick, workers)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
@@ -352,13 +295,15 @@ def config_changes(defaults, chosen, prefix: str = "") -> list:
 def variant_name(name: str, cls, profile: DemoProfile) -> str:
     """The method's name with what the demo runs differently from its defaults, e.g. `csmcir
     (memory_bank.mode=off)`; zero-shot methods say so, a stage 1 names its editor setting."""
+    from cirlab.methods import TrainingKind
+
     notes = []
     if name in profile.method_config:
         cfg = cls.config_class.from_json(profile.method_config[name])
         notes += config_changes(cls.config_class().to_json(), cfg.to_json())
     if name in profile.stage1:
         notes.append(f"oracle stage 1, imperfection {profile.stage1[name]['imperfection']}")
-    if getattr(cls, "zero_shot", False):
+    if cls.training is TrainingKind.ZERO_SHOT:
         notes.append("zero-shot")
     return f"{name} ({', '.join(notes)})" if notes else name
 
@@ -399,7 +344,9 @@ def _run_lanes_in_processes(lanes: list, workers: int, args: tuple) -> list:
 
 
 def _grid_method(registry) -> str:
-    trained = sorted(n for n, c in registry.items() if c.trainable)
+    from cirlab.methods import TrainingKind
+
+    trained = sorted(n for n, c in registry.items() if c.training is not TrainingKind.NONE)
     if not trained:
         raise CirlabError("no trainable method is registered")
     return "combiner" if "combiner" in trained else trained[0]

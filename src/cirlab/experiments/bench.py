@@ -45,14 +45,14 @@ def _source(model, data, zero_shot: bool):
     from cirlab.data.images import PixelStore
     from cirlab.training.data import FrozenFeatureStore, PairSource, TripletSource
 
-    store = PixelStore(data.gallery, model.backbone.preprocess)
+    store = PixelStore(data.gallery, model.preprocess)
     frozen = model.frozen_image_stage()
     if frozen is not None:
         store = FrozenFeatureStore(store, frozen)
     if zero_shot:
         names = sorted(n for n in data.gallery if n in data.captions)
         return PairSource(names, data.captions, store)
-    return TripletSource(data, store, model.needs_captions)
+    return TripletSource(data, store, model.target_captions)
 
 
 def _steps_per_s(model, source, size: dict, device: str) -> float:
@@ -78,23 +78,23 @@ def measure_method(name: str, data_root: str, size: dict, device: str = "cpu") -
     """One method's row (run it in a process of its own for a meaningful peak_rss_mb)."""
     from cirlab.data.images import PixelStore
     from cirlab.data.readers import read_split
-    from cirlab.methods import build_model, method_class
+    from cirlab.methods import TrainingKind, build_model, method_class
 
     cls = method_class(name)
     spec = CLIP if cls.backbone_kind == "clip" else BLIP2
-    zero_shot = getattr(cls, "zero_shot", False)
+    zero_shot = cls.training is TrainingKind.ZERO_SHOT
     config = {"stage": "mapping"} if zero_shot else None
     model = build_model(name, _backbone(cls.backbone_kind, spec, device), config)
     data = read_split("synth", data_root, "train")
     row = {"train_samples_per_s": None}
-    if cls.trainable:
+    if cls.training is not TrainingKind.NONE:
         row["train_samples_per_s"] = round(_steps_per_s(model, _source(model, data, zero_shot), size,
                                                         device), 1)
     test = read_split("synth", data_root, "test1")
     names = sorted(test.gallery)[:size["eval_images"]]
-    pixels = PixelStore(test.gallery, model.backbone.preprocess)
+    pixels = PixelStore(test.gallery, model.preprocess)
     px = pixels.pixels(names)
-    caps = test.caption_texts(names, model.caption_level) if model.needs_captions else None
+    caps = test.caption_texts(names, model.target_captions) if model.target_captions else None
     model.eval()
     with torch.no_grad():
         model.encode_target(px[:8].to(device), caps[:8] if caps else None)  # warm-up
@@ -141,13 +141,13 @@ def cache_speedup(data_root: str, cache_dir: str, size: dict, device: str = "cpu
     model = build_model("csmcir", _backbone("blip2", BIG_VIT, device), {"memory_bank": {"mode": "off"}})
     vit = sum(p.numel() for p in model.backbone.model.vision_model.parameters())
     qformer = sum(p.numel() for n, p in model.backbone.model.named_parameters() if not n.startswith("vision_model"))
-    pixels = PixelStore(data.gallery, model.backbone.preprocess)
-    uncached = _steps_per_s(model, TripletSource(data, pixels, model.needs_captions), size, device)
+    pixels = PixelStore(data.gallery, model.preprocess)
+    uncached = _steps_per_s(model, TripletSource(data, pixels, model.target_captions), size, device)
     cache = frozen_feature_cache(model, cache_dir)
     store = FrozenFeatureStore(pixels, model.frozen_image_stage(), cache=cache)
     b = size["batch"]
     store.fill([n for q in data.queries[:(size["warmup"] + size["steps"]) * b] for n in (q.reference, q.targets[0])])
-    cached = _steps_per_s(model, TripletSource(data, store, model.needs_captions), size, device)
+    cached = _steps_per_s(model, TripletSource(data, store, model.target_captions), size, device)
     return {"cache_speedup": round(cached / uncached, 2), "train_samples_per_s_uncached": round(uncached, 1),
             "train_samples_per_s_cached": round(cached, 1), "vision_params_m": round(vit / 1e6, 2),
             "qformer_params_m": round(qformer / 1e6, 2), "vision_to_qformer": round(vit / qformer, 2)}
@@ -163,7 +163,7 @@ def _in_process(fn, *args) -> dict:
 
 
 def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=print) -> dict:
-    from cirlab.demo import ensure_world
+    from cirlab.experiments.demo import ensure_world
     from cirlab.methods import REGISTRY
 
     out = Path(out)

@@ -42,18 +42,18 @@ def embed_views(model, split, n: int = 300, batch_size: int = 128) -> dict:
     if missing:
         raise CirlabError(f"{len(missing)} targets have no caption (first: {missing[0]}); the target-caption view "
                           "needs them: pass --captions, a cache from `cirlab caption`")
-    store = PixelStore(split.gallery, model.backbone.preprocess)
+    store = PixelStore(split.gallery, model.preprocess)
     bb = model.backbone
-    names = [k for k in COLOURS if model.needs_captions or k != "target image"]  # else "target image" == "target"
+    names = [k for k in COLOURS if model.target_captions or k != "target image"]  # else "target image" == "target"
     views: dict = {k: [] for k in names}
     for lo in range(0, len(queries), batch_size):
         qs, ts = queries[lo:lo + batch_size], targets[lo:lo + batch_size]
-        caps = split.caption_texts(ts, model.caption_level)
+        caps = split.caption_texts(ts, model.target_captions or "final_caption")
         tgt_px = store.pixels(ts)
         views["query"].append(model.encode_query(store.pixels([q.reference for q in qs]), [q.text for q in qs]))
-        views["target"].append(_pooled(model.encode_target(tgt_px, caps if model.needs_captions else None)))
-        if "target image" in views:
-            views["target image"].append(_pooled(model.encode_target(tgt_px, None)))
+        views["target"].append(_pooled(model.encode_target(tgt_px, caps if model.target_captions else None)))
+        if "target image" in views:  # the same tower with empty captions: what the image alone contributes
+            views["target image"].append(_pooled(model.encode_target(tgt_px, [""] * len(ts))))
         views["target caption"].append(_pooled(bb.encode_text(bb.tokenize(caps, bb.device))))
     return {k: torch.cat(v).float().cpu() for k, v in views.items()}
 
@@ -168,8 +168,7 @@ def bank_report(checkpoint, data_root, n: int = 256, split: str = "train", seed:
     data = read_split("synth", data_root, split)
     queries = [q for q in data.queries if q.targets]
     rows = random.Random(seed).sample(range(len(queries)), min(n, len(queries)))
-    source = TripletSource(data, PixelStore(data.gallery, model.backbone.preprocess), model.needs_captions,
-                           False, model.caption_level)
+    source = TripletSource(data, PixelStore(data.gallery, model.preprocess), model.target_captions)
     names, distances, unknown = sorted(data.gallery), [], 0
     for lo in range(0, len(rows), 64):
         idx = rows[lo:lo + 64]

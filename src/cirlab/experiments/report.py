@@ -81,3 +81,13 @@ def _interval_lines(intervals: dict, names: dict) -> list:
                      f"{r['method']:.2f} | {r['baseline_value']:.2f} | {r['diff']:+.2f} | "
                      f"[{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] |")
     return lines + ["", "Per-query results: per_query/<method>.jsonl (`cirlab compare A B`).", ""]
+
+
+def format_table(rows: dict, columns: list) -> str:
+    """A markdown table: one row per method, one column per metric (two decimals; "-" where missing)."""
+    head = "| method | " + " | ".join(columns) + " |"
+    sep = "|---|" + "---:|" * len(columns)
+    lines = [head, sep]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.2f}" if c in metrics else "-" for c in columns) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""The demo's profiles: the world size, the tiny backbones, and each method's schedule and settings for `cirlab
+demo` (default) and `cirlab demo --quick`; ablations start from them too."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    world: str
+    # kind -> {"config": tiny-config overrides, "pretrain": TrainConfig fields, optional "init_from": a kind whose
+    # pretrained weights it starts from (blip2 from clip: CLIP's ViT, frozen, under a fresh Q-Former)}
+    backbones: dict
+    train: dict  # TrainConfig fields shared by the trained methods
+    method_train: dict = field(default_factory=dict)  # method -> TrainConfig overrides
+    method_config: dict = field(default_factory=dict)  # method -> method config
+    # method -> TMCIR-style stage 1 before it trains: oracle pseudo-targets ("imperfection", "n" per triplet), then
+    # intent alignment of the CLIP ("unfreeze", "train": TrainConfig fields); the method starts from the result
+    stage1: dict = field(default_factory=dict)
+    # zero-shot method -> {"stage1": TrainConfig fields (mapping), "stage2": TrainConfig fields (composing),
+    # "triplets": synthetic triplets for stage II}; trained on the world's (image, caption) pairs only
+    zero_shot: dict = field(default_factory=dict)
+    # seed method -> the baseline its R@1 difference (with a paired interval over queries) is reported against
+    closest: dict = field(default_factory=lambda: dict(CLOSEST_BASELINE))
+    methods: tuple = ()  # the methods the demo trains and evaluates (registered names)
+
+
+DEMO_METHODS = ("image_only", "text_only", "sum", "combiner", "pic2word", "csmcir", "tmcir", "mapcompose")
+CLOSEST_BASELINE = {"csmcir": "combiner", "tmcir": "combiner", "mapcompose": "pic2word"}
+ZERO_SHOT = {"mapcompose": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
+                             "stage2": {"epochs": 10, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10},
+                             "triplets": 2000},
+             "pic2word": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
+                          "stage2": {}, "triplets": 0}}
+_QUICK_STAGE1 = ZERO_SHOT["mapcompose"]["stage1"] | {"epochs": 1, "steps_per_epoch": 30}  # a smoke test
+QUICK_ZERO_SHOT = {"mapcompose": {"stage1": _QUICK_STAGE1, "triplets": 500,
+                                  "stage2": ZERO_SHOT["mapcompose"]["stage2"] | {"epochs": 2}},
+                   "pic2word": {"stage1": _QUICK_STAGE1, "stage2": {}, "triplets": 0}}
+PROFILES = {
+    "default": DemoProfile(
+        world="default", methods=DEMO_METHODS,
+        backbones={
+            "clip": {"config": {"patch_size": 16, "width": 128, "layers": 4, "dim": 128},
+                     "pretrain": {"epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}},
+            "blip2": {"init_from": "clip", "config": {},
+                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50}}},
+        train={"epochs": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 50},
+        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
+        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
+                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}},
+        zero_shot=ZERO_SHOT),
+    "quick": DemoProfile(
+        world="small", methods=DEMO_METHODS,
+        backbones={
+            "clip": {"config": {"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
+                     "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}},
+            "blip2": {"init_from": "clip", "config": {},
+                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
+        train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
+        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3},
+                      "tmcir": {"epochs": 1}},  # the quick demo is a smoke test (about 2.5 minutes)
+        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
+                          "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20,
+                                    "steps_per_epoch": 30}}},
+        zero_shot=QUICK_ZERO_SHOT),
+}
