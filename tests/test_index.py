@@ -60,6 +60,64 @@ def test_multi_token_items_score_by_their_best_token(tmp_path):
     assert items == [[1]] and scores == [[pytest.approx(0.9)]]  # rows 5 and 4 belong to item 1; -1 is no hit
 
 
+BACKENDS = [("exact", {}), ("faiss", {"kind": "flat"}), ("faiss", {"kind": "ivf", "nlist": 8, "nprobe": 8}),
+            ("faiss", {"kind": "hnsw"}), ("milvus", {})]
+
+
+@pytest.mark.parametrize("backend,params", BACKENDS, ids=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "milvus"])
+def test_every_backend_agrees_with_exact_search_through_build_add_remove_and_reopen(backend, params, tmp_path):
+    """One congruence test for every backend: multi-token items (the max over an item's tokens, as the CIRModel
+    scores them) built, added to, removed from and reopened, each state searched against brute force over the
+    index's own vectors. Exact and FAISS flat must give the brute-force ranking; IVF, HNSW and Milvus most of it.
+    The manifest records the backend's actual parameters and the method's scoring."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 16))
+    v = centres[rng.integers(12, size=(400, 3))] + 0.4 * rng.normal(size=(400, 3, 16))
+    v = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+    q = v[rng.integers(400, size=20), 0] + 0.2 * rng.normal(size=(20, 16)).astype(np.float32)
+    ids = [f"i{n}" for n in range(400)]
+    index = ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", backend=backend,
+                              params=params, ids=ids[:300], paths=["p"] * 300, vectors=v[:300])
+    exact_match = backend == "exact" or params.get("kind") == "flat"
+
+    def agrees(ix, live: list) -> None:
+        vec = {i: v[int(i[1:])] for i in live}
+        assert sorted(ix.ids) == sorted(live) and len(ix.snapshot.backend) == 3 * len(live)
+        order = list(ix.ids)
+        brute = np.einsum("bd,nkd->bnk", q, np.stack([vec[i] for i in order])).max(-1)
+        hits = ix.search(q, 10)
+        overlap = []
+        for row, h in zip(brute, hits):
+            truth = [order[n] for n in np.argsort(-row, kind="stable")[:10]]
+            got = [x.id for x in h]
+            assert len(got) == 10 and len(set(got)) == 10
+            assert np.allclose([x.score for x in h], row[[order.index(g) for g in got]], atol=1e-4)  # true scores
+            overlap.append(len(set(got) & set(truth)) / 10)
+            if exact_match:
+                assert got == truth
+        assert np.mean(overlap) >= (1.0 if exact_match else 0.8), np.mean(overlap)
+
+    agrees(index, ids[:300])
+    index.add(ids[300:], ["p"] * 100, v[300:])
+    agrees(index, ids)
+    gone = ids[::7]
+    index.remove(gone)
+    live = [i for i in ids if i not in set(gone)]
+    agrees(index, live)
+    again = ImageIndex(tmp_path / "ix")
+    agrees(again, live)
+    m = again.manifest
+    assert m["backend"] == backend and m["generation"] == 3 and m["count"] == len(live)
+    assert "max over its 3 token vectors" in m["scoring"]
+    if params.get("kind") == "ivf":
+        assert m["actual"] == {"kind": "ivf", "nlist": 8, "nprobe": 8}
+    if params.get("kind") == "hnsw":
+        assert m["actual"]["hnsw_m"] == 32 and m["actual"]["ef_search"] == 64
+    if backend == "milvus":
+        assert m["actual"]["index_type"] == "FLAT"
+        assert again.snapshot.backend.client.list_collections() == ["cirlab_g3"]  # older generations dropped
+
+
 def test_index_writes_validate_and_persist(tmp_path):
     v = clustered(10, 8)
     index = ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", backend="faiss",

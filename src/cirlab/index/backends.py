@@ -1,15 +1,29 @@
-"""Vector search backends behind one interface: exact (torch) and FAISS (flat, IVF, HNSW).
+"""Vector search backends behind one protocol: exact (torch), FAISS (flat, IVF, HNSW) and Milvus.
 
 A backend holds row vectors (M, D), inner-product scored (cirlab's features are L2-normalised, so this is cosine),
-and answers `search(queries (B, D), k) -> (scores (B, k'), rows (B, k'))` with k' = min(k, M), best first. It is
-built from the vectors in one call and never mutated afterwards: the index (`store.py`) builds a new backend for
-every write and swaps it in whole, so a search never sees a half-applied write.
+and answers `search(queries (B, D), k) -> (scores (B, k'), rows (B, k'))` with k' = min(k, M), best first. The
+persistent index (`store.py`) drives every backend through the same five calls, and never asks which one it holds:
 
-Multi-token targets (csmcir's (N, K, D)) are stored as N*K rows; `TokenOwners` folds row hits back to items by
-the max over each item's K rows (the CIRModel's `similarity`). FAISS backends fetch `k * K` rows first, so an item
-whose best row falls outside them can be missed: the fold is exact for `exact`, approximate for FAISS.
+- `settings(folder, params)`: the full parameters of a new index (defaults filled in), checked before any write;
+- `build(vectors, folder, generation, params)`: a backend over the rows, its own files written (or its Milvus
+  collection created) for that generation; `files` names them for the manifest and `actual` gives the parameters
+  it really used (FAISS's IVF picks `nlist` from the row count when it is 0);
+- `open(folder, files, params, vectors)`: the backend of a committed generation, from its files;
+- `retire(folder, params)`: after the commit, what older generations left behind is removed;
+- `search(queries, k)`.
+
+Adding and removing items write a new generation: the store builds a new backend over the new rows and swaps it in
+whole, so a search never sees a half-applied write and a kill leaves the last committed generation.
+
+Multi-token targets (csmcir's (N, K, D)) are stored as N*K rows; `fold_tokens` folds row hits back to items by
+the max over each item's K rows (the CIRModel's `similarity`). FAISS and Milvus fetch `k * K` rows first, so an
+item whose best row falls outside them can be missed: the fold is exact for `exact` and `faiss` flat, approximate
+for the others.
 """
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +35,40 @@ FAISS_KINDS = ("flat", "ivf", "hnsw")
 FAISS_DEFAULTS = {"nlist": 0, "nprobe": 16, "hnsw_m": 32, "ef_construction": 80, "ef_search": 64}
 
 
-class ExactBackend:
+class VectorBackend:
+    """The protocol every backend answers (see the module docstring); the defaults suit a backend that keeps
+    nothing of its own on disk (it is rebuilt from the store's vectors)."""
+    name = ""
+    files: dict = {}  # file or collection names of this generation, recorded in the manifest
+    actual: dict = {}  # the parameters the built backend really uses
+
+    @classmethod
+    def settings(cls, folder: Path, params: dict) -> dict:
+        if params:
+            raise CirlabError(f"the {cls.name} backend takes no parameters, got {sorted(params)}")
+        return {}
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "VectorBackend":
+        return cls(vectors)
+
+    @classmethod
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "VectorBackend":
+        return cls(vectors)
+
+    def retire(self, folder: Path, params: dict) -> None:
+        """Remove what other generations left (files, collections); a backend with none keeps the default."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def search(self, queries: np.ndarray, k: int) -> tuple:
+        raise NotImplementedError
+
+
+class ExactBackend(VectorBackend):
     """Brute force on torch: every query against every row."""
+    name = "exact"
 
     def __init__(self, vectors: np.ndarray):
         self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -39,9 +85,11 @@ class ExactBackend:
         return top.values.numpy(), top.indices.numpy()
 
 
-class FaissBackend:
+class FaissBackend(VectorBackend):
     """FAISS inner-product index: `flat` (exact), `ivf` (IVF-Flat: `nlist` cells, 0 = about 4 sqrt(M), `nprobe`
-    searched) or `hnsw` (`hnsw_m` links, `ef_construction`, `ef_search`)."""
+    searched) or `hnsw` (`hnsw_m` links, `ef_construction`, `ef_search`). Each generation is one file,
+    `faiss-<g>.index`; the manifest's `params` hold what the user asked, `actual` what the index uses."""
+    name = "faiss"
 
     def __init__(self, vectors: np.ndarray, kind: str = "flat", **params):
         try:
@@ -75,6 +123,39 @@ class FaissBackend:
         if n:
             index.add(x)
         self.index, self.dim = index, d
+        self.actual = {"kind": kind} | (
+            {"nlist": index.nlist, "nprobe": index.nprobe} if kind == "ivf" else
+            {"hnsw_m": int(p["hnsw_m"]), "ef_construction": index.hnsw.efConstruction,
+             "ef_search": index.hnsw.efSearch} if kind == "hnsw" else {})
+
+    @classmethod
+    def settings(cls, folder: Path, params: dict) -> dict:
+        params = {"kind": "flat"} | dict(params)
+        cls(np.zeros((0, 1), np.float32), **params)  # unknown kinds and parameters fail before any write
+        return params
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "FaissBackend":
+        import faiss
+
+        from cirlab.atomic import write_atomic
+
+        backend = cls(vectors, **params)
+        backend.files = {"faiss": f"faiss-{generation}.index"}
+        write_atomic(Path(folder) / backend.files["faiss"],
+                     lambda f: f.write(faiss.serialize_index(backend.index).tobytes()))
+        return backend
+
+    @classmethod
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "FaissBackend":
+        backend = cls.read(Path(folder) / files["faiss"])
+        backend.files = {"faiss": files["faiss"]}
+        return backend
+
+    def retire(self, folder: Path, params: dict) -> None:
+        for old in Path(folder).glob("faiss-*.index"):
+            if old.name not in self.files.values():
+                old.unlink(missing_ok=True)
 
     @classmethod
     def read(cls, path) -> "FaissBackend":
@@ -97,7 +178,7 @@ class FaissBackend:
         return scores, rows  # rows of -1 (IVF with too few probed cells) are dropped by the caller
 
 
-class MilvusBackend:
+class MilvusBackend(VectorBackend):
     """A Milvus collection (pymilvus; a local milvus-lite file when `uri` is a path, a Milvus server when it is a
     URL), for galleries larger than one machine. Rows are stored with their row number as primary key, scored by
     inner product. `index_type`: FLAT (exact; the only one milvus-lite offers), or IVF_FLAT / HNSW on a server.
@@ -106,11 +187,38 @@ class MilvusBackend:
     a collection of its own, names it in the manifest, and drops the older ones after the commit, so a kill
     leaves the manifest's collection whole."""
 
+    name = "milvus"
     BATCH = 5000  # rows per insert call
 
     def __init__(self, client, collection: str):
         self.client, self.collection = client, collection
         self.count = int(client.get_collection_stats(collection)["row_count"])
+        self.files = {"milvus_collection": collection}
+
+    @classmethod
+    def settings(cls, folder: Path, params: dict) -> dict:
+        """A local milvus-lite file inside the index unless a `uri` is given; collections named `collection`_g<g>."""
+        params = {"uri": str(Path(folder).resolve() / "milvus.db"), "collection": "cirlab",
+                  "index_type": "FLAT"} | dict(params)
+        cls.connect(params["uri"])  # fail early
+        return params
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "MilvusBackend":
+        backend = cls.create(vectors, params["uri"], f"{params['collection']}_g{generation}",
+                             params.get("index_type", "FLAT"))
+        backend.actual = {"index_type": params.get("index_type", "FLAT"), "metric_type": "IP"}
+        return backend
+
+    @classmethod
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "MilvusBackend":
+        return cls.load(params["uri"], files["milvus_collection"])
+
+    def retire(self, folder: Path, params: dict) -> None:
+        stale = re.compile(re.escape(params["collection"]) + r"_g\d+$")
+        for name in self.client.list_collections():
+            if stale.match(name) and name != self.collection:
+                self.client.drop_collection(name)
 
     @staticmethod
     def connect(uri: str):
@@ -122,7 +230,7 @@ class MilvusBackend:
         return MilvusClient(uri)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, uri: str, collection: str, index_type: str = "FLAT") -> "MilvusBackend":
+    def create(cls, vectors: np.ndarray, uri: str, collection: str, index_type: str = "FLAT") -> "MilvusBackend":
         client = cls.connect(uri)
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         if client.has_collection(collection):
@@ -132,12 +240,13 @@ class MilvusBackend:
         client.create_collection(collection, dimension=x.shape[1], metric_type="IP", id_type="int",
                                  auto_id=False, index_params=index)
         for lo in range(0, len(x), cls.BATCH):
-            client.insert(collection, [{"id": lo + i, "vector": v.tolist()} for i, v in enumerate(x[lo:lo + cls.BATCH])])
+            rows = [{"id": lo + i, "vector": v.tolist()} for i, v in enumerate(x[lo:lo + cls.BATCH])]
+            client.insert(collection, rows)
         client.flush(collection)
         return cls(client, collection)
 
     @classmethod
-    def open(cls, uri: str, collection: str) -> "MilvusBackend":
+    def load(cls, uri: str, collection: str) -> "MilvusBackend":
         client = cls.connect(uri)
         if not client.has_collection(collection):
             raise CirlabError(f"Milvus at {uri} has no collection {collection!r}; rebuild the index")
@@ -161,15 +270,22 @@ class MilvusBackend:
         return scores, rows
 
 
+REGISTRY = {cls.name: cls for cls in (ExactBackend, FaissBackend, MilvusBackend)}
+
+
+def backend_class(name: str) -> type:
+    if name not in REGISTRY:
+        raise CirlabError(f"unknown index backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return REGISTRY[name]
+
+
 def make_backend(name: str, vectors: np.ndarray, kind: str = "flat", **params):
-    """An in-process backend over `vectors` (Milvus collections are built by the index store, which names them)."""
-    if name == "exact":
-        return ExactBackend(vectors)
-    if name == "faiss":
-        return FaissBackend(vectors, kind, **params)
+    """An in-process backend over `vectors`, kept in memory (Milvus collections are built by the index store,
+    which names them)."""
     if name == "milvus":
         raise CirlabError("a milvus backend lives in a named collection: build it through ImageIndex")
-    raise CirlabError(f"unknown index backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    cls = backend_class(name)
+    return cls(vectors, kind, **params) if cls is FaissBackend else cls(vectors)
 
 
 def fold_tokens(scores: np.ndarray, rows: np.ndarray, tokens: int, k: int) -> tuple:

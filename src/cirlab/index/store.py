@@ -1,13 +1,17 @@
 """A persistent image index: a folder with a manifest, the vectors and the item table, never half-written.
 
 Layout of INDEX/:
-- `manifest.json`: format version, generation g, checkpoint (path and identity), method, dimension, tokens per
-  item, backend and its parameters, item count, and the names of generation g's files;
+- `manifest.json`: format version, generation g, checkpoint (path and identity), method and its scoring (inner
+  product; for multi-token items the max over an item's tokens), dimension, tokens per item, backend with the
+  parameters asked for (`params`) and those its index really uses (`actual`, such as IVF's `nlist`), item count,
+  and the names of generation g's files;
 - `vectors-g.npy` (N, K, D) float32, `items-g.jsonl` (id, path, caption per item, in vector order) and, for FAISS,
   `faiss-g.index`; for Milvus, the collection `<collection>_g<g>` (at `params.uri`: by default a milvus-lite file
   `milvus.db` in the folder), written whole before the commit, older generations' collections dropped after it;
 - `images/`: image files uploaded through the service (built items point to their original files).
 
+The store never asks which backend it holds: each answers the protocol in `backends.py` (settings, build, open,
+retire, search) and owns its own files or collection.
 Every write makes generation g+1's files (each written to a temporary name, flushed, fsynced and renamed), then
 replaces the manifest the same way: that rename is the commit. Only then are other generations' files deleted.
 A kill at any moment therefore leaves a manifest that names complete files: the old state or the new one.
@@ -28,7 +32,7 @@ import numpy as np
 
 from cirlab.atomic import write_atomic
 from cirlab.errors import CirlabError
-from cirlab.index.backends import FaissBackend, MilvusBackend, fold_tokens, make_backend
+from cirlab.index.backends import backend_class, fold_tokens
 from cirlab.types import SearchHit
 
 FORMAT = 1
@@ -83,16 +87,13 @@ class ImageIndex:
             raise CirlabError(f"{folder} already holds an index; remove it first or use `cirlab index add`")
         folder.mkdir(parents=True, exist_ok=True)
         vectors = _as_items(vectors, len(ids))
+        settings = backend_class(backend).settings(folder, dict(params or {}))  # bad settings fail before writing
+        scoring = "inner product" if vectors.shape[1] == 1 else \
+            f"inner product, an item's score the max over its {vectors.shape[1]} token vectors"
         manifest = {"format": FORMAT, "generation": 0, "checkpoint": str(checkpoint),
-                    "checkpoint_id": checkpoint_id, "method": method, "dim": int(vectors.shape[2]),
-                    "tokens": int(vectors.shape[1]), "backend": backend, "params": dict(params or {}), "count": 0,
-                    "files": {}}
-        if backend == "milvus":  # a local milvus-lite file inside the index unless a uri is given
-            manifest["params"] = {"uri": str(folder.resolve() / "milvus.db"), "collection": "cirlab",
-                                  "index_type": "FLAT"} | manifest["params"]
-            MilvusBackend.connect(manifest["params"]["uri"])  # fail early
-        else:
-            make_backend(backend, np.zeros((0, vectors.shape[2]), np.float32), **manifest["params"])  # fail early
+                    "checkpoint_id": checkpoint_id, "method": method, "scoring": scoring,
+                    "dim": int(vectors.shape[2]), "tokens": int(vectors.shape[1]), "backend": backend,
+                    "params": settings, "actual": {}, "count": 0, "files": {}}
         with _exclusive(folder):
             cls._commit(folder, manifest, _dedupe(ids), list(paths), list(captions or [""] * len(ids)), vectors)
         return cls(folder)
@@ -111,12 +112,8 @@ class ImageIndex:
         if len(rows) != vectors.shape[0]:
             raise CirlabError(f"{self.folder}: {len(rows)} items but {vectors.shape[0]} vectors")
         flat = vectors.reshape(-1, vectors.shape[2])
-        if files.get("faiss"):
-            backend = FaissBackend.read(self.folder / files["faiss"])
-        elif files.get("milvus_collection"):
-            backend = MilvusBackend.open(manifest["params"]["uri"], files["milvus_collection"])
-        else:
-            backend = make_backend(manifest["backend"], flat, **manifest["params"])
+        cls = backend_class(manifest["backend"])
+        backend = cls.open(self.folder, files, manifest["params"], flat)
         ids = tuple(r["id"] for r in rows)
         return Snapshot(ids, tuple(r["path"] for r in rows), tuple(r.get("caption", "") for r in rows), vectors,
                         backend, {i: n for n, i in enumerate(ids)})
@@ -129,27 +126,14 @@ class ImageIndex:
         write_atomic(folder / files["vectors"], lambda f: np.save(f, vectors.astype(np.float32)))
         lines = "".join(json.dumps({"id": i, "path": p, "caption": c}) + "\n" for i, p, c in zip(ids, paths, captions))
         write_atomic(folder / files["items"], lambda f: f.write(lines.encode()))
-        if manifest["backend"] == "faiss":
-            import faiss
-
-            built = make_backend("faiss", vectors.reshape(-1, vectors.shape[2]), **manifest["params"])
-            files["faiss"] = f"faiss-{g}.index"
-            write_atomic(folder / files["faiss"], lambda f: f.write(faiss.serialize_index(built.index).tobytes()))
-        milvus = None
-        if manifest["backend"] == "milvus":  # one collection per generation, named by the manifest
-            p = manifest["params"]
-            files["milvus_collection"] = f"{p['collection']}_g{g}"
-            milvus = MilvusBackend.build(vectors.reshape(-1, vectors.shape[2]), p["uri"], files["milvus_collection"],
-                                         p.get("index_type", "FLAT"))
-        new = manifest | {"generation": g, "count": len(ids), "files": files}
+        built = backend_class(manifest["backend"]).build(vectors.reshape(-1, vectors.shape[2]), folder, g,
+                                                         manifest["params"])  # its own files or collection
+        files |= built.files
+        new = manifest | {"generation": g, "count": len(ids), "files": files, "actual": built.actual}
         write_atomic(folder / MANIFEST, lambda f: f.write((json.dumps(new, indent=1) + "\n").encode()))
-        if milvus is not None:
-            stale = re.compile(re.escape(manifest["params"]["collection"]) + r"_g\d+$")
-            for name in milvus.client.list_collections():
-                if stale.match(name) and name != files["milvus_collection"]:
-                    milvus.client.drop_collection(name)
-        for old in folder.iterdir():  # files of other generations, and temporary files of killed writers
-            if re.match(r"^(vectors|items|faiss)-\d+\.", old.name) and old.name not in files.values() \
+        built.retire(folder, manifest["params"])
+        for old in folder.iterdir():  # the store's files of other generations, and temporary files of killed writers
+            if re.match(r"^(vectors|items)-\d+\.", old.name) and old.name not in files.values() \
                     or old.name.startswith(".") and ".tmp-" in old.name:
                 old.unlink(missing_ok=True)
         return new
