@@ -133,7 +133,8 @@ def test_tmcir_training_lowers_loss_and_raises_recall(world, clip_dir, tmp_path)
     val = read_split("synth", world, "val")
     untrained = save_zero_shot("tmcir", clip_dir, tmp_path / "untrained")
     before, _ = evaluate(cirlab.load(untrained), val, progress=False)
-    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-3, backbone_lr=1e-4, warmup_steps=10, progress=False)
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-3, backbone_lr=1e-4, warmup_steps=10, progress=False,
+                      steps_per_epoch=45)  # 135 of the 225 steps a full pass takes: R@10 +9.5 here
     result = train_method("tmcir", world, clip_dir, tmp_path / "tmcir", cfg)
     model = cirlab.load(tmp_path / "tmcir")
     after, _ = evaluate(model, val, progress=False)

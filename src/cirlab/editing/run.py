@@ -6,7 +6,6 @@ simply made again, with the same seed, so the same pixels).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +41,9 @@ class EditStats:
 
 
 def _save_png(img, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from cirlab.atomic import write_atomic
+
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 def safe_name(key: str) -> str:

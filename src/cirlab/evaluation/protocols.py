@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,9 +92,9 @@ def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256
     features = torch.cat(feats) if feats else torch.empty(0)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        torch.save(features, tmp)
-        os.replace(tmp, cache)
+        from cirlab.atomic import write_atomic
+
+        write_atomic(cache, lambda f: torch.save(features, f))
     return names, features
 
 

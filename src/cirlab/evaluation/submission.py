@@ -11,7 +11,6 @@ not flagged for CIRCO: the maintainers' own example test submission ranks it in 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from cirlab.data.readers import circo_gallery_listing, read_split
@@ -125,9 +124,9 @@ def check_submission(dataset: str, data_root, split: str, files) -> tuple:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    from cirlab.atomic import write_atomic
+
+    write_atomic(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
 def write_submission(model, dataset: str, data_root, out, split: str | None = None, progress: bool = True) -> list:

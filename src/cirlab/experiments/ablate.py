@@ -160,8 +160,9 @@ def _run_row(method: str, config: dict, data: Path, backbone: Path, folder: Path
 
         spec = zero_shot["spec"]
         train(method, data, backbone, folder, TrainConfig(seed=cfg.seed, progress=False, **spec["stage1"]), config,
-              {"stage2": TrainConfig(seed=cfg.seed, progress=False, **spec["stage2"]), "triplets": zero_shot["triplets"],
-               "seed": cfg.seed, "log": lambda _m: None, "min_match": zero_shot.get("min_match", 0.8),
+              {"stage2": TrainConfig(seed=cfg.seed, progress=False, **spec["stage2"]),
+               "triplets": zero_shot["triplets"], "seed": cfg.seed, "log": lambda _m: None,
+               "min_match": zero_shot.get("min_match", 0.8),
                "stage1_from": zero_shot["stage1_from"], "on_epoch": on_epoch})
         log = folder.with_name(folder.name + ".train") / "stage2" / "metrics.jsonl"
     train_seconds = time.time() - t - eval_seconds[0]
@@ -195,9 +196,9 @@ def _last_epoch_parts(log: Path) -> dict:
 
 
 def _write(out: Path, doc: dict) -> str:
-    tmp = out / "ablation.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out / "ablation.json")
+    from cirlab.atomic import write_atomic
+
+    write_atomic(out / "ablation.json", lambda f: f.write((json.dumps(doc, indent=1) + "\n").encode()))
     table = format_markdown(doc)
     seeds = doc.get("seeds", [doc["seed"]])
     (out / "ablation.md").write_text(
@@ -255,10 +256,10 @@ def plot_sweep(doc: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    from cirlab.atomic import write_atomic
+
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def row_name(change: dict) -> str:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cirlab.errors import check_choice
+
 MODES = ("off", "fifo", "random", "hardest", "sampled", "entropy")
 REFRESH = ("oldest", "least_informative")
 TERMS = ("joint", "separate")
@@ -66,12 +68,9 @@ class MemoryBankConfig:
 class MemoryBank(nn.Module):
     def __init__(self, config: MemoryBankConfig, dim: int):
         super().__init__()
-        if config.mode not in MODES:
-            raise ValueError(f"memory bank mode must be one of {MODES}, got {config.mode!r}")
-        for value, allowed, what in ((config.refresh, REFRESH, "refresh"), (config.term, TERMS, "term"),
-                                     (config.consistency, CONSISTENCY, "consistency")):
-            if value not in allowed:
-                raise ValueError(f"memory bank {what} must be one of {allowed}, got {value!r}")
+        for value, allowed, what in ((config.mode, MODES, "mode"), (config.refresh, REFRESH, "refresh"),
+                                     (config.term, TERMS, "term"), (config.consistency, CONSISTENCY, "consistency")):
+            check_choice(value, allowed, f"memory bank {what}", ValueError)
         self.config = config
         self.warmup = config.warmup_steps
         c = config.capacity

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import CirlabError
+from cirlab.errors import CirlabError, check_choice
 from cirlab.types import Batch, LossOutput
 
 CHECKPOINT_FILE = "cirlab.json"
@@ -167,8 +167,7 @@ class CIRModel(nn.Module):
 
     def _set_finetune(self, mode: str) -> None:
         allowed = ("none", "text", "image", "both")
-        if mode not in allowed:
-            raise CirlabError(f"finetune must be one of {', '.join(allowed)}, got {mode!r}")
+        check_choice(mode, allowed, "finetune")
         self.backbone.requires_grad_(False)  # the backbone's own temperature stays frozen as well
         if mode in ("text", "both"):
             self._tower(text=True).requires_grad_(True)

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirlab.errors import check_choice
 from cirlab.layers.memory_bank import MemoryBank, MemoryBankConfig
 from cirlab.losses import gather, global_labels
 from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
@@ -90,9 +91,7 @@ class Csmcir(CIRModel):
                                      (config.target_tower, ("symmetric", "image_only"), "target_tower"),
                                      (config.target_tokens, ("multi", "pooled"), "target_tokens"),
                                      (config.captions, ("mcot", "single_level", "none"), "captions")):
-            if value not in allowed:
-                from cirlab.errors import CirlabError
-                raise CirlabError(f"csmcir {what} must be one of {', '.join(allowed)}, got {value!r}")
+            check_choice(value, allowed, f"csmcir {what}")
         super().__init__(config, backbone)
         m = backbone.model
         m.query_tokens.requires_grad_(True)

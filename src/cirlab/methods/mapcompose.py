@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import CirlabError
+from cirlab.errors import CirlabError, check_choice
 from cirlab.layers.text_injection import BottleneckAdapter, GatedCrossAttention, TokenLearner
 from cirlab.losses import clip_loss
 from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
@@ -89,8 +89,7 @@ class MapCompose(CIRModel):
     def __init__(self, config: MapComposeConfig, backbone):
         if backbone.kind != "clip":
             raise CirlabError(f"{self.name} needs a clip backbone, got {backbone.kind}")
-        if config.stage not in STAGES:
-            raise CirlabError(f"{self.name} stage must be one of {', '.join(STAGES)}, got {config.stage!r}")
+        check_choice(config.stage, STAGES, f"{self.name} stage")
         super().__init__(config, backbone)
         m = backbone.model
         vision_width, word_width = m.config.vision_config.hidden_size, m.config.text_config.hidden_size
@@ -126,8 +125,7 @@ class MapCompose(CIRModel):
 
     def set_stage(self, stage: str) -> None:
         """Which part trains: the mapping (learner, injection, temperature) or the composing adapters."""
-        if stage not in STAGES:
-            raise CirlabError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        check_choice(stage, STAGES, "stage")
         self.config.stage = stage
         for module in (self.learner, self.injection):
             module.requires_grad_(stage == "mapping")

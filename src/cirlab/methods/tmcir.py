@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cirlab.errors import check_choice
 from cirlab.layers.token_fusion import AdaptiveTokenFusion
 from cirlab.losses import global_info_nce
 from cirlab.methods.baselines import ClipFeatures
@@ -57,8 +58,7 @@ class Tmcir(ClipFeatures):
         for value, allowed, what in ((config.matching, ("best_visual", "mutual"), "matching"),
                                      (config.pool, ("mean", "attention"), "pool"),
                                      (config.threshold_mode, ("absolute", "relative"), "threshold_mode")):
-            if value not in allowed:
-                raise CirlabError(f"tmcir {what} must be one of {', '.join(allowed)}, got {value!r}")
+            check_choice(value, allowed, f"tmcir {what}")
         super().__init__(config, backbone)
         vc = backbone.model.config.vision_config
         num_visual = 1 + (vc.image_size // vc.patch_size) ** 2

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cirlab.atomic import write_atomic
-from cirlab.errors import CirlabError
+from cirlab.errors import CirlabError, check_choice
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -39,8 +39,7 @@ class FeatureCache:
     """Features of named images under `root/<key>/`; `key_parts` (a dict) is hashed into the key."""
 
     def __init__(self, root, key_parts: dict, dtype: str = "float32"):
-        if dtype not in DTYPES:
-            raise CirlabError(f"feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        check_choice(dtype, DTYPES, "feature cache dtype")
         self.key = hashlib.sha1(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
         self.folder = Path(root) / self.key
         self.folder.mkdir(parents=True, exist_ok=True)

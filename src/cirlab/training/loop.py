@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +78,9 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from cirlab.atomic import write_atomic
+
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 class _Logger:

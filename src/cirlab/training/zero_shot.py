@@ -143,11 +143,11 @@ def _load_stage1(model, folder) -> None:
 
 
 def _write_triplets(path: Path, syn, captions: dict) -> None:
+    from cirlab.atomic import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for q, f1 in zip(syn.queries, syn.match_f1):
-            f.write(json.dumps({"key": q.key, "reference": q.reference, "text": q.text, "target": q.targets[0],
+    lines = "".join(json.dumps({"key": q.key, "reference": q.reference, "text": q.text, "target": q.targets[0],
                                 "reference_caption": captions[q.reference], "target_caption": captions[q.targets[0]],
-                                "match_f1": f1, "also_fits": list(q.targets[1:])}) + "\n")
-    tmp.replace(path)
+                                "match_f1": f1, "also_fits": list(q.targets[1:])}) + "\n"
+                    for q, f1 in zip(syn.queries, syn.match_f1))
+    write_atomic(path, lambda f: f.write(lines.encode()))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,11 +66,11 @@ class ImagePool:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a killed run never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write via a temporary file and rename, so a killed run never leaves a half-written file (no fsync: a world
+    is rewritten whole when its info file is missing)."""
+    from cirlab.atomic import write_atomic
+
+    write_atomic(path, lambda f: f.write(data), sync=False)
 
 
 def _write_json(path: Path, obj) -> None:
