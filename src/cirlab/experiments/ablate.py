@@ -14,8 +14,10 @@ mapcompose: 0, 100, 500 and 2000 synthetic triplets in stage II (0: stage I only
 visual injection, soft alignment and hard negatives each off. Rows with the same stage-I config (injection, soft
 alignment) share one stage I, trained by the first of them (whose `train_seconds` include it).
 
-Every row starts from the method's config defaults (not the demo's variant) and uses the default demo's backbone
-(pretrained once, shared) and the method's demo schedule on the default world, or with `quick` on the small world
+Each method's grid (its rows, the fields its table shows, its pipeline fields) is a table beside its config, in
+`methods/<name>/ablation.py`. Every row starts from the method's config defaults (not the demo's variant) and uses
+the default demo's backbone (pretrained once, shared) and the method's demo schedule on the default world, or with
+`quick` on the small world
 (`_quick_profile`), and is evaluated on val after each epoch (`epochs_to_best` is the epoch of the best val R@1,
 the training-efficiency figure) and on test1 after the last epoch (`metrics`).
 """
@@ -25,41 +27,18 @@ import json
 import time
 from pathlib import Path
 
-ROWS = {
-    "csmcir": [
-        {},  # csmcir's defaults: the bank off
-        {"memory_bank": {"mode": "entropy"}},  # cirlab's reading of the paper's bank; the rows below change one thing
-        {"memory_bank": {"mode": "fifo"}},
-        {"memory_bank": {"mode": "random"}},
-        {"memory_bank": {"mode": "hardest"}},
-        {"memory_bank": {"mode": "sampled"}},
-        {"memory_bank": {"mode": "entropy", "semi_hard_margin": 0.05}},
-        {"memory_bank": {"mode": "entropy", "consistency": "ema"}},
-        {"memory_bank": {"mode": "entropy", "term": "separate", "weight": 0.5}},
-        {"memory_bank": {"mode": "entropy", "warmup_epochs": 1.0}},
-        {"target_tower": "image_only"},
-        {"captions": "single_level"},
-        {"captions": "none"},
-    ],
-}
-THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
-QUANTILES = (0.0, 0.25, 0.5, 0.75)  # relative thresholds: 0.0 merges every candidate pair (1.0 none, as above)
-ROWS["tmcir"] = [*({"threshold": t} for t in THRESHOLDS),
-                 *({"threshold_mode": "relative", "threshold": q} for q in QUANTILES), {"stage1": False},
-                 *({"imperfection": p} for p in (0.0, 0.3, 0.6)), {"failures": "realistic"}]
-FIELDS = {"csmcir": ("target_tower", "captions", "memory_bank"),
-          "tmcir": ("threshold", "threshold_mode", "stage1", "imperfection", "failures")}
-ROWS["mapcompose"] = [*({"triplets": n} for n in (0, 100, 500, 2000)), {"visual_injection": False},
-                      {"soft_align": False}, {"hard_negatives": 0}, {"min_match": 1.0}, {"mine_reference": False}]
-FIELDS["mapcompose"] = ("triplets", "visual_injection", "soft_align", "hard_negatives", "min_match",
-                        "mine_reference")
-# the editor failure settings a tmcir row's stage 1 may name (editing/oracle.py)
-EDITOR_FAILURES = {"none": {}, "realistic": "REALISTIC_FAILURES"}
-SWEEPS = {"tmcir": ("threshold", "threshold_sweep.png", "fusion threshold (cosine; 1.0 merges nothing)", False),
-          "mapcompose": ("triplets", "triplets_sweep.png", "synthetic triplets in stage II (0: stage I only)", True)}
-EXTRA_COLUMNS = {"tmcir": {"merged text tokens": "merged_text_tokens"}}  # header -> last_epoch_parts key
-PIPELINE = {"tmcir": {"stage1": True, "imperfection": 0.1, "failures": "none"},
-            "mapcompose": {"triplets": 2000, "min_match": 0.8}}  # row fields that change the backbone, not the model
+from cirlab.methods.csmcir import ablation as _csmcir
+from cirlab.methods.mapcompose import ablation as _mapcompose
+from cirlab.methods.tmcir import ablation as _tmcir
+
+# each method's grid lives beside its config (methods/<name>/ablation.py)
+GRIDS = {"csmcir": _csmcir, "tmcir": _tmcir, "mapcompose": _mapcompose}
+ROWS = {m: g.ROWS for m, g in GRIDS.items()}
+FIELDS = {m: g.FIELDS for m, g in GRIDS.items()}
+PIPELINE = {m: g.PIPELINE for m, g in GRIDS.items() if hasattr(g, "PIPELINE")}
+SWEEPS = {m: g.SWEEP for m, g in GRIDS.items() if hasattr(g, "SWEEP")}
+EXTRA_COLUMNS = {m: g.EXTRA_COLUMNS for m, g in GRIDS.items() if hasattr(g, "EXTRA_COLUMNS")}
+EDITOR_FAILURES = _tmcir.EDITOR_FAILURES
 
 
 def _quick_profile():
@@ -445,9 +424,8 @@ def _finished_row(done_file: Path, per_query: Path | None, key: dict | None) -> 
 
 
 COMPARED = ("R@1", "R@10", "Rsubset@1")  # metrics whose difference to the reference row gets an interval
-# methods whose ablation reports test1 at the epoch of the best val R@1 instead of the last (zero-shot stage II
-# overfits its few synthetic triplets: the last epoch is not the best one)
-SELECT = {"mapcompose": "best_val"}
+# methods whose ablation reports test1 at the epoch of the best val R@1 instead of the last
+SELECT = {m: g.SELECT for m, g in GRIDS.items() if hasattr(g, "SELECT")}
 
 
 def _mean_row(per_seed: list) -> dict:
