@@ -182,7 +182,7 @@ def test_zero_shot_training_beats_the_untrained_model_and_refuses_triplets(world
     untrained = build_model("mapcompose", load_backbone("clip", clip_dir))
     untrained.save(tmp_path / "untrained")
     before, _ = evaluate(cirlab.load(tmp_path / "untrained"), val, progress=False)
-    s1 = TrainConfig(epochs=2, batch_size=64, lr=1e-3, warmup_steps=10, progress=False)
+    s1 = TrainConfig(epochs=2, batch_size=64, lr=1e-3, warmup_steps=10, progress=False, steps_per_epoch=50)
     s2 = TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_steps=5, progress=False)
     # mined negatives from the first step, so that stage II's epoch losses compare
     summary = train_zero_shot("mapcompose", world, clip_dir, tmp_path / "mc", s1, s2, {"hard_negative_start": 0.0},
