@@ -13,6 +13,7 @@ from cirlab.captioning.cache import CaptionCache
 from cirlab.captioning.prompt import PROMPT_VERSION, messages, parse_answer
 from cirlab.captioning.run import caption_images
 from cirlab.errors import CirlabError
+from helpers.cli import run_cli
 
 HELPERS = Path(__file__).parent / "helpers"
 ANSWER = {"global": "a grey picture", "objects": "some shapes", "details": "none", "final_caption": "shapes on grey"}
@@ -124,10 +125,8 @@ def test_caption_cli_with_the_openai_backend(chat_server, world, tmp_path):
 
     url, _ = chat_server()
     out = tmp_path / "val.jsonl"
-    done = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "caption", "--data-root", str(world), "--split",
-                           "val", "--backend", "openai", "--model", "oracle-chat", "--base-url", url,
-                           "--concurrency", "8", "--out", str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli("caption", "--data-root", world, "--split", "val", "--backend", "openai", "--model", "oracle-chat",
+                   "--base-url", url, "--concurrency", "8", "--out", out, "--no-progress")
     assert done.returncode == 0, done.stderr
     n = len(read_split("synth", world, "val").gallery)
     assert f"{n} captioned" in done.stdout and len(out.read_text().splitlines()) == n

@@ -18,6 +18,7 @@ from cirlab.data.synth.world import HELD_OUT_PAIRS, Op
 from cirlab.editing.oracle import ATTRIBUTE_OF_OP, OracleEditor
 from cirlab.editing.run import EditManifest, edit_split
 from cirlab.errors import CirlabError
+from helpers.cli import run_cli
 
 
 def _train(world, n=60):
@@ -122,18 +123,17 @@ def test_killed_run_resumes_without_duplicates_or_losses(world, tmp_path):
     proc.wait()
     partial = manifest.read_text().count("\n")
     assert 40 <= partial < 300, partial
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    done = run_cli(*cmd[3:])  # the resumed run, in this process
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in manifest.read_text().splitlines()]
     keys = [(r["query"], r["sample"]) for r in lines]
     assert len(keys) == len(set(keys)) == 300
     for r in lines:
         Image.open(out / r["file"]).verify()
-    assert not list((out / "images").glob("*.tmp"))
+    assert not list((out / "images").glob(".*.tmp-*"))  # what the killed run was writing is gone
     # the same seed gives the same pseudo-targets whether or not the run was interrupted
     fresh = tmp_path / "fresh"
-    subprocess.run(cmd[:cmd.index("--out") + 1] + [str(fresh)] + cmd[cmd.index("--out") + 2:], check=True,
-                   capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert run_cli(*(cmd[3:cmd.index("--out") + 1] + [str(fresh)] + cmd[cmd.index("--out") + 2:])).returncode == 0
     again = {(r["query"], r["sample"]): r for r in map(json.loads, (fresh / "manifest.jsonl").read_text().splitlines())}
     for r in lines:
         assert again[(r["query"], r["sample"])]["changes"] == r["changes"]
@@ -151,10 +151,9 @@ def tiny_ip2p(tmp_path_factory):
 
 def test_diffusers_editor_records_its_options_and_repeats_exactly(world, tiny_ip2p, tmp_path):
     def run(out):
-        cmd = [sys.executable, "-m", "cirlab.cli.main", "edit", "--data-root", str(world), "--backend", "diffusers",
-               "--model", tiny_ip2p, "--n", "2", "--limit", "3", "--steps", "2", "--guidance-scale", "5",
-               "--seed", "7", "--out", str(out), "--no-progress"]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        done = run_cli("edit", "--data-root", world, "--backend", "diffusers", "--model", tiny_ip2p, "--n", "2",
+                       "--limit", "3", "--steps", "2", "--guidance-scale", "5", "--seed", "7", "--out", out,
+                       "--no-progress")
         assert done.returncode == 0, done.stderr[-2000:]
         return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 

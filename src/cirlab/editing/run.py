@@ -82,6 +82,8 @@ def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, bat
     queries = [q for q in data.queries if q.targets][:limit]
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "images").glob(".*.tmp-*"):  # images a killed run was writing: never in the manifest
+        stale.unlink(missing_ok=True)
     manifest = EditManifest(out / MANIFEST)
     todo = [(q, k) for q in queries for k in range(n) if (q.key, k) not in manifest]
     stats = EditStats(len(queries), len(queries) * n, len(queries) * n - len(todo), 0)
