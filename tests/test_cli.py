@@ -83,7 +83,7 @@ def test_synth_then_eval_writes_json(clip_dir, world, tmp_path):
 def test_gallery_cache_follows_the_backbone_a_zero_shot_checkpoint_points_to(clip_dir, tmp_path):
     import shutil
 
-    from cirlab.evaluation.protocols import checkpoint_identity
+    from cirlab.methods import checkpoint_identity
 
     backbone = tmp_path / "bb"
     shutil.copytree(clip_dir, backbone)

@@ -134,7 +134,8 @@ def _reference_option(args):
 
 def cmd_eval(args) -> None:
     import cirlab
-    from cirlab.evaluation.protocols import checkpoint_identity, evaluate_benchmark, read_benchmark
+    from cirlab.evaluation.protocols import evaluate_benchmark, read_benchmark
+    from cirlab.methods import checkpoint_identity
 
     ckpt = Path(args.checkpoint)
     splits = read_benchmark(args.dataset, args.data_root, args.split, args.join)  # annotation errors come first

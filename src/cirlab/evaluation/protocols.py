@@ -42,28 +42,6 @@ class Ranking:
         return records_from_ranking(queries, self.target_ranks, self.subset_ranked, self.gt_ranks)
 
 
-def _file_stats(folder: Path) -> list:
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and "cache" not in p.relative_to(folder).parts:
-            st = p.stat()
-            out.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
-    return out
-
-
-def checkpoint_identity(folder) -> str:
-    """Changes whenever a file of the checkpoint changes (name, size, modification time), or a file of the local
-    backbone folder it points to (zero-shot checkpoints record their backbone instead of copying it)."""
-    folder = Path(folder)
-    parts = _file_stats(folder)
-    meta = folder / "cirlab.json"
-    if meta.exists():
-        source = Path(json.loads(meta.read_text()).get("backbone", {}).get("source", ""))
-        if source.is_absolute() and source.is_dir():
-            parts += [f"backbone/{x}" for x in _file_stats(source)]
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
-
-
 @torch.no_grad()
 def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256, cache_dir=None,
                    model_id: str = "", progress: bool = True) -> tuple:

@@ -163,7 +163,8 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
                         progress: bool, test, log) -> tuple:
     """Train `name` on the world's train split with the profile's schedule (or save it, if zero-shot), then
     evaluate it on test1: (metrics, ranking)."""
-    from cirlab.evaluation.protocols import checkpoint_identity, evaluate
+    from cirlab.evaluation.protocols import evaluate
+    from cirlab.methods import checkpoint_identity
     from cirlab.methods import REGISTRY, TrainingKind, load_model
     from cirlab.training.loop import TrainConfig
     from cirlab.training.train import train

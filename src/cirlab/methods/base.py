@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
 import os
 import shutil
@@ -258,3 +259,26 @@ def load_model(path, device="cpu") -> CIRModel:
         raise CirlabError(f"checkpoint {folder} does not match method {meta['method']!r}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device).eval()
+
+
+def _file_stats(folder: Path) -> list:
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and "cache" not in p.relative_to(folder).parts:
+            st = p.stat()
+            out.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
+    return out
+
+
+def checkpoint_identity(folder) -> str:
+    """The identity of a checkpoint folder, for cache keys (gallery features, index manifests): it changes
+    whenever a file of the checkpoint changes (name, size, modification time), or a file of the local backbone
+    folder it points to (zero-shot checkpoints record their backbone instead of copying it)."""
+    folder = Path(folder)
+    parts = _file_stats(folder)
+    meta = folder / "cirlab.json"
+    if meta.exists():
+        source = Path(json.loads(meta.read_text()).get("backbone", {}).get("source", ""))
+        if source.is_absolute() and source.is_dir():
+            parts += [f"backbone/{x}" for x in _file_stats(source)]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]

@@ -129,7 +129,7 @@ def build_index(checkpoint, images, out, backend: str = "exact", params: dict | 
     """Embed every image under `images` with the checkpoint's target encoder into a new index at `out` (in this
     process, or with `engine="ray"` in a pool of `concurrency` Ray actors)."""
     import cirlab
-    from cirlab.evaluation.protocols import checkpoint_identity
+    from cirlab.methods import checkpoint_identity
 
     items = scan_images(images)
     model = cirlab.load(checkpoint)
@@ -172,7 +172,7 @@ class Engine:
 
     def __init__(self, index_dir, device: str = "cpu"):
         import cirlab
-        from cirlab.evaluation.protocols import checkpoint_identity
+        from cirlab.methods import checkpoint_identity
 
         self.index = ImageIndex(index_dir)
         m = self.index.manifest
