@@ -35,9 +35,10 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing and cannot be installed here: the browser test will be skipped"; fi; }
 
-# Two pytest-xdist workers, one per core, each test file on one worker (its module fixtures built once).
+# Two pytest-xdist workers, one per core, each test file on one worker (its module fixtures built once), files in
+# the order tests/conftest.py gives them (xdist would otherwise start with the files that hold the most tests).
 test: setup browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-quick

@@ -14,7 +14,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SEED = 3
 
-# Run order (pytest-xdist keeps it when it hands test files to its two workers): the quick demo (four lane
+# Run order (pytest-xdist keeps it with --no-loadscope-reorder, as `make test` runs it): the quick demo (four lane
 # processes, the longest file) first, so that the other worker's files run beside it, and the Ray tests last, long
 # after it: Ray gives its raylet a fixed 30 s to register, which it missed once while the demo's lanes held both
 # cores.

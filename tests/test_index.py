@@ -163,8 +163,13 @@ def test_kill_9_during_writes_leaves_the_last_complete_state(tmp_path):
     rng = np.random.default_rng(0)
     counts = []
     for trial in range(4):
+        before = json.loads((tmp_path / "ix" / "manifest.json").read_text())["generation"]
         proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ix"), str(trial)])
-        time.sleep(1.5 + rng.uniform(0, 1.0))
+        deadline = time.time() + 120  # the writer's first commit (its start-up takes seconds on a busy machine)
+        while time.time() < deadline and \
+                json.loads((tmp_path / "ix" / "manifest.json").read_text())["generation"] == before:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 1.0))  # then a random moment of its stream of writes
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         index = ImageIndex(tmp_path / "ix")
