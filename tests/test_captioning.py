@@ -13,6 +13,7 @@ import pytest
 from cirlab.captioning.cache import CaptionCache
 from cirlab.captioning.prompt import KEYS, PROMPT_VERSION, MalformedAnswer, fallback_levels, parse_answer
 from cirlab.captioning.run import caption_images
+from helpers.cli import run_cli
 
 GOOD = {"global": "a photo", "objects": "a red dress", "details": "lace trim", "final_caption": "a red lace dress"}
 
@@ -97,16 +98,15 @@ def test_oracle_captions_survive_a_kill(world, tmp_path):
     proc.wait()
     partial = cache.read_text().count("\n")
     assert 40 <= partial < len(names), "the run was killed part-way"
-    done = _cli(*args)
-    out, err = done.communicate(timeout=300)
-    assert done.returncode == 0, err
-    assert f"{partial} already cached" in out
+    done = run_cli(*args)  # the resumed run, in this process
+    assert done.returncode == 0, done.stderr
+    assert f"{partial} already cached" in done.stdout
     lines = cache.read_text().splitlines()
     keys = [(json.loads(line)["image"], json.loads(line)["prompt_version"]) for line in lines]
     assert len(keys) == len(set(keys)) == len(names)
     assert {k[0] for k in keys} == names
     clean = tmp_path / "clean.jsonl"
-    assert _cli(*args[:-3], "--out", clean, "--no-progress").wait(timeout=300) == 0
+    assert run_cli(*args[:-3], "--out", clean, "--no-progress").returncode == 0
     assert sorted(lines) == sorted(clean.read_text().splitlines())
     rec = json.loads(lines[0])
     assert (set(rec["levels"]) | {"final_caption"}) == set(KEYS)
