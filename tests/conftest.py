@@ -15,14 +15,19 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 SEED = 3
 
 # Run order (pytest-xdist keeps it with --no-loadscope-reorder, as `make test` runs it): the quick demo (four lane
-# processes, the longest file) first, so that the other worker's files run beside it, and the Ray tests last, long
-# after it: Ray gives its raylet a fixed 30 s to register, which it missed once while the demo's lanes held both
-# cores.
+# processes, the longest file) first; then the files that use none of the session's built fixtures, which the other
+# worker runs while the first builds the world and the backbones; the Ray tests last, long after the demo: Ray gives
+# its raylet a fixed 30 s to register, which it missed once while the demo's lanes held both cores.
 FIRST, LAST = ("test_demo.py",), ("test_ray.py",)
+NO_FIXTURES = ("test_backbones.py", "test_benchmarks.py", "test_compare.py", "test_layout.py", "test_memory_bank.py",
+               "test_metrics.py", "test_tokenizer.py")
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: 0 if item.path.name in FIRST else 2 if item.path.name in LAST else 1)
+    def rank(item):
+        name = item.path.name
+        return 0 if name in FIRST else 1 if name in NO_FIXTURES else 3 if name in LAST else 2
+    items.sort(key=rank)
 
 
 def _built_once(tmp_path_factory, name: str, build):
@@ -70,24 +75,27 @@ def backbone_dirs(clip_dir, blip2_dir):
     return {"clip": clip_dir, "blip2": blip2_dir}
 
 
+def _quick_backbone(kind: str, world, tmp_path_factory, start=None):
+    """The quick demo's tiny `kind` backbone on the session's world, built as `cirlab demo --quick --seed 3` builds
+    it (test_demo.py starts the demo from it); `start`, the backbone it is built on (blip2 on the clip), is copied
+    in first and reused."""
+    from cirlab.experiments.demo import PROFILES, ensure_backbone
+
+    def build(folder):
+        if start is not None:
+            shutil.copytree(start, folder / "checkpoints" / start.name)
+        return ensure_backbone(kind, folder / "checkpoints", world, PROFILES["quick"], SEED, False, lambda _: None)
+    return _built_once(tmp_path_factory, f"quick-{kind}", build)
+
+
 @pytest.fixture(scope="session")
 def clip_dir(world, tmp_path_factory):
-    """A tiny CLIP pretrained for one epoch on the small world's train images."""
-    from cirlab.training.loop import TrainConfig
-    from cirlab.training.pretrain import pretrain
-
-    cfg = TrainConfig(epochs=1, batch_size=128, lr=1e-3, warmup_steps=10, progress=False)
-    return _built_once(tmp_path_factory, "clip", lambda d: pretrain(
-        "clip", world, d / "clip", cfg, {"patch_size": 16, "width": 64, "layers": 2, "dim": 64}))
+    """A tiny CLIP pretrained for two epochs on the small world's (scene, caption) pairs (the quick demo's)."""
+    return _quick_backbone("clip", world, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def qformer_dir(world, clip_dir, tmp_path_factory):
     """A tiny BLIP-2 as the demo builds one: the pretrained CLIP's ViT, frozen, under a Q-Former pretrained
-    briefly on the small world's (scene, caption) pairs."""
-    from cirlab.training.loop import TrainConfig
-    from cirlab.training.pretrain import pretrain
-
-    cfg = TrainConfig(epochs=2, batch_size=64, steps_per_epoch=15, lr=1e-3, warmup_steps=5, progress=False)
-    return _built_once(tmp_path_factory, "blip2-on-clip", lambda d: pretrain(
-        "blip2", world, d / "blip2", cfg, {"num_query_tokens": 4, "qformer_layers": 1}, init_from=clip_dir))
+    briefly on the small world's (scene, caption) pairs (the quick demo's)."""
+    return _quick_backbone("blip2", world, tmp_path_factory, start=clip_dir)

@@ -128,14 +128,6 @@ def test_pretrain_command_saves_a_loadable_clip(world, tmp_path):
     _one_line_error(bad, "--backbone-config")
 
 
-def test_synth_command_writes_the_layouts(tmp_path):
-    proc = cirlab("synth", "--out", tmp_path / "w", "--seed", "5", "--size", "small")
-    assert proc.returncode == 0, proc.stderr
-    for rel in ("captions/cap.rc2.test1.json", "image_splits/split.rc2.val.json", "circo/annotations/val.json",
-                "circo/image_info_unlabeled2017.json", "synth/scenes.json", "synth/captions.jsonl"):
-        assert (tmp_path / "w" / rel).is_file(), rel
-
-
 @pytest.mark.parametrize("args", [["synth", "--out", "x", "--size", "huge"], ["demo"]])
 def test_argument_errors_exit_non_zero(args, tmp_path):
     proc = cirlab(*args, cwd=tmp_path)

@@ -15,11 +15,21 @@ from cirlab.methods import REGISTRY
 KEYS = {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
 
 
+SEED = 3  # the seed of the session's world (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    """`cirlab demo --quick --seed 1`, run once: (its output folder, the finished process)."""
+def quick_demo(tmp_path_factory, world, clip_dir, qformer_dir):
+    """`cirlab demo --quick --seed 3`, run once: (its output folder, the finished process). It starts from the
+    session's world and tiny backbones, which are what the demo would build at this seed and profile (conftest
+    builds them through the demo's own `ensure_backbone`), so it reuses them and trains only the methods."""
+    import shutil
+
     out = tmp_path_factory.mktemp("quick") / "demo"
-    proc = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--seed", "1", "--out",
+    shutil.copytree(world, out / "data", copy_function=os.link)  # hard links: the demo only adds files
+    for backbone in (clip_dir, qformer_dir):
+        shutil.copytree(backbone, out / "checkpoints" / backbone.name)
+    proc = subprocess.run([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--seed", str(SEED), "--out",
                            str(out), "--no-progress"], capture_output=True, text=True, timeout=900,
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
     return out, proc
@@ -29,7 +39,9 @@ def test_quick_demo(quick_demo):
     out, proc = quick_demo
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
-    assert doc["dataset"] == "synth" and doc["split"] == "test1" and doc["seed"] == 1
+    assert doc["dataset"] == "synth" and doc["split"] == "test1" and doc["seed"] == SEED
+    for kind in ("world", "backbone clip", "backbone blip2"):  # started from the session's, as it should
+        assert f"{kind}: reusing" in proc.stdout + proc.stderr, kind
     assert set(doc["methods"]) == set(DEMO_METHODS) and set(DEMO_METHODS) <= set(REGISTRY)
     for name, metrics in doc["methods"].items():
         assert set(metrics) == KEYS, name
@@ -93,12 +105,12 @@ def test_killing_the_demo_kills_its_lane_workers(quick_demo, tmp_path):
     import uuid
 
     done, _ = quick_demo
-    shutil.copytree(done / "data", tmp_path / "demo" / "data")
+    shutil.copytree(done / "data", tmp_path / "demo" / "data", copy_function=os.link)
     shutil.copytree(done / "checkpoints" / "backbone-clip", tmp_path / "demo" / "checkpoints" / "backbone-clip")
     mark = uuid.uuid4().hex
     log = tmp_path / "demo.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--seed", "1",
+        proc = subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", "demo", "--quick", "--seed", str(SEED),
                                  "--workers", "2", "--out", str(tmp_path / "demo"), "--no-progress"], stdout=f,
                                 stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1",
                                                                            "CIRLAB_TEST_MARK": mark})

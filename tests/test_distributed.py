@@ -1,10 +1,12 @@
-"""Multi-process training: two gloo processes with batch B follow one process with batch 2B."""
+"""Multi-process training: two gloo processes with batch B follow one process with batch 2B, for the combiner,
+csmcir and tmcir. The two processes are started once (`two_processes`) and train all three, one after another."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers.distributed import train_each
 from safetensors.torch import load_file
 
 from cirlab.training.distributed import launch
@@ -19,33 +21,14 @@ def epoch_losses(out) -> list:
     return [json.loads(x)["epoch_loss"] for x in lines if "epoch_loss" in x]
 
 
-def test_two_gloo_processes_match_one_process_with_the_doubled_batch(world, clip_dir, tmp_path):
-    def cfg(batch: int) -> TrainConfig:
-        return TrainConfig(epochs=2, batch_size=batch, lr=1e-3, backbone_lr=1e-4, warmup_steps=2, steps_per_epoch=4,
-                           log_every=1, progress=False)
-    config = {"dropout": 0.0}  # dropout masks would differ between the runs
-    one = train_method("combiner", world, clip_dir, tmp_path / "one", cfg(32), config)
-    launch(train_method, 2, "cpu", threads=1, method="combiner", data_root=world, backbone=clip_dir,
-           out=tmp_path / "two", cfg=cfg(16), method_config=config)
-    two = epoch_losses(tmp_path / "two")
-    assert len(two) == 2 and one.losses[1] < one.losses[0]
-    assert all(abs(a - b) < TOLERANCE for a, b in zip(one.losses, two)), (one.losses, two)
-    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < TOLERANCE
-    assert not (tmp_path / "two.train" / "train_state.pt.tmp").exists()  # one writer, no leftovers
-    # the tolerance tells the global batch from the per-process one: without gathering, each process would see
-    # only its 16 columns, as this run does
-    half = train_method("combiner", world, clip_dir, tmp_path / "half", cfg(16), config)
-    assert abs(half.losses[0] - one.losses[0]) > 10 * TOLERANCE
+def _combiner_cfg(batch: int) -> TrainConfig:
+    return TrainConfig(epochs=2, batch_size=batch, lr=1e-3, backbone_lr=1e-4, warmup_steps=2, steps_per_epoch=4,
+                       log_every=1, progress=False)
 
 
-def _weights(out) -> dict:
-    """The method's own weights and, where it fine-tunes them, the backbone's (saved under backbone/)."""
-    w = {f"own/{k}": v for k, v in load_file(out / "model.safetensors").items()}
-    if (out / "backbone" / "model.safetensors").exists():
-        w |= {f"backbone/{k}": v for k, v in load_file(out / "backbone" / "model.safetensors").items()}
-    return w
+def _gathered_cfg(batch: int) -> TrainConfig:
+    return TrainConfig(epochs=1, batch_size=batch, lr=1e-3, backbone_lr=1e-4, warmup_steps=1, steps_per_epoch=3,
+                       log_every=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +46,59 @@ def blip2_no_dropout(tmp_path_factory):
     return out
 
 
+# method -> (backbone fixture, method config, TrainConfig for a batch size); dropout off: masks would differ
+RUNS = {"combiner": ("clip_dir", {"dropout": 0.0}, _combiner_cfg),
+        # bank off, since it stays per process
+        "csmcir": ("blip2_no_dropout", {"memory_bank": {"mode": "off"}}, _gathered_cfg),
+        "tmcir": ("clip_dir", {}, _gathered_cfg)}
+
+
+@pytest.fixture(scope="module")
+def two_processes(request, world, tmp_path_factory):
+    """Each method trained by two gloo processes with batch 16, in one process group: method -> its output."""
+    out = tmp_path_factory.mktemp("two")
+    runs = [dict(method=m, data_root=world, backbone=request.getfixturevalue(fixture), out=out / m, cfg=cfg(16),
+                 method_config=config) for m, (fixture, config, cfg) in RUNS.items()]
+    launch(train_each, 2, "cpu", threads=1, runs=runs)
+    return {m: out / m for m in RUNS}
+
+
+def test_two_gloo_processes_match_one_process_with_the_doubled_batch(world, clip_dir, two_processes, tmp_path):
+    _, config, cfg = RUNS["combiner"]
+    one = train_method("combiner", world, clip_dir, tmp_path / "one", cfg(32), config)
+    two = epoch_losses(two_processes["combiner"])
+    assert len(two) == 2 and one.losses[1] < one.losses[0]
+    assert all(abs(a - b) < TOLERANCE for a, b in zip(one.losses, two)), (one.losses, two)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(two_processes["combiner"] / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < TOLERANCE
+    assert not (two_processes["combiner"].parent / "combiner.train" / "train_state.pt.tmp").exists()  # one writer
+    # the tolerance tells the global batch from the per-process one: without gathering, each process would see
+    # only its 16 columns, as this run does
+    half = train_method("combiner", world, clip_dir, tmp_path / "half", cfg(16), config)
+    assert abs(half.losses[0] - one.losses[0]) > 10 * TOLERANCE
+
+
+def _weights(out) -> dict:
+    """The method's own weights and, where it fine-tunes them, the backbone's (saved under backbone/)."""
+    w = {f"own/{k}": v for k, v in load_file(out / "model.safetensors").items()}
+    if (out / "backbone" / "model.safetensors").exists():
+        w |= {f"backbone/{k}": v for k, v in load_file(out / "backbone" / "model.safetensors").items()}
+    return w
+
+
 @pytest.mark.parametrize("method", ["csmcir", "tmcir"])
-def test_gathered_losses_of_csmcir_and_tmcir_match_one_process_towers_included(method, world, clip_dir,
-                                                                                blip2_no_dropout, tmp_path):
+def test_gathered_losses_of_csmcir_and_tmcir_match_one_process_towers_included(method, request, world,
+                                                                                two_processes, tmp_path):
     """csmcir (InfoNCE over gathered multi-token targets; bank off, since it stays per process) and tmcir
     (gathered InfoNCE after token fusion): two processes with batch 16 end with the same losses and the same
     weights, the fine-tuned towers (Q-Former; both CLIP encoders) included, as one process with batch 32."""
-    backbone = blip2_no_dropout if method == "csmcir" else clip_dir
-    config = {"memory_bank": {"mode": "off"}} if method == "csmcir" else {}
-    cfg = lambda batch: TrainConfig(epochs=1, batch_size=batch, lr=1e-3, backbone_lr=1e-4, warmup_steps=1,  # noqa
-                                    steps_per_epoch=3, log_every=1, progress=False)
+    fixture, config, cfg = RUNS[method]
+    backbone = request.getfixturevalue(fixture)
     one = train_method(method, world, backbone, tmp_path / "one", cfg(32), config)
-    launch(train_method, 2, "cpu", threads=1, method=method, data_root=world, backbone=backbone,
-           out=tmp_path / "two", cfg=cfg(16), method_config=config)
-    two = epoch_losses(tmp_path / "two")
+    two = epoch_losses(two_processes[method])
     assert abs(one.losses[0] - two[0]) < TOLERANCE, (one.losses, two)
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = _weights(tmp_path / "one"), _weights(two_processes[method])
     assert a.keys() == b.keys() and any(k.startswith("backbone/") for k in a)  # the towers were fine-tuned
     start = _weights_of_backbone(backbone)
     moved = [k for k in a if k.startswith("backbone/") and k[9:] in start

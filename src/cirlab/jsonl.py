@@ -12,6 +12,26 @@ from pathlib import Path
 from cirlab.errors import CirlabError
 
 
+def read_records(path, key, what: str = "record", data: bytes | None = None) -> dict:
+    """`key(record) -> record` over the complete lines of the JSONL file at `path` (a later record with the same
+    key replaces an earlier one; a partial last line, from a write still going or killed, is left out and the file
+    is not touched). A malformed line names the file and line number."""
+    path = Path(path)
+    if data is None:
+        data = path.read_bytes()
+        data = data[:data.rfind(b"\n") + 1]
+    records = {}
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            records[key(rec)] = rec
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CirlabError(f"{path}: line {n} is not a {what} ({e})") from None
+    return records
+
+
 class JsonlRecords:
     """Records keyed by `key(record)`; a later record with the same key replaces the earlier one in memory."""
 
@@ -32,15 +52,7 @@ class JsonlRecords:
         if end < len(data):  # a partial last line from an interrupted write
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-            data = data[:end]
-        for n, line in enumerate(data.decode().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                self.records[self.key(rec)] = rec
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CirlabError(f"{self.path}: line {n} is not a {self.what} ({e})") from None
+        self.records = read_records(self.path, self.key, self.what, data[:end])
 
     def __contains__(self, key) -> bool:
         return key in self.records

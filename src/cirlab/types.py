@@ -18,6 +18,18 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Rank:
+    """This process's place in a data-parallel group of `world` processes: a batch it trains on is slice `rank` of
+    the global batch (training/distributed.py)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
 class GalleryItem:
     name: str
     path: str
@@ -33,10 +45,11 @@ class Batch:
     target_names: list = field(default_factory=list)
     also_targets: list = field(default_factory=list)  # per row, other images that also fit (never negatives)
     reference_names: list = field(default_factory=list)  # per row, the reference image's name (when known)
+    rank: Rank = Rank()  # which slice of the global batch this is; the trainer sets it, the losses read it
 
     def to(self, device) -> "Batch":
         return Batch(self.ref_pixels.to(device), self.texts, self.tgt_pixels.to(device), self.tgt_captions,
-                     self.target_names, self.also_targets, self.reference_names)
+                     self.target_names, self.also_targets, self.reference_names, self.rank)
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -13,8 +13,3 @@ class CaptionCache(JsonlRecords):
 
     def key(self, record: dict):
         return (record["image"], record["prompt_version"])
-
-    def final_captions(self, prompt_version: str | None = None) -> dict:
-        """image -> final caption (the newest record of each image when no version is given)."""
-        return {img: rec["final_caption"] for (img, ver), rec in self.records.items()
-                if prompt_version is None or ver == prompt_version}

@@ -46,7 +46,7 @@ def _add_train_options(p, epochs: int, batch_size: int, lr: float):
 def cmd_synth(args) -> None:
     from cirlab.data.synth.generate import write_world
 
-    root = write_world(args.out, seed=args.seed, size=args.size)
+    root = write_world(args.out, seed=args.seed, size=args.size, progress=not args.no_progress)
     print(f"wrote the synthetic world (seed {args.seed}, size {args.size}) to {root}")
 
 
@@ -550,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("small", "default"), default="default")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("pretrain", help="pretrain a tiny backbone contrastively on synthetic (scene, caption) pairs")

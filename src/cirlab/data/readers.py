@@ -5,6 +5,7 @@ names the file, the row and the field.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cirlab.data.split import Split, attach_captions, field, load_json  # noqa: F401  (re-exported)
@@ -37,7 +38,8 @@ def read_cirr(root, split: str, dataset: str = "cirr") -> Split:
         raise CirlabError(f"{cap_path}: expected a JSON list of queries")
     if not isinstance(names, dict):
         raise CirlabError(f"{split_path}: expected a JSON object mapping image names to paths")
-    gallery = {n: str((images / p).resolve()) for n, p in names.items()}
+    base = images.resolve()  # once: resolving each of tens of thousands of paths took most of a read
+    gallery = {n: os.path.normpath(os.path.join(base, p)) for n, p in names.items()}
     queries = []
     for i, row in enumerate(rows):
         pairid = field(row, "pairid", cap_path, i, int)

@@ -25,28 +25,34 @@ class Split:
         return [self.caption_levels[n][level] for n in names]
 
 
-def attach_captions(split: Split, path, required: bool = True) -> Split:
-    """Read a caption cache (JSONL records with image, levels, final_caption) into the split's gallery captions.
+def read_caption_records(path, required: bool = True) -> dict:
+    """image -> its newest record in a caption cache (JSONL records with image, levels, final_caption), the one
+    reader of caption files (training, evaluation, serving and the index read through it). A partial last line (a
+    caption run still writing) is left out; a malformed line or a record without `final_caption` names the file and
+    line number."""
+    from cirlab.jsonl import read_records
 
-    Records of images outside the gallery are skipped; a malformed line names the file and line number.
-    """
     path = Path(path)
     if not path.exists():
         if required:
             raise CirlabError(f"caption file not found: {path}")
-        return split
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            name, final = rec["image"], rec["final_caption"]
-            levels = dict(rec.get("levels", {}))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CirlabError(f"{path}: line {i} is not a caption record ({e})") from None
+        return {}
+    return read_records(path, _caption_key, "caption record")
+
+
+def _caption_key(rec: dict) -> str:
+    if not isinstance(rec["final_caption"], str) or not isinstance(rec.get("levels", {}), dict):
+        raise TypeError("final_caption must be a string and levels an object")
+    return rec["image"]
+
+
+def attach_captions(split: Split, path, required: bool = True) -> Split:
+    """Read a caption cache into the split's gallery captions (final caption and levels); records of images outside
+    the gallery are skipped."""
+    for name, rec in read_caption_records(path, required).items():
         if name in split.gallery:
-            split.captions[name] = final
-            split.caption_levels[name] = levels
+            split.captions[name] = rec["final_caption"]
+            split.caption_levels[name] = dict(rec.get("levels", {}))
     return split
 
 

@@ -86,7 +86,8 @@ def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, see
     key_file.write_text(json.dumps(key, indent=1))
     t = time.time()
     editor = OracleEditor(data, imperfection=spec["imperfection"], seed=seed, failures=spec.get("failures"))
-    stats = edit_split("synth", data, "train", editor, folder / "pseudo", n=spec["n"], progress=progress)
+    stats = edit_split("synth", data, "train", editor, folder / "pseudo", n=spec["n"], progress=progress,
+                       limit=spec.get("limit"))
     cfg = TrainConfig(seed=seed, progress=progress, **spec["train"])
     log(f"stage 1: {stats.images} oracle pseudo-targets (imperfection {spec['imperfection']}, {stats.made} made "
         f"now) in {time.time() - t:.0f} s; intent alignment ({cfg.epochs} epoch(s), unfreeze {spec['unfreeze']})")

@@ -14,7 +14,8 @@ class DemoProfile:
     train: dict  # TrainConfig fields shared by the trained methods
     method_train: dict = field(default_factory=dict)  # method -> TrainConfig overrides
     method_config: dict = field(default_factory=dict)  # method -> method config
-    # method -> TMCIR-style stage 1 before it trains: oracle pseudo-targets ("imperfection", "n" per triplet), then
+    # method -> TMCIR-style stage 1 before it trains: oracle pseudo-targets ("imperfection", "n" per triplet, optional
+    # "limit": only the first that many train triplets), then
     # intent alignment of the CLIP ("unfreeze", "train": TrainConfig fields); the method starts from the result
     stage1: dict = field(default_factory=dict)
     # zero-shot method -> {"stage1": TrainConfig fields (mapping), "stage2": TrainConfig fields (composing),
@@ -50,16 +51,19 @@ PROFILES = {
                           "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}},
         zero_shot=ZERO_SHOT),
     "quick": DemoProfile(
+        # a smoke test: the test suite's own tiny CLIP and Q-Former (tests/conftest.py builds them through this
+        # profile, so that the demo's test starts from them)
         world="small", methods=DEMO_METHODS,
         backbones={
-            "clip": {"config": {"patch_size": 16, "width": 96, "layers": 3, "dim": 96},
-                     "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}},
-            "blip2": {"init_from": "clip", "config": {},
-                      "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20}}},
+            "clip": {"config": {"patch_size": 16, "width": 64, "layers": 2, "dim": 64},
+                     "pretrain": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 10}},
+            "blip2": {"init_from": "clip", "config": {"num_query_tokens": 4, "qformer_layers": 1},
+                      "pretrain": {"epochs": 2, "batch_size": 64, "steps_per_epoch": 15, "lr": 1e-3,
+                                   "warmup_steps": 5}}},
         train={"epochs": 2, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4, "warmup_steps": 20},
-        method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3},
-                      "tmcir": {"epochs": 1}},  # the quick demo is a smoke test (about 2.5 minutes)
-        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
+        method_train={"csmcir": {"epochs": 5, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3},
+                      "tmcir": {"epochs": 1}},
+        stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all", "limit": 1920,  # the 30 steps' triplets
                           "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20,
                                     "steps_per_epoch": 30}}},
         zero_shot=QUICK_ZERO_SHOT),

@@ -38,39 +38,58 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cirlab.errors import check_choice
+from cirlab.errors import Choice, parse_choices
 
-MODES = ("off", "fifo", "random", "hardest", "sampled", "entropy")
-REFRESH = ("oldest", "least_informative")
-TERMS = ("joint", "separate")
-CONSISTENCY = ("none", "ema")
+
+class BankMode(Choice):
+    OFF = "off"
+    FIFO = "fifo"
+    RANDOM = "random"
+    HARDEST = "hardest"
+    SAMPLED = "sampled"
+    ENTROPY = "entropy"
+
+
+class Refresh(Choice):
+    OLDEST = "oldest"
+    LEAST_INFORMATIVE = "least_informative"
+
+
+class BankTerm(Choice):
+    JOINT = "joint"  # bank negatives in the method's one softmax
+    SEPARATE = "separate"  # the positive against the bank negatives in a weighted term of its own
+
+
+class Consistency(Choice):
+    NONE = "none"
+    EMA = "ema"  # the method fills the bank from a momentum copy of its target tower
 
 
 @dataclass
 class MemoryBankConfig:
-    mode: str = "entropy"
+    mode: BankMode = BankMode.ENTROPY
     capacity: int = 2048
     num_negatives: int = 128
     half_life: float = 200.0  # steps
     temperature: float = 0.05
-    refresh: str = "oldest"
+    refresh: Refresh = Refresh.OLDEST
     score_momentum: float = 0.9  # for the running informativeness used by refresh="least_informative"
     warmup_steps: int = 0  # steps during which the bank fills but gives no negatives
     warmup_epochs: float = 0.0  # when > 0: the warm-up in epochs of the trainer's schedule (overrides the steps)
     semi_hard_margin: float | None = None  # ban entries scored above the positive minus this margin
-    term: str = "joint"  # joint | separate (the method's loss: one softmax, or a weighted term of their own)
+    term: BankTerm = BankTerm.JOINT
     weight: float = 1.0  # weight of the separate term
-    consistency: str = "none"  # none | ema (the method fills the bank from a momentum target tower)
+    consistency: Consistency = Consistency.NONE
     ema_momentum: float = 0.99
     diagnose_every: int = 0  # every this many steps the method re-encodes a sample of entries (0: never)
+
+    def __post_init__(self):
+        parse_choices(self, ValueError)
 
 
 class MemoryBank(nn.Module):
     def __init__(self, config: MemoryBankConfig, dim: int):
         super().__init__()
-        for value, allowed, what in ((config.mode, MODES, "mode"), (config.refresh, REFRESH, "refresh"),
-                                     (config.term, TERMS, "term"), (config.consistency, CONSISTENCY, "consistency")):
-            check_choice(value, allowed, f"memory bank {what}", ValueError)
         self.config = config
         self.warmup = config.warmup_steps
         c = config.capacity

@@ -2,7 +2,9 @@
 
 In a process group (multi-process training) the batch is the global one: each rank's rows are scored against
 every rank's columns, gathered with gradients, and labelled by their global position; gradients averaged across
-ranks then equal those of one process with the whole batch.
+ranks then equal those of one process with the whole batch. The losses learn their place in the group from the
+`Rank` they are passed (the trainer sets it on each batch: `batch.rank`), never from torch.distributed's globals;
+the collectives run on the default process group.
 """
 from __future__ import annotations
 
@@ -10,11 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _group() -> tuple:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from cirlab.types import Rank
 
 
 class _AllGather(torch.autograd.Function):
@@ -26,8 +24,7 @@ class _AllGather(torch.autograd.Function):
     process with the same global batch; tests/test_distributed.py)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _group()
+    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         ctx.rank, ctx.rows = rank, x.shape[0]
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -38,27 +35,26 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss depends on this rank's rows
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
+def gather(x: torch.Tensor, rank: Rank) -> torch.Tensor:
     """Every rank's `x` concatenated in rank order, (W*B, ...); gradients flow back to each rank's own part, summed
     over the ranks whose losses used it. Every rank must pass the same number of rows."""
-    _, world = _group()
-    if world == 1:
+    if rank.world == 1:
         return x
-    return _AllGather.apply(x)
+    return _AllGather.apply(x, rank.rank, rank.world)
 
 
-def global_labels(b: int, device=None) -> torch.Tensor:
+def global_labels(b: int, rank: Rank, device=None) -> torch.Tensor:
     """The columns of this rank's b rows among the gathered targets: rank * b + (0..b-1)."""
-    return torch.arange(b, device=device) + _group()[0] * b
+    return torch.arange(b, device=device) + rank.rank * b
 
 
-def global_info_nce(q: torch.Tensor, t: torch.Tensor, scale) -> torch.Tensor:
+def global_info_nce(q: torch.Tensor, t: torch.Tensor, scale, rank: Rank) -> torch.Tensor:
     """InfoNCE of this rank's queries (B, D) against the targets of the whole global batch."""
-    logits = scale * q @ gather(t).t()  # (B, W*B)
-    return F.cross_entropy(logits, global_labels(q.shape[0], q.device))
+    logits = scale * q @ gather(t, rank).t()  # (B, W*B)
+    return F.cross_entropy(logits, global_labels(q.shape[0], rank, q.device))
 
 
 def info_nce(logits: torch.Tensor) -> torch.Tensor:
@@ -67,11 +63,11 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, rank: Rank) -> torch.Tensor:
     """Symmetric image-text contrastive loss on L2-normalised features (B, D), scale = exp(logit_scale), over the
     global batch."""
     scale = logit_scale.exp().clamp(max=100)
-    if _group()[1] == 1:  # one (B, B) product and its transpose: the single-process figures stay bit for bit
+    if rank.world == 1:  # one (B, B) product and its transpose: the single-process figures stay bit for bit
         logits = scale * a @ b.t()  # (B, B)
         return 0.5 * (info_nce(logits) + info_nce(logits.t()))
-    return 0.5 * (global_info_nce(a, b, scale) + global_info_nce(b, a, scale))
+    return 0.5 * (global_info_nce(a, b, scale, rank) + global_info_nce(b, a, scale, rank))

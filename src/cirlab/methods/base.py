@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import CirlabError, check_choice
+from cirlab.errors import Choice, CirlabError, check_choice, parse_choices
 from cirlab.types import Batch, LossOutput
 
 CHECKPOINT_FILE = "cirlab.json"
@@ -48,10 +48,21 @@ class TrainingKind(str, enum.Enum):
     ZERO_SHOT = "zero-shot"  # trained on image-caption pairs (and its own synthetic triplets), never on triplets
 
 
+class Finetune(Choice):
+    NONE = "none"
+    TEXT = "text"
+    IMAGE = "image"
+    BOTH = "both"
+
+
 @dataclasses.dataclass
 class MethodConfig:
-    """Fields every method config has. `finetune` says which backbone towers train: none, text, image or both."""
-    finetune: str = "none"
+    """Fields every method config has. `finetune` says which backbone towers train: none, text, image or both.
+    Fields typed with a `Choice` enum are checked and converted when the config is made."""
+    finetune: Finetune = Finetune.NONE
+
+    def __post_init__(self):
+        parse_choices(self)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,8 +178,7 @@ class CIRModel(nn.Module):
         return self.backbone.preprocess(images).to(self.backbone.device)
 
     def _set_finetune(self, mode: str) -> None:
-        allowed = ("none", "text", "image", "both")
-        check_choice(mode, allowed, "finetune")
+        check_choice(mode, [m.value for m in Finetune], "finetune")
         self.backbone.requires_grad_(False)  # the backbone's own temperature stays frozen as well
         if mode in ("text", "both"):
             self._tower(text=True).requires_grad_(True)

@@ -15,7 +15,7 @@ import torch
 
 from cirlab.layers.combiner import Combiner
 from cirlab.losses import global_info_nce
-from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
+from cirlab.methods.base import CIRModel, Finetune, MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
 
 
@@ -59,7 +59,7 @@ class Sum(ClipFeatures):
 
 @dataclass
 class CombinerConfig(MethodConfig):
-    finetune: str = "both"
+    finetune: Finetune = Finetune.BOTH
     proj_dim: int = 256
     hidden_dim: int = 512
     dropout: float = 0.1
@@ -82,5 +82,5 @@ class CombinerModel(ClipFeatures):
     def loss(self, batch: Batch) -> LossOutput:
         q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
         t = self.encode_target(batch.tgt_pixels)  # (B, D)
-        loss = global_info_nce(q, t, self.config.logit_scale)  # against every rank's targets
+        loss = global_info_nce(q, t, self.config.logit_scale, batch.rank)  # against every rank's targets
         return LossOutput(loss, {"nce": loss.item()})

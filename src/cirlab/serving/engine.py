@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cirlab.data.images import open_image
+from cirlab.data.split import read_caption_records
 from cirlab.errors import CirlabError
 from cirlab.index import ImageIndex, check_id
 
@@ -47,15 +48,8 @@ def scan_images(folder) -> list:
 
 def read_captions(path, level: str = "final_caption") -> dict:
     """image -> caption at `level` from a caption cache (the newest record of each image)."""
-    from cirlab.captioning.cache import CaptionCache
-
-    path = Path(path)
-    if not path.exists():
-        raise CirlabError(f"caption file not found: {path}")
-    out = {}
-    for (image, _), rec in CaptionCache(path).records.items():
-        out[image] = rec["final_caption"] if level == "final_caption" else rec.get("levels", {}).get(level, "")
-    return out
+    return {image: rec["final_caption"] if level == "final_caption" else rec.get("levels", {}).get(level, "")
+            for image, rec in read_caption_records(path).items()}
 
 
 def _captions_for(model, items: list, captions=None, captioner=None, work: Path | None = None,

@@ -84,7 +84,7 @@ class IntentAligner(nn.Module):
         bb = self.backbone
         img = nn.functional.normalize(bb.encode_image(batch.tgt_pixels), dim=-1)
         txt = nn.functional.normalize(bb.encode_text(bb.tokenize(batch.texts, batch.tgt_pixels.device)), dim=-1)
-        loss = clip_loss(txt, img, bb.logit_scale)
+        loss = clip_loss(txt, img, bb.logit_scale, batch.rank)
         return LossOutput(loss, {"align": loss.item()})
 
 

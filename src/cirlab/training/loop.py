@@ -127,6 +127,7 @@ def _accumulate(module, data: BatchSource, order: list, step_in_epoch: int, cfg:
     for a in range(cfg.grad_accum):
         lo = ((step_in_epoch * cfg.grad_accum + a) * rank.world + rank.rank) * cfg.batch_size
         batch = data.batch(order[lo:lo + cfg.batch_size]).to(device)
+        batch.rank = rank
         with _autocast(cfg, device):
             out = module.loss(batch)
         (out.loss / cfg.grad_accum).backward()

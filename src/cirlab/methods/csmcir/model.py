@@ -50,21 +50,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import check_choice
+from cirlab.errors import Choice
 from cirlab.layers.memory_bank import MemoryBank, MemoryBankConfig
 from cirlab.losses import gather, global_labels
-from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
+from cirlab.methods.base import CIRModel, Finetune, MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
+
+
+class TargetTower(Choice):
+    SYMMETRIC = "symmetric"  # the query's Q-Former reads the target image and its caption
+    IMAGE_ONLY = "image_only"  # the target image alone (as SPRC-like methods)
+
+
+class TargetTokens(Choice):
+    MULTI = "multi"
+    POOLED = "pooled"
+
+
+class Captions(Choice):
+    MCOT = "mcot"
+    SINGLE_LEVEL = "single_level"
+    NONE = "none"
+
+
+class QueryPool(Choice):
+    AUTO = "auto"  # all when the backbone mean-pools text, else first
+    FIRST = "first"
+    MEAN = "mean"
+    ALL = "all"
 
 
 @dataclass
 class CsmcirConfig(MethodConfig):
-    finetune: str = "text"  # for blip2: the Q-Former side trains, the ViT stays frozen
-    target_tower: str = "symmetric"  # symmetric | image_only
-    target_tokens: str = "multi"  # multi | pooled
-    captions: str = "mcot"  # mcot | single_level | none
+    finetune: Finetune = Finetune.TEXT  # for blip2: the Q-Former side trains, the ViT stays frozen
+    target_tower: TargetTower = TargetTower.SYMMETRIC
+    target_tokens: TargetTokens = TargetTokens.MULTI
+    captions: Captions = Captions.MCOT
     single_level: str = "objects"  # the caption level `captions="single_level"` reads
-    query_pool: str = "auto"  # first | mean | all | auto (all when the backbone mean-pools text, else first)
+    query_pool: QueryPool = QueryPool.AUTO
     memory_bank: dict = field(default_factory=lambda: dict(BANK_DEFAULTS))  # changes to BANK_DEFAULTS
 
 
@@ -87,11 +110,6 @@ class Csmcir(CIRModel):
     training = TrainingKind.TRIPLETS
 
     def __init__(self, config: CsmcirConfig, backbone):
-        for value, allowed, what in ((config.query_pool, ("auto", "first", "mean", "all"), "query_pool"),
-                                     (config.target_tower, ("symmetric", "image_only"), "target_tower"),
-                                     (config.target_tokens, ("multi", "pooled"), "target_tokens"),
-                                     (config.captions, ("mcot", "single_level", "none"), "captions")):
-            check_choice(value, allowed, f"csmcir {what}")
         super().__init__(config, backbone)
         m = backbone.model
         m.query_tokens.requires_grad_(True)
@@ -182,8 +200,9 @@ class Csmcir(CIRModel):
         q = self.encode_query(batch.ref_pixels, batch.texts)  # (B, D)
         t = self.encode_target(batch.tgt_pixels, batch.tgt_captions)  # (B, D) or (B, K, D)
         scale = self.logit_scale.exp().clamp(max=100)
-        logits = scale * self.similarity(q, gather(t))  # (B, W*B): every rank's targets; the bank stays local
-        labels = global_labels(q.shape[0], q.device)
+        # (B, W*B): every rank's targets; the bank stays local
+        logits = scale * self.similarity(q, gather(t, batch.rank))
+        labels = global_labels(q.shape[0], batch.rank, q.device)
         step, cfg = int(self.step), self.bank.config
         ids, (negs, valid, slots) = self._bank_draw(q, t, batch.target_names)  # (B, n, K*D), (B, n)
         parts = {"bank_negatives": float(valid.sum(1).min()) if negs.shape[1] else 0.0}

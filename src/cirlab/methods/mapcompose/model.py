@@ -39,13 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import CirlabError, check_choice
+from cirlab.errors import Choice, CirlabError, check_choice
 from cirlab.layers.text_injection import BottleneckAdapter, GatedCrossAttention, TokenLearner
 from cirlab.losses import clip_loss
 from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
 
-STAGES = ("mapping", "composing")
+
+class Stage(Choice):
+    MAPPING = "mapping"  # stage I: the pseudo-word from (image, caption) pairs
+    COMPOSING = "composing"  # stage II: the adapters on synthetic triplets
+
+
 # Zero-shot inference prompts per benchmark (`benchmark_templates`): "$" is the pseudo-word, {text} the
 # modification text (FashionIQ's two captions joined by "and"), {category} the FashionIQ garment word. Other
 # datasets (the synthetic world, a user's index) use `compose_template`.
@@ -77,7 +82,7 @@ class MapComposeConfig(MethodConfig):
     mine_reference: bool = True  # False: a row's reference image is never mined as its hard negative
     hard_negative_start: float = 0.3
     init_temperature: float = 0.07
-    stage: str = "mapping"
+    stage: Stage = Stage.MAPPING
 
 
 @register
@@ -89,7 +94,6 @@ class MapCompose(CIRModel):
     def __init__(self, config: MapComposeConfig, backbone):
         if backbone.kind != "clip":
             raise CirlabError(f"{self.name} needs a clip backbone, got {backbone.kind}")
-        check_choice(config.stage, STAGES, f"{self.name} stage")
         super().__init__(config, backbone)
         m = backbone.model
         vision_width, word_width = m.config.vision_config.hidden_size, m.config.text_config.hidden_size
@@ -125,8 +129,8 @@ class MapCompose(CIRModel):
 
     def set_stage(self, stage: str) -> None:
         """Which part trains: the mapping (learner, injection, temperature) or the composing adapters."""
-        check_choice(stage, STAGES, "stage")
-        self.config.stage = stage
+        check_choice(stage, [s.value for s in Stage], "stage")
+        self.config.stage = Stage(stage)
         for module in (self.learner, self.injection):
             module.requires_grad_(stage == "mapping")
         self.logit_scale.requires_grad_(stage == "mapping")
@@ -209,7 +213,7 @@ class MapCompose(CIRModel):
         visual = self._visual(batch.ref_pixels)
         feat, word = self.compose(visual, [self.config.template] * len(batch.texts))
         img = self.normalise(self.backbone.model.visual_projection(visual[:, 0]))
-        nce = clip_loss(self.normalise(feat), img, self.logit_scale)
+        nce = clip_loss(self.normalise(feat), img, self.logit_scale, batch.rank)
         parts = {"nce": nce.item()}
         loss = nce
         if self.config.soft_align:

@@ -27,21 +27,36 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cirlab.errors import check_choice
+from cirlab.errors import Choice, CirlabError
 from cirlab.layers.token_fusion import AdaptiveTokenFusion
 from cirlab.losses import global_info_nce
 from cirlab.methods.baselines import ClipFeatures
-from cirlab.methods.base import MethodConfig, TrainingKind, register
+from cirlab.methods.base import Finetune, MethodConfig, TrainingKind, register
 from cirlab.types import Batch, LossOutput
+
+
+class ThresholdMode(Choice):
+    ABSOLUTE = "absolute"  # a cosine
+    RELATIVE = "relative"  # a quantile of each query's candidate pairs
+
+
+class Matching(Choice):
+    BEST_VISUAL = "best_visual"
+    MUTUAL = "mutual"
+
+
+class Pool(Choice):
+    MEAN = "mean"
+    ATTENTION = "attention"
 
 
 @dataclass
 class TmcirConfig(MethodConfig):
-    finetune: str = "both"
+    finetune: Finetune = Finetune.BOTH
     threshold: float = 0.5
-    threshold_mode: str = "absolute"  # absolute | relative (a quantile of each query's candidate pairs)
-    matching: str = "best_visual"  # best_visual | mutual
-    pool: str = "mean"  # mean | attention
+    threshold_mode: ThresholdMode = ThresholdMode.ABSOLUTE
+    matching: Matching = Matching.BEST_VISUAL
+    pool: Pool = Pool.MEAN
     position: bool = True
     init_temperature: float = 0.01
 
@@ -53,12 +68,6 @@ class Tmcir(ClipFeatures):
     training = TrainingKind.TRIPLETS
 
     def __init__(self, config: TmcirConfig, backbone):
-        from cirlab.errors import CirlabError
-
-        for value, allowed, what in ((config.matching, ("best_visual", "mutual"), "matching"),
-                                     (config.pool, ("mean", "attention"), "pool"),
-                                     (config.threshold_mode, ("absolute", "relative"), "threshold_mode")):
-            check_choice(value, allowed, f"tmcir {what}")
         super().__init__(config, backbone)
         vc = backbone.model.config.vision_config
         num_visual = 1 + (vc.image_size // vc.patch_size) ** 2
@@ -96,6 +105,6 @@ class Tmcir(ClipFeatures):
         out = self.fuse(batch.ref_pixels, batch.texts)
         q = self.normalise(out["pooled"])
         t = self.encode_target(batch.tgt_pixels)
-        loss = global_info_nce(q, t, self.logit_scale.exp().clamp(max=100))
+        loss = global_info_nce(q, t, self.logit_scale.exp().clamp(max=100), batch.rank)
         merged_per_query = out["merged"].any(1).sum(1).float().mean().item()
         return LossOutput(loss, {"nce": loss.item(), "merged_text_tokens": merged_per_query})
