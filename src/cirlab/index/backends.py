@@ -39,8 +39,10 @@ class VectorBackend:
     """The protocol every backend answers (see the module docstring); the defaults suit a backend that keeps
     nothing of its own on disk (it is rebuilt from the store's vectors)."""
     name = ""
-    files: dict = {}  # file or collection names of this generation, recorded in the manifest
-    actual: dict = {}  # the parameters the built backend really uses
+
+    def __init__(self):
+        self.files: dict = {}  # file or collection names of this generation, recorded in the manifest
+        self.actual: dict = {}  # the parameters the built backend really uses
 
     @classmethod
     def settings(cls, folder: Path, params: dict) -> dict:
@@ -71,6 +73,7 @@ class ExactBackend(VectorBackend):
     name = "exact"
 
     def __init__(self, vectors: np.ndarray):
+        super().__init__()
         self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def __len__(self) -> int:
@@ -92,6 +95,7 @@ class FaissBackend(VectorBackend):
     name = "faiss"
 
     def __init__(self, vectors: np.ndarray, kind: str = "flat", **params):
+        super().__init__()
         try:
             import faiss
         except ImportError as e:
@@ -163,6 +167,7 @@ class FaissBackend(VectorBackend):
         import faiss
 
         backend = cls.__new__(cls)
+        VectorBackend.__init__(backend)
         backend.index = faiss.read_index(str(path))
         backend.dim, backend.kind, backend.params = backend.index.d, "saved", {}
         return backend
@@ -191,6 +196,7 @@ class MilvusBackend(VectorBackend):
     BATCH = 5000  # rows per insert call
 
     def __init__(self, client, collection: str):
+        super().__init__()
         self.client, self.collection = client, collection
         self.count = int(client.get_collection_stats(collection)["row_count"])
         self.files = {"milvus_collection": collection}
