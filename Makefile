@@ -11,18 +11,25 @@ setup: $(STAMP)
 
 # torch==2.13.0 first (a CPU build lies on this machine's disk; an unpinned torch would pull a CUDA build),
 # then the package with its dev extra. uv installs them (about 25 s here, where pip took over 4 minutes); it takes
-# the torch file straight from the disk where it lies there, else pip finds torch==2.13.0 as before. Each step
-# compiles what it installs to bytecode (about 50 s more): without it, as this machine's environment sets
-# PYTHONDONTWRITEBYTECODE, each of the suite's many processes compiled torch and transformers again on import
-# (18 s against 9 s an import).
+# the torch file straight from the disk where it lies there, else pip finds torch==2.13.0 as before. Then the
+# modules the suite's processes import are compiled to bytecode (about 25 s): this machine's environment sets
+# PYTHONDONTWRITEBYTECODE, so without it each of the suite's many processes compiled torch and transformers again
+# on import (18 s against 9 s an import).
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
-UV := $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python
+UV := $(BIN)/uv pip install --quiet --python $(BIN)/python
+PRECOMPILE := transformers sympy mpmath scipy numpy huggingface_hub PIL safetensors tokenizers tqdm filelock regex \
+  yaml packaging jinja2 markupsafe anyio httpx httpcore httpx2 httpcore2 h11 idna charset_normalizer fastapi \
+  starlette pydantic pydantic_core uvicorn diffusers ray  # those missing here are skipped
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv
-	$(if $(TORCH_WHEEL),$(UV) "$(TORCH_WHEEL)",$(BIN)/pip install --quiet torch==2.13.0)
+	$(if $(TORCH_WHEEL),$(UV) --compile-bytecode "$(TORCH_WHEEL)",$(BIN)/pip install --quiet torch==2.13.0)
 	$(UV) -e ".[dev]"
+	$(BIN)/python -c 'import compileall, importlib.util as u, os, sys; \
+	  specs = [u.find_spec(p) for p in sys.argv[1:]]; \
+	  [compileall.compile_dir(os.path.dirname(s.origin), quiet=2, workers=0) for s in specs if s and s.origin]' \
+	  $(PRECOMPILE)
 	touch $(STAMP)
 
 demo: setup
