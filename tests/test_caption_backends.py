@@ -126,7 +126,18 @@ def test_caption_cli_with_the_openai_backend(chat_server, world, tmp_path):
     url, _ = chat_server()
     out = tmp_path / "val.jsonl"
     done = run_cli("caption", "--data-root", world, "--split", "val", "--backend", "openai", "--model", "oracle-chat",
-                   "--base-url", url, "--concurrency", "8", "--out", out, "--no-progress")
+                   "--base-url", url, "--concurrency", "8", "--limit", "200", "--out", out, "--no-progress")
     assert done.returncode == 0, done.stderr
-    n = len(read_split("synth", world, "val").gallery)
-    assert f"{n} captioned" in done.stdout and len(out.read_text().splitlines()) == n
+    assert len(read_split("synth", world, "val").gallery) > 200  # --limit: the first 200 in name order
+    assert "200 captioned" in done.stdout and len(out.read_text().splitlines()) == 200
+
+
+def test_caption_exits_non_zero_when_no_image_was_captioned(chat_server, world, tmp_path):
+    """Every answer unusable (prose, the repair's too): the command fails with one line that counts the failures,
+    and names no cache, since it wrote none."""
+    url, _ = chat_server("--prose")
+    out = tmp_path / "none.jsonl"
+    done = run_cli("caption", "--data-root", world, "--split", "val", "--backend", "openai", "--model", "oracle-chat",
+                   "--base-url", url, "--retries", "0", "--limit", "5", "--out", out, "--no-progress")
+    assert done.returncode != 0 and "no image was captioned" in done.stderr and "5 failed" in done.stderr, done
+    assert "cache:" not in done.stdout and not out.exists()

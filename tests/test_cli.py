@@ -78,6 +78,12 @@ def test_synth_then_eval_writes_json(clip_dir, world, tmp_path):
                    tmp_path / "m2.json", "--no-progress")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"] == doc["metrics"]
+    # --limit: the first 50 queries, each ranked as in the full run (against the whole gallery)
+    part = cirlab("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "test1", "--limit", "50", "--json",
+                  tmp_path / "m3.json", "--no-progress")
+    assert part.returncode == 0, part.stderr
+    assert json.loads((tmp_path / "m3.json").read_text())["query_limit"] == 50
+    assert read_records(tmp_path / "m3.per_query.jsonl") == records[:50]
 
 
 def test_gallery_cache_follows_the_backbone_a_zero_shot_checkpoint_points_to(clip_dir, tmp_path):

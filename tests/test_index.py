@@ -233,6 +233,11 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
     paths = sorted(gallery.rglob("*.png"))
     ids = [str(p.relative_to(gallery).with_suffix("")).replace("/", "__") for p in paths]
     assert sum(i.startswith("more__") for i in ids) == 20  # the subfolder's images, "/" written as "__"
+    cli("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery, "--out", tmp_path / "lx",
+        "--limit", "7", "--no-progress")
+    from cirlab.index import ImageIndex
+
+    assert list(ImageIndex(tmp_path / "lx").ids) == sorted(ids)[:7]  # --limit: the first 7 by id
     with torch.no_grad():
         targets = model.encode_target(model.prepare([open_image(p) for p in paths]))
         query = model.encode_query(model.prepare([open_image(paths[3])]), ["make the circle red"])

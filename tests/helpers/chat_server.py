@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--log", required=True)
     ap.add_argument("--fail-first", type=int, default=0)
     ap.add_argument("--malformed", action="append", default=[])
+    ap.add_argument("--prose", action="store_true", help="answer every request, repairs included, in prose")
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--api-key")
     ap.add_argument("--folder", action="append", help="image folders of the world to recognise (default: dev)")
@@ -85,7 +86,7 @@ def main() -> None:
                 f.write(json.dumps({"n": n, "image": stem, "repair": repair, "model": body.get("model")}) + "\n")
             if stem is None:
                 return self._send(400, {"error": {"message": "unknown image"}})
-            if stem in args.malformed and not repair:
+            if args.prose or (stem in args.malformed and not repair):
                 text = "I think this shows some shapes, but I will not answer in JSON."
             else:
                 text = "```json\n" + json.dumps(oracle_captions(graph_to_scene(graphs[stem]))) + "\n```"

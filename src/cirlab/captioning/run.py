@@ -101,7 +101,10 @@ def caption_images(items: list, backend, cache: CaptionCache, batch_size: int = 
 
 
 def caption_split(dataset: str, data_root, split: str, backend, out, batch_size: int = 16,
-                  progress: bool = True, category: str | None = None, **engine) -> CaptionStats:
-    """Caption the split's gallery into the cache `out`; `engine` holds caption_images' engine options."""
+                  progress: bool = True, category: str | None = None, limit: int | None = None,
+                  **engine) -> CaptionStats:
+    """Caption the split's gallery (the first `limit` images in name order, if given) into the cache `out`;
+    `engine` holds caption_images' engine options."""
     data = read_split(dataset, data_root, split, category=category, require_gallery=True)
-    return caption_images(sorted(data.gallery.items()), backend, CaptionCache(out), batch_size, progress, **engine)
+    items = sorted(data.gallery.items())[:limit]
+    return caption_images(items, backend, CaptionCache(out), batch_size, progress, **engine)

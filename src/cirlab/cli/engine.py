@@ -38,7 +38,7 @@ def cmd_index_build(args) -> None:
 
     index = build_index(args.checkpoint, args.images, args.out, args.backend, _backend_params(args), args.captions,
                         _captioner(args), args.batch_size, progress=not args.no_progress, engine=args.engine,
-                        address=args.ray_address, concurrency=args.concurrency_ray)
+                        address=args.ray_address, concurrency=args.concurrency_ray, limit=args.limit)
     m = index.manifest
     print(f"indexed {len(index)} images with {m['method']} ({m['backend']}, dim {m['dim']}): {args.out}")
 
@@ -149,6 +149,7 @@ def _add_index_parsers(sub) -> None:
     b.add_argument("--milvus-uri", help="milvus: a Milvus server URL, or a milvus-lite file (default: milvus.db in "
                                         "the index folder)")
     b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--limit", type=int, help="index only the first N images (by id: their paths in name order)")
     add_engine_options(b)
     _add_captioner_options(b)
     b.add_argument("--no-progress", action="store_true")

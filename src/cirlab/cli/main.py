@@ -139,6 +139,8 @@ def cmd_eval(args) -> None:
 
     ckpt = Path(args.checkpoint)
     splits = read_benchmark(args.dataset, args.data_root, args.split, args.join)  # annotation errors come first
+    for split in splits if args.limit else ():  # a quick look: the first N queries against the whole gallery
+        split.queries = split.queries[:args.limit]
     if args.captions:
         from cirlab.data.readers import attach_captions
 
@@ -156,7 +158,8 @@ def cmd_eval(args) -> None:
     per_query = per_query_path(out)
     out.write_text(json.dumps({"dataset": args.dataset, "split": args.split, "method": model.name,
                                "checkpoint": str(ckpt), "join": args.join, "reference": args.reference,
-                               "metrics": metrics, "per_query": per_query.name}, indent=1) + "\n")
+                               "query_limit": args.limit, "metrics": metrics, "per_query": per_query.name},
+                              indent=1) + "\n")
     write_records(per_query, records)
     print(f"wrote {out} and {per_query} (one line per query, for `cirlab compare`)")
 
@@ -278,10 +281,15 @@ def cmd_caption(args) -> None:
                       concurrency=args.concurrency)
     stats = caption_split(args.dataset, args.data_root, args.split, factory(), args.out, args.batch_size,
                           progress=not args.no_progress, category=args.category, engine=args.engine,
-                          backend_factory=factory, address=args.ray_address, concurrency=args.concurrency_ray)
-    print(f"{stats.images} images: {stats.cached} already cached, {stats.captioned} captioned "
-          f"({stats.repaired} after a repair prompt, {stats.fallbacks} fell back to a partial answer), "
-          f"{stats.failures} failed; cache: {args.out}")
+                          backend_factory=factory, address=args.ray_address, concurrency=args.concurrency_ray,
+                          limit=args.limit)
+    summary = (f"{stats.images} images: {stats.cached} already cached, {stats.captioned} captioned "
+               f"({stats.repaired} after a repair prompt, {stats.fallbacks} fell back to a partial answer), "
+               f"{stats.failures} failed")
+    if stats.images and not stats.cached and not stats.captioned:
+        raise CirlabError(f"{summary}: no image was captioned, so no cache was written; the backend's errors are "
+                          "above")
+    print(f"{summary}; cache: {args.out}")
 
 
 def cmd_edit(args) -> None:
@@ -426,6 +434,7 @@ def _add_benchmark_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="the JSONL caption cache (appended; a rerun resumes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
+    p.add_argument("--limit", type=int, help="caption only the first N gallery images (in name order)")
     p.add_argument("--no-progress", action="store_true")
     add_engine_options(p)
     p.set_defaults(func=cmd_caption)
@@ -577,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) for methods that read target "
                                       "captions (csmcir); the synthetic world brings its own")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, help="score only the first N queries of each split (the whole gallery)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -59,6 +59,8 @@ COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1")
 
 def _variant(method: str, change: dict) -> tuple:
     """(method config for the run: its defaults with `change`; pipeline fields; the ablated fields as shown)."""
+    from enum import Enum
+
     from cirlab.methods import method_class
 
     defaults = PIPELINE.get(method, {})
@@ -74,7 +76,7 @@ def _variant(method: str, change: dict) -> tuple:
             mode = value.get("mode", default.get("mode"))
             rest = [f"{k}={v}" for k, v in value.items() if k != "mode" and default.get(k) != v]
             value = ", ".join(([str(mode)] if mode is not None else []) + rest)
-        shown[f] = value
+        shown[f] = value.value if isinstance(value, Enum) else value  # a Choice shown as its plain string
     return config, pipeline, shown
 
 

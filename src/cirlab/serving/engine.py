@@ -119,13 +119,13 @@ def embed_images(model, paths: list, captions: list | None = None, batch_size: i
 
 def build_index(checkpoint, images, out, backend: str = "exact", params: dict | None = None, captions=None,
                 captioner=None, batch_size: int = 64, progress: bool = True, engine: str = "local",
-                address: str | None = None, concurrency: int = 1) -> ImageIndex:
-    """Embed every image under `images` with the checkpoint's target encoder into a new index at `out` (in this
-    process, or with `engine="ray"` in a pool of `concurrency` Ray actors)."""
+                address: str | None = None, concurrency: int = 1, limit: int | None = None) -> ImageIndex:
+    """Embed every image under `images` (the first `limit` by id, if given) with the checkpoint's target encoder
+    into a new index at `out` (in this process, or with `engine="ray"` in a pool of `concurrency` Ray actors)."""
     import cirlab
     from cirlab.methods import checkpoint_identity
 
-    items = scan_images(images)
+    items = scan_images(images)[:limit]
     model = cirlab.load(checkpoint)
     texts = _captions_for(model, items, captions, captioner, Path(out), progress)
     vectors = embed_images(model, [p for _, p in items], texts, batch_size, progress, engine, checkpoint, address,
