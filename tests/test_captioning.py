@@ -111,3 +111,22 @@ def test_oracle_captions_survive_a_kill(world, tmp_path):
     rec = json.loads(lines[0])
     assert (set(rec["levels"]) | {"final_caption"}) == set(KEYS)
     assert rec["model"] == "cirlab-oracle" and rec["fallback"] is False
+
+
+def test_the_caption_reader_keeps_a_whole_unterminated_last_line_and_drops_a_partial_one(tmp_path):
+    """One reader for caption files: a hand-written file may end without a newline (its last record counts); a
+    file still being written may end in a partial line (left out, the file untouched); a bad line elsewhere is named."""
+    from cirlab.data.split import read_caption_records
+    from cirlab.errors import CirlabError
+
+    def rec(i):
+        return json.dumps({"image": f"a{i}", "final_caption": f"caption {i}", "levels": {"objects": "x"}})
+    (tmp_path / "hand.jsonl").write_text(rec(1) + "\n" + rec(2))
+    (tmp_path / "writing.jsonl").write_text(rec(1) + "\n" + rec(2)[:25])
+    (tmp_path / "bad.jsonl").write_text(rec(1) + "\n{oops\n" + rec(2) + "\n")
+    assert sorted(read_caption_records(tmp_path / "hand.jsonl")) == ["a1", "a2"]
+    before = (tmp_path / "writing.jsonl").read_bytes()
+    assert sorted(read_caption_records(tmp_path / "writing.jsonl")) == ["a1"]
+    assert (tmp_path / "writing.jsonl").read_bytes() == before
+    with pytest.raises(CirlabError, match="bad.jsonl: line 2"):
+        read_caption_records(tmp_path / "bad.jsonl")

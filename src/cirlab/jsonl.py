@@ -13,13 +13,19 @@ from cirlab.errors import CirlabError
 
 
 def read_records(path, key, what: str = "record", data: bytes | None = None) -> dict:
-    """`key(record) -> record` over the complete lines of the JSONL file at `path` (a later record with the same
-    key replaces an earlier one; a partial last line, from a write still going or killed, is left out and the file
-    is not touched). A malformed line names the file and line number."""
+    """`key(record) -> record` over the lines of the JSONL file at `path` (a later record with the same key
+    replaces an earlier one). A last line without its newline counts when it is a whole record (a file written by
+    hand) and is left out when it is not (a write still going, or killed); the file is not touched. A malformed
+    line elsewhere names the file and line number."""
     path = Path(path)
     if data is None:
         data = path.read_bytes()
-        data = data[:data.rfind(b"\n") + 1]
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            try:
+                json.loads(data[end:])
+            except ValueError:
+                data = data[:end]
     records = {}
     for n, line in enumerate(data.decode().splitlines(), 1):
         if not line.strip():
