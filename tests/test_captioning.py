@@ -48,6 +48,18 @@ class ScriptedBackend:
         return [table[p] for p in images]
 
 
+def test_a_first_answer_with_usable_levels_is_kept_when_the_repair_has_none(tmp_path):
+    """The first answer holds two levels, the repair answers in prose: the image falls back to the first answer's
+    finest level instead of counting as failed."""
+    first = {"e": '{"global": "a scene", "objects": "a red cube"'}
+    repaired = {"e": "Sorry, I cannot produce JSON."}
+    stats = caption_images([("e", "e")], ScriptedBackend(first, repaired), CaptionCache(tmp_path / "c.jsonl"),
+                           batch_size=1, progress=False)
+    assert (stats.captioned, stats.fallbacks, stats.failures) == (1, 1, 0)
+    rec = CaptionCache(tmp_path / "c.jsonl").records[("e", PROMPT_VERSION)]
+    assert rec["final_caption"] == "a red cube" and rec["fallback"] is True
+
+
 def test_repair_then_fallback_then_failure_are_counted(tmp_path):
     items = [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d")]
     first = {"a": json.dumps(GOOD), "b": "not json", "c": "still not", "d": "nothing"}

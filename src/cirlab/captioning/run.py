@@ -1,8 +1,9 @@
 """Caption every gallery image of a split into the cache: batched, resumable, with repair and fallback.
 
 An answer that does not parse is sent back once with a repair prompt; if the repaired answer does not parse
-either, the record falls back to the finest level that could be read (counted as a fallback); an answer with no
-usable level at all is counted as a failure and not cached, so the next run asks again.
+either, the record falls back to the finest level that could be read, from the repaired answer or else from the
+first (counted as a fallback); an image with no usable level in either is counted as a failure and not cached, so
+the next run asks again.
 """
 from __future__ import annotations
 
@@ -45,16 +46,16 @@ class _Captioner:
         for n, ((name, path), text) in enumerate(zip(chunk, answers)):
             try:
                 out.append({"levels": parse_answer(text), "fallback": False, "repaired": False})
-            except MalformedAnswer:
+            except MalformedAnswer as e:
                 out.append(None)
-                retry.append((n, path, text))
+                retry.append((n, path, text, e.levels))
         if retry:
-            again = self.backend.generate([p for _, p, _ in retry], [messages(repair_of=t) for _, _, t in retry])
-            for (n, _, _), text in zip(retry, again):
+            again = self.backend.generate([r[1] for r in retry], [messages(repair_of=r[2]) for r in retry])
+            for (n, _, _, first), text in zip(retry, again):
                 try:
                     out[n] = {"levels": parse_answer(text), "fallback": False, "repaired": True}
-                except MalformedAnswer as e:
-                    levels = fallback_levels(e.levels)
+                except MalformedAnswer as e:  # the repair's usable levels, else the first answer's
+                    levels = fallback_levels(e.levels) or fallback_levels(first)
                     out[n] = {"levels": levels, "fallback": True, "repaired": False} if levels else \
                         {"levels": None, "fallback": False, "repaired": False}
         model_id = self.backend.model_id
