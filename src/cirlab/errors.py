@@ -21,6 +21,12 @@ class Choice(StrEnum):
     configs stay plain JSON; `parse_choices` turns the strings a config was given into members, or names the field,
     the allowed values and the value given."""
 
+    @classmethod
+    def of(cls, value, what: str, error: type = CirlabError) -> "Choice":
+        """The member named by `value`; `error` naming `what`, the allowed values and `value` if there is none."""
+        check_choice(value, [m.value for m in cls], what, error)
+        return cls(value)
+
 
 def parse_choices(config, error: type = CirlabError) -> None:
     """Convert every field of the dataclass `config` annotated with a `Choice` subclass (or `Choice | None`) to its
@@ -34,6 +40,4 @@ def parse_choices(config, error: type = CirlabError) -> None:
                  if isinstance(t, type) and issubclass(t, Choice)]
         value = getattr(config, f.name)
         if kinds and value is not None:
-            allowed = [m.value for m in kinds[0]]
-            check_choice(value, allowed, f"{type(config).__name__}.{f.name}", error)
-            setattr(config, f.name, kinds[0](value))
+            setattr(config, f.name, kinds[0].of(value, f"{type(config).__name__}.{f.name}", error))

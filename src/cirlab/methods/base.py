@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import Choice, CirlabError, check_choice, parse_choices
+from cirlab.errors import Choice, CirlabError, parse_choices
 from cirlab.types import Batch, LossOutput
 
 CHECKPOINT_FILE = "cirlab.json"
@@ -178,7 +178,7 @@ class CIRModel(nn.Module):
         return self.backbone.preprocess(images).to(self.backbone.device)
 
     def _set_finetune(self, mode: str) -> None:
-        check_choice(mode, [m.value for m in Finetune], "finetune")
+        Finetune.of(mode, "finetune")
         self.backbone.requires_grad_(False)  # the backbone's own temperature stays frozen as well
         if mode in ("text", "both"):
             self._tower(text=True).requires_grad_(True)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import Choice, CirlabError, check_choice
+from cirlab.errors import Choice, CirlabError
 from cirlab.layers.text_injection import BottleneckAdapter, GatedCrossAttention, TokenLearner
 from cirlab.losses import clip_loss
 from cirlab.methods.base import CIRModel, MethodConfig, TrainingKind, register
@@ -129,8 +129,7 @@ class MapCompose(CIRModel):
 
     def set_stage(self, stage: str) -> None:
         """Which part trains: the mapping (learner, injection, temperature) or the composing adapters."""
-        check_choice(stage, [s.value for s in Stage], "stage")
-        self.config.stage = Stage(stage)
+        self.config.stage = Stage.of(stage, "stage")
         for module in (self.learner, self.injection):
             module.requires_grad_(stage == "mapping")
         self.logit_scale.requires_grad_(stage == "mapping")
