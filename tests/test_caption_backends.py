@@ -141,3 +141,74 @@ def test_caption_exits_non_zero_when_no_image_was_captioned(chat_server, world, 
                    "--base-url", url, "--retries", "0", "--limit", "5", "--out", out, "--no-progress")
     assert done.returncode != 0 and "no image was captioned" in done.stderr and "5 failed" in done.stderr, done
     assert "cache:" not in done.stdout and not out.exists()
+
+
+@pytest.fixture()
+def transformers_serve(tiny_vlm, tmp_path):
+    """`transformers serve` (the `cirlab[llm]` extra) on 127.0.0.1 with the tiny VLM; yields (url, requests),
+    requests() the number of requests the server has logged so far."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    exe = Path(sys.executable).with_name("transformers")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(exe), "serve", str(tiny_vlm), "--host", "127.0.0.1", "--port", str(port),
+                                 "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "transformers serve did not answer /health in 180 s"
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1", lambda: log.read_text().count("[Request received]")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_caption_and_caption_compose_against_transformers_serve(transformers_serve, tiny_vlm, clip_dir, world,
+                                                                tmp_path):
+    """A real OpenAI-compatible server with a tiny model built from a config: the pipeline runs, counts what failed,
+    caches, and a second run asks only what failed before (nothing when nothing failed)."""
+    import re
+
+    url, requests = transformers_serve
+    caps = tmp_path / "caps.jsonl"
+    args = ("caption", "--data-root", world, "--split", "val", "--backend", "openai", "--model", tiny_vlm,
+            "--base-url", url, "--concurrency", "1", "--retries", "0", "--limit", "4", "--max-new-tokens",
+            str(len(json.dumps(ANSWER)) + 4), "--out", caps, "--no-progress")
+    first = run_cli(*args)
+    m = re.search(r"4 images: 0 already cached, (\d+) captioned \((\d+) after a repair prompt.*?(\d+) failed",
+                  first.stdout + first.stderr)
+    assert m, first
+    captioned, repaired, failed = map(int, m.groups())
+    assert captioned + failed == 4 and captioned >= 1 and first.returncode == 0
+    assert len(caps.read_text().splitlines()) == captioned
+    asked = requests()
+    assert asked >= 4  # one per image, plus a repair per malformed answer
+    second = run_cli(*args)
+    assert f"4 images: {captioned} already cached" in second.stdout
+    assert requests() - asked == 2 * failed  # only the failures are asked again (first answer and repair)
+
+    ckpt = tmp_path / "cc"
+    assert run_cli("init", "--method", "caption_compose", "--backbone", clip_dir, "--out", ckpt, "--composer",
+                   "openai", "--composer-model", tiny_vlm, "--composer-base-url", url).returncode == 0
+    before = requests()
+    evals = [run_cli("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "val", "--limit", "6",
+                     "--json", tmp_path / f"e{n}.json", "--no-progress") for n in range(2)]
+    notes = [json.loads((tmp_path / f"e{n}.json").read_text())["notes"] for n in range(2)]
+    assert all(e.returncode == 0 for e in evals), evals
+    assert notes[0]["asked"] == 6 and notes[0]["composed"] + notes[0]["failed"] == 6
+    assert notes[0]["requests"] == 6 and len((ckpt / "cache" / "compose.jsonl").read_text().splitlines()) == \
+        notes[0]["composed"]
+    assert notes[1]["requests"] == notes[0]["failed"] and notes[1]["cached"] == notes[0]["composed"]
+    assert requests() - before == 6 + notes[0]["failed"]  # the server saw exactly what the notes count

@@ -97,6 +97,8 @@ def test_gallery_cache_follows_the_backbone_a_zero_shot_checkpoint_points_to(cli
     assert cirlab("train", "--method", "image_only", "--data-root", tmp_path, "--backbone", backbone, "--out",
                   ckpt).returncode == 0
     before = checkpoint_identity(ckpt)
+    (ckpt / "eval-synth-val.json").write_text("{}")  # a result written beside the checkpoint is not part of it
+    assert checkpoint_identity(ckpt) == before
     weights = backbone / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # same bytes, new file: the identity must change
     assert checkpoint_identity(ckpt) != before

@@ -18,6 +18,13 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A query's reference image as a method that reads its description sees it (`CIRModel.query_captions`)."""
+    image: str  # its id: a split's image name, an index item's id, "" for an upload
+    caption: str  # its description at the method's caption level
+
+
+@dataclass(frozen=True)
 class Rank:
     """This process's place in a data-parallel group of `world` processes: a batch it trains on is slice `rank` of
     the global batch (training/distributed.py)."""

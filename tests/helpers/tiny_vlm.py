@@ -13,21 +13,10 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}
             "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
-def build_tiny_vlm(folder, answer: str | None = None, images: list | None = None, steps: int = 110):
-    import torch
-    from PIL import Image
+def char_tokenizer():
+    """(tokenizer, vocab): one token per printable character, plus <pad> <s> </s> <unk> <image>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    from cirlab.captioning.prompt import messages
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(["<pad>", "<s>", "</s>", "<unk>", "<image>"] + sorted(set(string.printable)))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -35,6 +24,42 @@ def build_tiny_vlm(folder, answer: str | None = None, images: list | None = None
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", additional_special_tokens=["<image>"])
+    return tok, vocab
+
+
+def build_tiny_lm(folder):
+    """A 2-layer Llama causal LM with the character tokenizer and a chat template, untrained (its answers are
+    nonsense): the hf composer's loading, batching and decoding, checkable without a download."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok, _ = char_tokenizer()
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=2))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_vlm(folder, answer: str | None = None, images: list | None = None, steps: int = 110):
+    import torch
+    from PIL import Image
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from cirlab.captioning.prompt import messages
+
+    tok, vocab = char_tokenizer()
     proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                              crop_size={"height": 32, "width": 32}),
                           tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",

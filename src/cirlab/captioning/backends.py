@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -144,6 +145,8 @@ class OpenAIBackend:
         self.model_id, self.timeout_s, self.retries, self.backoff_s = model, timeout_s, retries, backoff_s
         self.concurrency, self.max_tokens = concurrency, max_tokens
         self.retried = 0  # retries made, over all requests
+        self.requests = 0  # requests asked for (each retried one counts once)
+        self._count = threading.Lock()
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body).encode()
@@ -171,8 +174,20 @@ class OpenAIBackend:
         raise CirlabError(f"{self.url} failed after {self.retries + 1} attempts; last error: {last}")
 
     def _one(self, path, messages: list) -> str:
-        body = {"model": self.model_id, "messages": openai_messages(messages, _data_url(path)),
-                "max_tokens": self.max_tokens, "temperature": 0}
+        return self._answer({"model": self.model_id, "messages": openai_messages(messages, _data_url(path)),
+                             "max_tokens": self.max_tokens, "temperature": 0})
+
+    def chat(self, messages: list, temperature: float = 0.0, seed: int | None = None) -> str:
+        """The answer to text-only chat messages (cirlab's format)."""
+        body = {"model": self.model_id, "messages": openai_messages(messages, ""), "max_tokens": self.max_tokens,
+                "temperature": temperature}
+        if seed is not None:
+            body["seed"] = seed
+        return self._answer(body)
+
+    def _answer(self, body: dict) -> str:
+        with self._count:
+            self.requests += 1
         answer = self._post(body)
         try:
             return answer["choices"][0]["message"]["content"] or ""

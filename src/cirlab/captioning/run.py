@@ -62,6 +62,17 @@ class _Captioner:
         return [r | {"model": model_id} for r in out]
 
 
+def describe_images(items: list, backend, level: str = "final_caption") -> list:
+    """Captions at `level` of (name, path) items, not cached (a query's uploaded reference); an image with no
+    usable answer raises CirlabError."""
+    out = []
+    for (name, _), r in zip(items, _Captioner(backend)(items)):
+        if r["levels"] is None:
+            raise CirlabError(f"the captioner gave no usable description of {name}")
+        out.append(r["levels"][level] if level in r["levels"] else r["levels"]["final_caption"])
+    return out
+
+
 def _captioner(backend_factory):
     return _Captioner(backend_factory())
 

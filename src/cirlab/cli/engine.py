@@ -1,10 +1,12 @@
-"""`cirlab index build|add|remove|info`, `cirlab search` and `cirlab serve`: the retrieval engine's commands."""
+"""`cirlab init`, `cirlab index build|add|remove|info`, `cirlab search` and `cirlab serve`: the retrieval engine's
+commands, the way to search your own photos."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
+from cirlab.cli.args import json_arg
 from cirlab.errors import CirlabError
 
 
@@ -33,10 +35,49 @@ def _backend_params(args) -> dict:
     return params
 
 
+def _method_config(args) -> dict:
+    config = json_arg(args.config, "--config")
+    for flag in ("composer", "composer_model", "composer_base_url"):
+        if getattr(args, flag, None):
+            config[flag] = getattr(args, flag)
+    return config
+
+
+def init_checkpoint(method: str, backbone: str, out, config: dict) -> Path:
+    """A checkpoint of a method that needs no training, from a CLIP by Hugging Face id or folder."""
+    from cirlab.backbones.base import resolve_source
+    from cirlab.methods import REGISTRY, TrainingKind, method_class
+    from cirlab.training.train import save_zero_shot
+
+    cls = method_class(method)
+    if cls.training is not TrainingKind.NONE:
+        free = sorted(n for n, c in REGISTRY.items() if c.training is TrainingKind.NONE)
+        raise CirlabError(f"method {method} learns ({cls.training.value}): `cirlab train` writes its checkpoint; "
+                          f"the methods that need no training are {', '.join(free)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "cirlab.json").exists():
+        raise CirlabError(f"{out} exists and is not a cirlab checkpoint; choose another --out")
+    return save_zero_shot(method, resolve_source(backbone), out, config)
+
+
+def cmd_init(args) -> None:
+    out = init_checkpoint(args.method, args.backbone, args.out, _method_config(args))
+    print(f"wrote a {args.method} checkpoint on {args.backbone} (nothing trained): {out}")
+
+
 def cmd_index_build(args) -> None:
     from cirlab.serving.engine import build_index
 
-    index = build_index(args.checkpoint, args.images, args.out, args.backend, _backend_params(args), args.captions,
+    if (args.checkpoint is None) == (args.method is None):
+        raise CirlabError("give --checkpoint, or --method with --backbone (a method that needs no training)")
+    checkpoint = args.checkpoint
+    if args.method:
+        if not args.backbone:
+            raise CirlabError("--method needs --backbone (a CLIP's Hugging Face id or folder)")
+        checkpoint = init_checkpoint(args.method, args.backbone, Path(args.out) / "checkpoint", _method_config(args))
+    elif args.backbone or args.config:
+        raise CirlabError("--backbone and --config go with --method, not --checkpoint")
+    index = build_index(checkpoint, args.images, args.out, args.backend, _backend_params(args), args.captions,
                         _captioner(args), args.batch_size, progress=not args.no_progress, engine=args.engine,
                         address=args.ray_address, concurrency=args.concurrency_ray, limit=args.limit)
     m = index.manifest
@@ -86,7 +127,7 @@ def cmd_search(args) -> None:
         raise CirlabError("--text is empty: say what to change")
     if args.k < 1:
         raise CirlabError(f"-k must be at least 1, got {args.k}")
-    engine = Engine(args.index)
+    engine = Engine(args.index, captioner=_captioner(args))
     query = open_image(args.image) if args.image else args.image_id
     hits = engine.search(query, args.text, args.k)
     if args.json:
@@ -137,7 +178,11 @@ def _add_index_parsers(sub) -> None:
     p = sub.add_parser("index", help="build and edit a persistent index of your own images")
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="embed every image under a folder (recursively) into a new index")
-    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--checkpoint", help="a trained or initialised checkpoint (or give --method and --backbone)")
+    b.add_argument("--method", help="a method that needs no training (image_only, text_only, sum, "
+                                    "caption_compose): its checkpoint is written to OUT/checkpoint")
+    b.add_argument("--backbone", help="with --method: a CLIP's Hugging Face id or folder")
+    b.add_argument("--config", help="with --method: the method's config as JSON (inline or a file)")
     b.add_argument("--images", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--backend", choices=BACKENDS, default="exact")
@@ -173,7 +218,22 @@ def _add_index_parsers(sub) -> None:
     i.set_defaults(func=cmd_index_info)
 
 
+def _add_init_parser(sub) -> None:
+    p = sub.add_parser("init", help="write the checkpoint of a method that needs no training, from any CLIP")
+    p.add_argument("--method", required=True, help="image_only, text_only, sum or caption_compose")
+    p.add_argument("--backbone", required=True, help="a CLIP's Hugging Face id (openai/clip-vit-large-patch14) "
+                                                     "or a local folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="the method's config as JSON (inline or a file)")
+    p.add_argument("--composer", choices=("oracle", "hf", "openai"), help="caption_compose: the composer backend")
+    p.add_argument("--composer-model", help="caption_compose: the composer's model (hf: id or folder; openai: the "
+                                            "served name)")
+    p.add_argument("--composer-base-url", help="caption_compose: the openai composer's endpoint")
+    p.set_defaults(func=cmd_init)
+
+
 def add_engine_parsers(sub) -> None:
+    _add_init_parser(sub)
     _add_index_parsers(sub)
 
     s = sub.add_parser("search", help="search an index with a reference image and a modification text")
@@ -183,6 +243,7 @@ def add_engine_parsers(sub) -> None:
     s.add_argument("--text", required=True)
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--json", action="store_true")
+    _add_captioner_options(s, cache=False)  # describes an --image for a method whose queries read descriptions
     s.set_defaults(func=cmd_search)
 
     v = sub.add_parser("serve", help="the HTTP API and web page over an index")

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from cirlab.cli.args import json_arg as _json_arg
 from cirlab.cli.engine import add_engine_options, add_engine_parsers
 from cirlab.errors import CirlabError
 
@@ -62,18 +63,6 @@ def cmd_pretrain(args) -> None:
     out = pretrain(args.backbone, args.data, args.out, _train_config(args), overrides, resume=args.resume,
                    init_from=init)
     print(f"saved the pretrained {args.backbone} backbone to {out}")
-
-
-def _json_arg(text: str | None, what: str) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
-    except json.JSONDecodeError as e:
-        raise CirlabError(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise CirlabError(f"{what} must be a JSON object")
-    return value
 
 
 def cmd_train(args) -> None:
@@ -156,10 +145,13 @@ def cmd_eval(args) -> None:
     print(format_table({model.name: metrics}, list(metrics)))
     out = Path(args.json) if args.json else ckpt / f"eval-{args.dataset}-{args.split}.json"
     per_query = per_query_path(out)
+    notes = model.notes()
+    if notes:
+        print(f"{model.name}: {json.dumps(notes)}")
     out.write_text(json.dumps({"dataset": args.dataset, "split": args.split, "method": model.name,
                                "checkpoint": str(ckpt), "join": args.join, "reference": args.reference,
-                               "query_limit": args.limit, "metrics": metrics, "per_query": per_query.name},
-                              indent=1) + "\n")
+                               "query_limit": args.limit, "metrics": metrics, "per_query": per_query.name}
+                              | ({"notes": notes} if notes else {}), indent=1) + "\n")
     write_records(per_query, records)
     print(f"wrote {out} and {per_query} (one line per query, for `cirlab compare`)")
 
@@ -583,8 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=("default", "keep", "remove"), default="default",
                    help="keep or remove the reference from its own ranking (default: the benchmark's protocol)")
     p.add_argument("--json", help="where to write the metrics (default: inside the checkpoint folder)")
-    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) for methods that read target "
-                                      "captions (csmcir); the synthetic world brings its own")
+    p.add_argument("--captions", help="caption cache (JSONL from `cirlab caption`) for methods that read captions "
+                                      "(csmcir's targets, caption_compose's references); the synthetic world "
+                                      "brings its own")
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, help="score only the first N queries of each split (the whole gallery)")
     p.add_argument("--no-progress", action="store_true")

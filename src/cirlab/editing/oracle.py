@@ -97,9 +97,10 @@ class OracleEditor:
             time.sleep(self.latency_s)
         return [self.edit(q.key, q.reference, k) for q, k in items]
 
-    def pseudo_target(self, key: str, reference: str, sample: int) -> tuple:
+    def pseudo_target(self, key: str, reference: str, sample: int, train_only: bool = True) -> tuple:
         """(scene, [changes], colour cast or None) for query `key` on image `reference`; `sample` indexes the N
-        pseudo-targets."""
+        pseudo-targets. `train_only=False` keeps a disturbed result that holds a held-out pair (the composer of
+        test queries, which must not fall back to the true target more often there)."""
         if reference not in self.graphs:
             raise CirlabError(f"image {reference!r} has no scene graph in synth/scenes.json")
         if key not in self.edits:
@@ -109,7 +110,7 @@ class OracleEditor:
         rng = np.random.default_rng([self.seed, _stable_int(key), sample])
         disturbed, changes = self._disturb(ref, ops, rng)
         target = apply_ops(disturbed, ops)  # cells are not disturbed, so op indices still name the same objects
-        if target is None or not scene_allowed(target, train=True):  # e.g. a new shape then the text's colour
+        if target is None or (train_only and not scene_allowed(target, train=True)):  # a new shape, then the colour
             target, changes = apply_ops(ref, ops), []
         if target is None:
             raise CirlabError(f"query {key!r}: its edit does not apply to {reference!r}")

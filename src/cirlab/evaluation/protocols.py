@@ -21,6 +21,7 @@ from cirlab.data.readers import Split
 from cirlab.errors import CirlabError
 from cirlab.evaluation.metrics import map_at_k, recall_at_k
 from cirlab.evaluation.per_query import records_from_ranking
+from cirlab.types import Reference
 
 CIRR_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -85,19 +86,37 @@ def encode_queries(model, queries: list, store: PixelStore, batch_size: int = 25
     if len(variants) > 1:
         raise CirlabError("queries of one split must all have the same number of alternative phrasings")
     n_alt = variants.pop() if variants else 0
+    references = _references(model, queries, split)
     out = []
     with model.query_context(split.dataset if split else "", split.name if split else ""):
         for v in range(1 + n_alt):
-            out.append(_encode_phrasing(model, queries, store, batch_size, v))
+            out.append(_encode_phrasing(model, queries, store, batch_size, v, references))
     return torch.stack(out)
 
 
-def _encode_phrasing(model, queries: list, store: PixelStore, batch_size: int, v: int) -> torch.Tensor:
+def _references(model, queries: list, split: Split | None) -> list | None:
+    """Each query's types.Reference, for a method whose queries read the reference's description."""
+    if not model.query_captions:
+        return None
+    names = [q.reference for q in queries]
+    missing = [n for n in names if split is None or n not in split.captions]
+    if missing:
+        where = f"{split.dataset}/{split.name}" if split else "these queries"
+        raise CirlabError(f"method {model.name} reads a description of each reference; {len(set(missing))} "
+                          f"reference images of {where} have none (first: {missing[0]}); caption the split first "
+                          "(cirlab caption, then --captions)")
+    return [Reference(n, c) for n, c in zip(names, split.caption_texts(names, model.query_captions))]
+
+
+def _encode_phrasing(model, queries: list, store: PixelStore, batch_size: int, v: int,
+                     references: list | None = None) -> torch.Tensor:
     feats = []
     for lo in range(0, len(queries), batch_size):
         chunk = queries[lo:lo + batch_size]
         texts = [q.text if v == 0 else q.alt_texts[v - 1] for q in chunk]
-        feats.append(model.encode_query(store.pixels([q.reference for q in chunk]), texts).float().cpu())
+        pixels = store.pixels([q.reference for q in chunk])
+        extra = {} if references is None else {"references": references[lo:lo + batch_size]}
+        feats.append(model.encode_query(pixels, texts, **extra).float().cpu())
     return torch.cat(feats)
 
 

@@ -96,6 +96,26 @@ class CIRModel(nn.Module):
         return None
 
     @property
+    def query_captions(self) -> str | None:
+        """The caption level `encode_query` reads of each query's reference image, passed to it as `references`
+        (a list of types.Reference), or None when a query is an image and a text alone."""
+        return None
+
+    @property
+    def caption_level(self) -> str | None:
+        """The one caption level an index stores per item: what targets read, else what queries read."""
+        return self.target_captions or self.query_captions
+
+    def notes(self) -> dict:
+        """What a run of the method did beyond its metrics, for the result file (caption_compose: its composer's
+        requests, cache hits and failures); the default has none."""
+        return {}
+
+    def on_load(self, folder: Path) -> None:
+        """Called by `load_model` with the checkpoint folder (caption_compose keeps its answer cache there under
+        cache/); the default does nothing."""
+
+    @property
     def preprocess(self):
         """The backbone's image preprocessing: a callable (PIL images -> pixels on the CPU) with a `key()` that
         names it in cache keys."""
@@ -111,7 +131,8 @@ class CIRModel(nn.Module):
         return self.pixels(images)
 
     def encode_query(self, images, texts) -> torch.Tensor:
-        """Composed query features, L2-normalised: (B, D)."""
+        """Composed query features, L2-normalised: (B, D). A method with `query_captions` takes a third argument,
+        `references`: one types.Reference (the image's id and its description) per query."""
         raise NotImplementedError
 
     def encode_target(self, images, captions=None) -> torch.Tensor:
@@ -268,13 +289,17 @@ def load_model(path, device="cpu") -> CIRModel:
     if missing or unexpected:
         raise CirlabError(f"checkpoint {folder} does not match method {meta['method']!r}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.on_load(folder)
     return model.to(device).eval()
 
 
-def _file_stats(folder: Path) -> list:
+def _file_stats(folder: Path, only_checkpoint_files: bool = False) -> list:
     out = []
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and "cache" not in p.relative_to(folder).parts:
+        rel = p.relative_to(folder).parts
+        if only_checkpoint_files and rel[0] not in (CHECKPOINT_FILE, WEIGHTS_FILE, "backbone"):
+            continue  # results written beside the checkpoint (eval-*.json) do not change what it is
+        if p.is_file() and "cache" not in rel:
             st = p.stat()
             out.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
     return out
@@ -282,10 +307,11 @@ def _file_stats(folder: Path) -> list:
 
 def checkpoint_identity(folder) -> str:
     """The identity of a checkpoint folder, for cache keys (gallery features, index manifests): it changes
-    whenever a file of the checkpoint changes (name, size, modification time), or a file of the local backbone
-    folder it points to (zero-shot checkpoints record their backbone instead of copying it)."""
+    whenever a file of the checkpoint (cirlab.json, model.safetensors, backbone/) changes (name, size, modification
+    time), or a file of the local backbone folder it points to (zero-shot checkpoints record their backbone instead
+    of copying it). Files written beside them (eval results, cache/) do not count."""
     folder = Path(folder)
-    parts = _file_stats(folder)
+    parts = _file_stats(folder, only_checkpoint_files=True)
     meta = folder / "cirlab.json"
     if meta.exists():
         source = Path(json.loads(meta.read_text()).get("backbone", {}).get("source", ""))

@@ -25,6 +25,7 @@ from cirlab.data.images import open_image
 from cirlab.data.split import read_caption_records
 from cirlab.errors import CirlabError
 from cirlab.index import ImageIndex, check_id
+from cirlab.types import Reference
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -54,9 +55,13 @@ def read_captions(path, level: str = "final_caption") -> dict:
 
 def _captions_for(model, items: list, captions=None, captioner=None, work: Path | None = None,
                   progress: bool = True) -> list:
-    if not model.target_captions:
+    """Each item's caption at the model's `caption_level` (what its targets or its queries read), from the cache
+    `captions` or else the `captioner` (its answers kept in WORK/captions.jsonl); "" for every item of a method
+    that reads none."""
+    level = model.caption_level
+    if not level:
         return [""] * len(items)
-    known = read_captions(captions, model.target_captions) if captions else {}
+    known = read_captions(captions, level) if captions else {}
 
     def lookup(item_id: str, path: str):
         return known.get(item_id, known.get(Path(path).stem))
@@ -67,10 +72,10 @@ def _captions_for(model, items: list, captions=None, captioner=None, work: Path 
 
         cache = CaptionCache((work or Path(".")) / "captions.jsonl")
         caption_images(missing, captioner, cache, progress=progress)
-        known |= read_captions(cache.path, model.target_captions)
+        known |= read_captions(cache.path, level)
         missing = [(i, p) for i, p in items if lookup(i, p) is None]
     if missing:
-        raise CirlabError(f"method {model.name} needs a caption of every target image; {len(missing)} have none "
+        raise CirlabError(f"method {model.name} needs a caption of every image; {len(missing)} have none "
                           f"(first: {missing[0][1]}); pass a caption cache (--captions) or a captioner")
     return [lookup(i, p) for i, p in items]
 
@@ -164,7 +169,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
 class Engine:
     """An index with the model that built it."""
 
-    def __init__(self, index_dir, device: str = "cpu"):
+    def __init__(self, index_dir, device: str = "cpu", captioner=None):
         import cirlab
         from cirlab.methods import checkpoint_identity
 
@@ -176,17 +181,43 @@ class Engine:
         if checkpoint_identity(checkpoint) != m["checkpoint_id"]:
             raise CirlabError(f"the checkpoint {checkpoint} changed since the index was built; rebuild the index")
         self.model = cirlab.load(checkpoint, device=device).eval()
+        self.captioner = captioner  # describes uploaded references for a method whose queries read descriptions
 
     @torch.no_grad()
     def query_vector(self, image, text: str) -> np.ndarray:
         """The composed query (D,) of an image (PIL image, or an indexed id) and a text."""
+        reference = None
         if isinstance(image, str):
             try:
-                image = open_image(self.index.item(image)["path"])
+                item = self.index.item(image)
             except KeyError:
                 raise CirlabError(f"unknown image id {image!r}") from None
+            reference, image = Reference(image, item.get("caption", "")), open_image(item["path"])
+        extra = {}
+        if self.model.query_captions:
+            if reference is None:
+                reference = Reference("", self.describe(image))
+            if not reference.caption:
+                raise CirlabError(f"image {reference.image!r} has no caption in the index, and method "
+                                  f"{self.model.name} reads a description of the reference; rebuild the index with "
+                                  "captions")
+            extra["references"] = [reference]
         pixels = self.model.prepare([image])
-        return self.model.encode_query(pixels, [text]).float().cpu().numpy()[0]
+        return self.model.encode_query(pixels, [text], **extra).float().cpu().numpy()[0]
+
+    def describe(self, image) -> str:
+        """The captioner's description (the caption level the model reads) of an image that is not indexed."""
+        import tempfile
+
+        from cirlab.captioning.run import describe_images
+
+        if self.captioner is None:
+            raise CirlabError(f"method {self.model.name} reads a description of the reference image: an image that "
+                              "is not indexed needs a captioner (--captioner), or search by an indexed id")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "reference.png"
+            image.convert("RGB").save(path)
+            return describe_images([("reference", str(path))], self.captioner, self.model.query_captions)[0]
 
     def search(self, image, text: str, k: int = 10) -> list:
         """Up to k SearchHits; an indexed reference (an id) is left out of its own results."""

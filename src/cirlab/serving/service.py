@@ -8,7 +8,8 @@ Every bad input raises `ServiceError` with the HTTP status the app answers and a
   (checked from the header, before decoding: a decompression bomb never reaches memory);
 - 415: bytes that are not an image, or a truncated one;
 - 401: a write without the right bearer key, compared in constant time; 403: a write when no key is configured;
-- 422: adding to an index whose method needs target captions when no captioner is configured.
+- 422: adding to an index whose method reads captions, or searching with an uploaded image when the method reads
+  a description of the reference (caption_compose), when no captioner is configured.
 Uploaded images are written atomically under INDEX/images/ before they are indexed.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ServiceError(CirlabError):
 class SearchService:
     def __init__(self, index_dir, api_key: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_pixels: int = MAX_PIXELS, captioner=None, engine: Engine | None = None):
-        self.engine = engine or Engine(index_dir)
+        self.engine = engine or Engine(index_dir, captioner=captioner)
         self.index = self.engine.index
         self.api_key = api_key or None  # no key: every write is refused
         self.max_upload_bytes, self.max_pixels, self.captioner = max_upload_bytes, max_pixels, captioner
@@ -100,6 +101,9 @@ class SearchService:
             query = image_id
         else:
             query = self.image(image)
+        if image is not None and self.engine.model.query_captions and self.captioner is None:
+            raise ServiceError(422, f"method {self.engine.model.name} reads a description of the reference image; "
+                                    "this service has no captioner, so search by 'image_id'")
         hits = self.engine.search(query, text, k)
         return {"hits": [{"id": h.id, "score": round(h.score, 6), "url": f"/images/{h.id}"} for h in hits],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -122,9 +126,9 @@ class SearchService:
         item_id = self.check_id(item_id) if item_id else uuid.uuid4().hex[:16]
         if item_id in self.index.snapshot.position:
             raise ServiceError(409, f"id {item_id!r} is already in the index")
-        if self.engine.model.target_captions and self.captioner is None:
-            raise ServiceError(422, f"method {self.engine.model.name} needs a caption of every target image and "
-                                    "this service has no captioner")
+        if self.engine.model.caption_level and self.captioner is None:
+            raise ServiceError(422, f"method {self.engine.model.name} needs a caption of every image and this "
+                                    "service has no captioner")
         folder = self.index.folder / "images"
         folder.mkdir(exist_ok=True)
         path = folder / f"{item_id}{FORMATS.get(img.format, '.png')}"
