@@ -70,3 +70,10 @@ def test_ray_engine_matches_the_in_process_engine(local_ray, world, clip_dir, tm
     a, b = ImageIndex(tmp_path / "ix-local"), ImageIndex(tmp_path / "ix-ray")
     assert a.ids == b.ids and len(a) == 24
     assert np.allclose(a.snapshot.vectors, b.snapshot.vectors, atol=1e-5)
+    # captions at ingest, made by the actors: caption_compose's index holds each image's oracle caption
+    cc = save_zero_shot("caption_compose", clip_dir, tmp_path / "cc", {"composer": "oracle", "oracle_root": str(world)})
+    build_index(cc, gallery, tmp_path / "ix-cc", batch_size=5, progress=False, engine="ray", concurrency=2,
+                captioner=factory(), captioner_factory=factory)
+    captioned = ImageIndex(tmp_path / "ix-cc")
+    expected = {r["image"]: r["final_caption"] for r in records(tmp_path / "local.jsonl").values()}
+    assert {i: captioned.item(i)["caption"] for i in captioned.ids} == expected

@@ -10,12 +10,20 @@ from cirlab.cli.args import json_arg
 from cirlab.errors import CirlabError
 
 
-def _captioner(args):
+def _captioner_factory(args):
+    """A picklable function that builds the --captioner (for Ray actors), or None."""
     if not getattr(args, "captioner", None):
         return None
+    from functools import partial
+
     from cirlab.captioning.backends import make_backend
 
-    return make_backend(args.captioner, "", None, model=args.caption_model, base_url=args.caption_base_url)
+    return partial(make_backend, args.captioner, "", None, model=args.caption_model, base_url=args.caption_base_url)
+
+
+def _captioner(args):
+    factory = _captioner_factory(args)
+    return factory() if factory else None
 
 
 def _backend_params(args) -> dict:
@@ -79,7 +87,8 @@ def cmd_index_build(args) -> None:
         raise CirlabError("--backbone and --config go with --method, not --checkpoint")
     index = build_index(checkpoint, args.images, args.out, args.backend, _backend_params(args), args.captions,
                         _captioner(args), args.batch_size, progress=not args.no_progress, engine=args.engine,
-                        address=args.ray_address, concurrency=args.concurrency_ray, limit=args.limit)
+                        address=args.ray_address, concurrency=args.concurrency_ray, limit=args.limit,
+                        captioner_factory=_captioner_factory(args))
     m = index.manifest
     print(f"indexed {len(index)} images with {m['method']} ({m['backend']}, dim {m['dim']}): {args.out}")
 

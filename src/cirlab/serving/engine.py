@@ -54,10 +54,10 @@ def read_captions(path, level: str = "final_caption") -> dict:
 
 
 def _captions_for(model, items: list, captions=None, captioner=None, work: Path | None = None,
-                  progress: bool = True) -> list:
+                  progress: bool = True, **engine) -> list:
     """Each item's caption at the model's `caption_level` (what its targets or its queries read), from the cache
-    `captions` or else the `captioner` (its answers kept in WORK/captions.jsonl); "" for every item of a method
-    that reads none."""
+    `captions` or else the `captioner` (its answers kept in WORK/captions.jsonl; `engine` holds caption_images'
+    engine options, Ray's included); "" for every item of a method that reads none."""
     level = model.caption_level
     if not level:
         return [""] * len(items)
@@ -71,7 +71,7 @@ def _captions_for(model, items: list, captions=None, captioner=None, work: Path 
         from cirlab.captioning.run import caption_images
 
         cache = CaptionCache((work or Path(".")) / "captions.jsonl")
-        caption_images(missing, captioner, cache, progress=progress)
+        caption_images(missing, captioner, cache, progress=progress, **engine)
         known |= read_captions(cache.path, level)
         missing = [(i, p) for i, p in items if lookup(i, p) is None]
     if missing:
@@ -124,15 +124,20 @@ def embed_images(model, paths: list, captions: list | None = None, batch_size: i
 
 def build_index(checkpoint, images, out, backend: str = "exact", params: dict | None = None, captions=None,
                 captioner=None, batch_size: int = 64, progress: bool = True, engine: str = "local",
-                address: str | None = None, concurrency: int = 1, limit: int | None = None) -> ImageIndex:
+                address: str | None = None, concurrency: int = 1, limit: int | None = None,
+                captioner_factory=None) -> ImageIndex:
     """Embed every image under `images` (the first `limit` by id, if given) with the checkpoint's target encoder
-    into a new index at `out` (in this process, or with `engine="ray"` in a pool of `concurrency` Ray actors)."""
+    into a new index at `out` (in this process, or with `engine="ray"` in a pool of `concurrency` Ray actors).
+    Images the caption cache lacks are captioned by `captioner`; with the ray engine and `captioner_factory` (a
+    picklable function that builds the captioner), in the actors too."""
     import cirlab
     from cirlab.methods import checkpoint_identity
 
     items = scan_images(images)[:limit]
     model = cirlab.load(checkpoint)
-    texts = _captions_for(model, items, captions, captioner, Path(out), progress)
+    ray = {"engine": "ray", "backend_factory": captioner_factory, "address": address, "concurrency": concurrency} \
+        if engine == "ray" and captioner_factory is not None else {}
+    texts = _captions_for(model, items, captions, captioner, Path(out), progress, **ray)
     vectors = embed_images(model, [p for _, p in items], texts, batch_size, progress, engine, checkpoint, address,
                            concurrency)
     return ImageIndex.create(out, checkpoint=str(Path(checkpoint).resolve()),
