@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cirlab.methods.caption_compose.composer import (ComposeCache, ComposeItem, ComposeStats, compose,
@@ -112,6 +113,10 @@ def test_caption_compose_in_eval_oracle_ceiling_above_sum_and_falling_with_imper
 
 
 def test_caption_compose_reads_the_captions_stored_at_ingest(clip_dir, world, tmp_path):
+    import torch
+
+    import cirlab
+    from cirlab.data.images import open_image
     from cirlab.serving.service import SearchService, ServiceError
 
     photos = tmp_path / "photos"
@@ -135,11 +140,6 @@ def test_caption_compose_reads_the_captions_stored_at_ingest(clip_dir, world, tm
     hits = json.loads(cli("search", "--index", tmp_path / "ix", "--image-id", q.reference, "--text", q.text,
                           "--json").stdout)["hits"]
     # brute force: the target's own caption (the oracle's composition) against every other photo's image feature
-    import torch
-
-    import cirlab
-    from cirlab.data.images import open_image
-
     model, ids = cirlab.load(tmp_path / "ix" / "checkpoint"), sorted(index.ids)
     with torch.no_grad():
         scores = model.text_feature([split.captions[q.targets[0]]]) @ model.image_feature(
@@ -153,6 +153,27 @@ def test_caption_compose_reads_the_captions_stored_at_ingest(clip_dir, world, tm
     with pytest.raises(ServiceError) as e:
         SearchService(tmp_path / "ix").search(q.text, image=(photos / "test1-00001.png").read_bytes())
     assert e.value.status == 422
+
+    class Fixed:
+        """A captioner that describes every image as a red circle, and counts the images it saw."""
+        model_id, seen = "fixed", []
+
+        def generate(self, images, messages):
+            self.seen += images
+            levels = {"global": "g", "objects": "o", "details": "d", "final_caption": "a red circle"}
+            return [json.dumps(levels)] * len(images)
+
+    from cirlab.serving.engine import Engine
+
+    engine = Engine(tmp_path / "ix", captioner=Fixed())
+    vector = engine.query_vector(open_image(photos / "test1-00001.png"), "make it blue")
+    assert len(Fixed.seen) == 1 and engine.model.stats.failed == 1  # an upload is no query the oracle knows
+    with torch.no_grad():  # so its description falls back to the captioner's description and the text
+        expected = model.text_feature(["a red circle make it blue"])[0]
+    assert np.allclose(vector, expected.numpy(), atol=1e-5)
+    hits = SearchService(tmp_path / "ix", captioner=Fixed()).search("make it blue",
+                                                                    image=(photos / "test1-00001.png").read_bytes())
+    assert len(hits["hits"]) == 10
 
 
 def test_the_hf_composer_runs_a_local_causal_lm_and_counts_what_failed(tmp_path):
@@ -172,3 +193,30 @@ def test_the_hf_composer_runs_a_local_causal_lm_and_counts_what_failed(tmp_path)
     again = ComposeStats()
     compose(items, composer, ComposeCache(tmp_path / "c.jsonl"), stats=again)
     assert again.requests == stats.failed and again.cached == stats.composed
+
+
+def test_caption_weight_scores_targets_by_image_and_caption(clip_dir, world):
+    """s = (1 - w) cos(q, image) + w cos(q, caption), one target vector; targets then need their captions."""
+    import torch
+
+    from cirlab.backbones import load_backbone
+    from cirlab.data.images import open_image
+    from cirlab.errors import CirlabError
+    from cirlab.methods import build_model
+    from cirlab.types import Reference
+
+    split, queries = _val_queries(world, 4)
+    bb = load_backbone("clip", clip_dir)
+    model = build_model("caption_compose", bb, {"composer": "oracle", "oracle_root": str(world),
+                                                "caption_weight": 0.4}).eval()
+    assert model.target_captions == "final_caption"
+    names = [q.targets[0] for q in queries]
+    pixels = model.prepare([open_image(split.gallery[n]) for n in names])
+    with pytest.raises(CirlabError, match="pass captions="):
+        model.encode_target(pixels)
+    with torch.no_grad():
+        q = model.encode_query(None, [x.text for x in queries],
+                               [Reference(x.reference, split.captions[x.reference]) for x in queries])
+        scores = model.similarity(q, model.encode_target(pixels, split.caption_texts(names)))
+        image, caption = model.image_feature(pixels), model.text_feature(split.caption_texts(names))
+    assert torch.allclose(scores, 0.6 * q @ image.t() + 0.4 * q @ caption.t(), atol=1e-5)
