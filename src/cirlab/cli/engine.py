@@ -136,7 +136,7 @@ def cmd_search(args) -> None:
         raise CirlabError("--text is empty: say what to change")
     if args.k < 1:
         raise CirlabError(f"-k must be at least 1, got {args.k}")
-    engine = Engine(args.index, captioner=_captioner(args))
+    engine = Engine(args.index, captioner=_captioner(args), rerank=args.rerank, rerank_k=args.rerank_k)
     query = open_image(args.image) if args.image else args.image_id
     hits = engine.search(query, args.text, args.k)
     if args.json:
@@ -252,6 +252,9 @@ def add_engine_parsers(sub) -> None:
     s.add_argument("--text", required=True)
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--rerank", metavar="CHECKPOINT", help="a second model that rescores the first --rerank-k "
+                                                          "results (it encodes their images now)")
+    s.add_argument("--rerank-k", type=int, default=50)
     _add_captioner_options(s, cache=False)  # describes an --image for a method whose queries read descriptions
     s.set_defaults(func=cmd_search)
 

@@ -138,11 +138,19 @@ def cmd_eval(args) -> None:
     model = cirlab.load(ckpt, device=args.device)
     from cirlab.evaluation.per_query import write_records
 
+    rerank, name = None, model.name
+    if args.rerank:
+        if args.rerank_k < 1:
+            raise CirlabError(f"--rerank-k must be at least 1, got {args.rerank_k}")
+        second = Path(args.rerank)
+        rerank = (cirlab.load(second, device=args.device), args.rerank_k, second / "cache",
+                  checkpoint_identity(second))
+        name = f"{model.name} -> {rerank[0].name} (top {args.rerank_k})"
     metrics, records = evaluate_benchmark(model, args.dataset, splits, _reference_option(args), ckpt / "cache",
-                                          checkpoint_identity(ckpt), progress=not args.no_progress)
+                                          checkpoint_identity(ckpt), progress=not args.no_progress, rerank=rerank)
     from cirlab.experiments.report import format_table
 
-    print(format_table({model.name: metrics}, list(metrics)))
+    print(format_table({name: metrics}, list(metrics)))
     out = Path(args.json) if args.json else ckpt / f"eval-{args.dataset}-{args.split}.json"
     per_query = per_query_path(out)
     notes = model.notes()
@@ -151,6 +159,8 @@ def cmd_eval(args) -> None:
     out.write_text(json.dumps({"dataset": args.dataset, "split": args.split, "method": model.name,
                                "checkpoint": str(ckpt), "join": args.join, "reference": args.reference,
                                "query_limit": args.limit, "metrics": metrics, "per_query": per_query.name}
+                              | ({"rerank": {"checkpoint": str(args.rerank), "method": rerank[0].name,
+                                             "k": args.rerank_k}} if rerank else {})
                               | ({"notes": notes} if notes else {}), indent=1) + "\n")
     write_records(per_query, records)
     print(f"wrote {out} and {per_query} (one line per query, for `cirlab compare`)")
@@ -580,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "brings its own")
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, help="score only the first N queries of each split (the whole gallery)")
+    p.add_argument("--rerank", metavar="CHECKPOINT", help="a second model that rescores each query's top K")
+    p.add_argument("--rerank-k", type=int, default=50, help="how many first-stage results --rerank rescores")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

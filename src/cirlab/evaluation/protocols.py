@@ -131,23 +131,52 @@ def _full_rank(scores: torch.Tensor, col: int | None, top: list, name: str, dept
     return max(depth + 1, 1 + int((scores > scores[col]).sum()))
 
 
-@torch.no_grad()
-def rank(model, queries: list, qfeat: torch.Tensor, names: list, gfeat: torch.Tensor, remove_reference: bool,
-         depth: int = 50, batch_size: int = 256, all_targets: bool = False) -> Ranking:
-    """Rank the gallery for each query (similarities averaged over its phrasings); `all_targets` also records
-    the full rank of every ground truth (multi-target splits)."""
-    index = {n: i for i, n in enumerate(names)}
+@dataclass
+class Rerank:
+    """A second stage: `model` rescores the first stage's top `k` for each query from its own query features
+    `qfeat` (V, Q, D) and gallery features `gfeat` (in the first stage's gallery order)."""
+    model: object
+    qfeat: torch.Tensor
+    gfeat: torch.Tensor
+    k: int
+
+
+def _scores(model, qfeat: torch.Tensor, gfeat: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(b, N) similarities of queries lo..hi, averaged over their phrasings."""
     if qfeat.dim() == 2:
         qfeat = qfeat.unsqueeze(0)  # (V, Q, D): one phrasing
+    return torch.stack([model.similarity(q[lo:hi], gfeat) for q in qfeat]).mean(0)
+
+
+def cascade_scores(first: torch.Tensor, second: torch.Tensor, k: int) -> torch.Tensor:
+    """Scores that rank each row's top `k` of `first` by `second`, then the rest in `first`'s order (rows of
+    (b, N); -inf entries, a removed reference, stay last)."""
+    k = min(k, first.shape[1])
+    top = first.topk(k, dim=1).indices
+    finite = torch.cat([first[torch.isfinite(first)].abs(), second[torch.isfinite(second)].abs()])
+    off = 1.0 + (float(finite.max()) if finite.numel() else 0.0)  # small: a large offset would round scores away
+    out = (first - off).scatter(1, top, off + second.gather(1, top))
+    return out.masked_fill(first == float("-inf"), float("-inf"))  # a removed reference stays removed
+
+
+@torch.no_grad()
+def rank(model, queries: list, qfeat: torch.Tensor, names: list, gfeat: torch.Tensor, remove_reference: bool,
+         depth: int = 50, batch_size: int = 256, all_targets: bool = False, rerank: Rerank | None = None) -> Ranking:
+    """Rank the gallery for each query (similarities averaged over its phrasings); `all_targets` also records
+    the full rank of every ground truth (multi-target splits); `rerank` rescores each query's top k with a second
+    model (the subset ranking follows the same cascaded scores)."""
+    index = {n: i for i, n in enumerate(names)}
     ranked, subset_ranked, target_ranks, gt_ranks = [], [], [], []
     for lo in range(0, len(queries), batch_size):
         chunk = queries[lo:lo + batch_size]
-        # (b, N), averaged over the phrasings of each query
-        scores = torch.stack([model.similarity(q[lo:lo + batch_size], gfeat) for q in qfeat]).mean(0)
+        scores = _scores(model, qfeat, gfeat, lo, lo + batch_size)  # (b, N)
         if remove_reference:
             for i, q in enumerate(chunk):
                 if q.reference in index:
                     scores[i, index[q.reference]] = float("-inf")
+        if rerank is not None:
+            second = _scores(rerank.model, rerank.qfeat, rerank.gfeat, lo, lo + batch_size)
+            scores = cascade_scores(scores, second, rerank.k)
         top = scores.topk(min(depth, scores.shape[1]), dim=1).indices
         for i, q in enumerate(chunk):
             ranked.append([names[j] for j in top[i].tolist()])
@@ -208,13 +237,15 @@ REFERENCE_KEPT = ("circo", "synth-circo", "fashioniq", "shoes")
 
 
 def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_reference: bool | None = None,
-             batch_size: int = 256, progress: bool = True, store: PixelStore | None = None) -> tuple:
+             batch_size: int = 256, progress: bool = True, store: PixelStore | None = None,
+             rerank: tuple | None = None) -> tuple:
     """Run the split's protocol; returns (metrics in percent, ranking).
 
     The reference is removed from its own ranking by default for CIRR (and synth); CIRCO, FashionIQ and Shoes
     keep it (`remove_reference` overrides). Queries with alternative phrasings average their similarities.
     `store` reuses decoded images across calls (one evaluation per epoch, say); it must use the model's
-    preprocessing.
+    preprocessing. `rerank`, (second model, k, its cache folder, its id), rescores each query's top k with the
+    second model (a cascade; the reference is removed before the top k is taken).
     """
     queries = [q for q in split.queries if q.targets]
     if not queries:
@@ -225,8 +256,16 @@ def evaluate(model, split: Split, cache_dir=None, model_id: str = "", remove_ref
     model.eval()
     names, gfeat = encode_gallery(model, split, store, batch_size, cache_dir, model_id, progress)
     qfeat = encode_queries(model, queries, store, batch_size, split)
+    second = None
+    if rerank is not None:
+        model2, k, cache2, id2 = rerank
+        model2.eval()
+        store2 = store if model2.preprocess.key() == model.preprocess.key() else \
+            PixelStore(split.gallery, model2.preprocess)
+        _, gfeat2 = encode_gallery(model2, split, store2, batch_size, cache2, id2, progress)  # the same names
+        second = Rerank(model2, encode_queries(model2, queries, store2, batch_size, split), gfeat2, k)
     ranking = rank(model, queries, qfeat, names, gfeat, remove_reference, depth=50,
-                   all_targets=split.dataset in MULTI_TARGET)
+                   all_targets=split.dataset in MULTI_TARGET, rerank=second)
     metrics = benchmark_metrics(split.dataset, queries, ranking.ranked, ranking.subset_ranked)
     return metrics, ranking
 
@@ -243,13 +282,14 @@ def read_benchmark(dataset: str, data_root, split: str, join: str = "and") -> li
 
 
 def evaluate_benchmark(model, dataset: str, splits: list, remove_reference: bool | None = None, cache_dir=None,
-                       model_id: str = "", progress: bool = True) -> tuple:
+                       model_id: str = "", progress: bool = True, rerank: tuple | None = None) -> tuple:
     """The benchmark's protocol on the splits `read_benchmark` gives: (metrics, per-query records). FashionIQ
     ranks each category against its own gallery, then reports R@10/R@50 per category, their averages and the mean
     of the two (keys as `cirlab score` writes them); its records follow the categories in order."""
     queries, ranked, records = [], [], []
     for part in splits:
-        metrics, ranking = evaluate(model, part, cache_dir, model_id, remove_reference, progress=progress)
+        metrics, ranking = evaluate(model, part, cache_dir, model_id, remove_reference, progress=progress,
+                                    rerank=rerank)
         part_queries = [q for q in part.queries if q.targets]
         queries += part_queries
         ranked += ranking.ranked

@@ -25,7 +25,7 @@ from cirlab.data.images import open_image
 from cirlab.data.split import read_caption_records
 from cirlab.errors import CirlabError
 from cirlab.index import ImageIndex, check_id
-from cirlab.types import Reference
+from cirlab.types import Reference, SearchHit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -174,7 +174,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
 class Engine:
     """An index with the model that built it."""
 
-    def __init__(self, index_dir, device: str = "cpu", captioner=None):
+    def __init__(self, index_dir, device: str = "cpu", captioner=None, rerank=None, rerank_k: int = 50):
         import cirlab
         from cirlab.methods import checkpoint_identity
 
@@ -187,10 +187,16 @@ class Engine:
             raise CirlabError(f"the checkpoint {checkpoint} changed since the index was built; rebuild the index")
         self.model = cirlab.load(checkpoint, device=device).eval()
         self.captioner = captioner  # describes uploaded references for a method whose queries read descriptions
+        self.rerank = cirlab.load(rerank, device=device).eval() if rerank else None  # a second-stage model
+        if rerank_k < 1:
+            raise CirlabError(f"rerank_k must be at least 1, got {rerank_k}")
+        self.rerank_k = rerank_k
 
     @torch.no_grad()
-    def query_vector(self, image, text: str) -> np.ndarray:
-        """The composed query (D,) of an image (PIL image, or an indexed id) and a text."""
+    def query_vector(self, image, text: str, model=None) -> np.ndarray:
+        """The composed query (D,) of an image (PIL image, or an indexed id) and a text, by the index's model (or
+        `model`, the re-ranker)."""
+        model = model or self.model
         reference = None
         if isinstance(image, str):
             try:
@@ -199,16 +205,16 @@ class Engine:
                 raise CirlabError(f"unknown image id {image!r}") from None
             reference, image = Reference(image, item.get("caption", "")), open_image(item["path"])
         extra = {}
-        if self.model.query_captions:
+        if model.query_captions:
             if reference is None:
                 reference = Reference("", self.describe(image))
             if not reference.caption:
                 raise CirlabError(f"image {reference.image!r} has no caption in the index, and method "
-                                  f"{self.model.name} reads a description of the reference; rebuild the index with "
+                                  f"{model.name} reads a description of the reference; rebuild the index with "
                                   "captions")
             extra["references"] = [reference]
-        pixels = self.model.prepare([image])
-        return self.model.encode_query(pixels, [text], **extra).float().cpu().numpy()[0]
+        pixels = model.prepare([image])
+        return model.encode_query(pixels, [text], **extra).float().cpu().numpy()[0]
 
     def describe(self, image) -> str:
         """The captioner's description (the caption level the model reads) of an image that is not indexed."""
@@ -225,11 +231,31 @@ class Engine:
             return describe_images([("reference", str(path))], self.captioner, self.model.query_captions)[0]
 
     def search(self, image, text: str, k: int = 10) -> list:
-        """Up to k SearchHits; an indexed reference (an id) is left out of its own results."""
-        if not isinstance(image, str):
-            return self.index.search(self.query_vector(image, text)[None], k)[0]
-        hits = self.index.search(self.query_vector(image, text)[None], k + 1)[0]
-        return [h for h in hits if h.id != image][:k]
+        """Up to k SearchHits; an indexed reference (an id) is left out of its own results. With a re-ranker, the
+        first `rerank_k` results are rescored by it (their scores are then the re-ranker's) and come first."""
+        depth = max(k, self.rerank_k) if self.rerank is not None else k
+        hits = self.index.search(self.query_vector(image, text)[None], depth + isinstance(image, str))[0]
+        hits = [h for h in hits if not isinstance(image, str) or h.id != image][:depth]
+        if self.rerank is not None:
+            hits = self._rerank(image, text, hits[:self.rerank_k]) + hits[self.rerank_k:]
+        return hits[:k]
+
+    @torch.no_grad()
+    def _rerank(self, image, text: str, hits: list) -> list:
+        """The hits rescored by the re-ranker: its query against its own features of each hit's image (and caption,
+        where it reads one), computed now, so the index needs no second set of vectors."""
+        m = self.rerank
+        q = torch.from_numpy(self.query_vector(image, text, model=m))[None]
+        items = [self.index.item(h.id) for h in hits]
+        captions = [it.get("caption", "") for it in items]
+        if m.target_captions and not all(captions):
+            raise CirlabError(f"the re-ranker {m.name} reads target captions and this index stores none; build it "
+                              "with captions (--captions or --captioner)")
+        t = m.encode_target(m.prepare([open_image(it["path"]) for it in items]),
+                            captions if m.target_captions else None).float().cpu()
+        scores = m.similarity(q, t)[0].tolist()
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])
+        return [SearchHit(hits[i].id, float(scores[i])) for i in order]
 
     def add(self, items: list, captions=None, captioner=None, replace: bool = False, progress: bool = False) -> None:
         """Index (id, path) items; target captions, where the method reads them, come from the caption cache
