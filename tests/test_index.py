@@ -249,6 +249,14 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
                              "make the circle red", "-k", "5", "--json").stdout)
         assert [h["id"] for h in out["hits"]] == expected
         assert np.allclose([h["score"] for h in out["hits"]], scores.sort(descending=True).values[:5], atol=1e-4)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"image_id": ids[3], "text": "make the circle red", "k": 5}) + "\n\n"
+                       + json.dumps({"image": str(paths[3]), "text": "make the circle red", "k": 1}) + "\n")
+    lines = [json.loads(x) for x in cli("search", "--index", tmp_path / "ix", "--queries", queries).stdout.splitlines()]
+    assert [h["id"] for h in lines[0]["hits"]] == expected and lines[1]["line"] == 3 and len(lines[1]["hits"]) == 1
+    queries.write_text(json.dumps({"text": "no image"}) + "\n")
+    assert "line 1 needs exactly one" in cli("search", "--index", tmp_path / "ix", "--queries", queries,
+                                             ok=False).stderr
     by_file = json.loads(cli("search", "--index", tmp_path / "ix", "--image", paths[3], "--text",
                              "make the circle red", "-k", "1", "--json").stdout)
     assert by_file["hits"][0]["id"] == ids[3]  # the file itself is not excluded: it is its own nearest image

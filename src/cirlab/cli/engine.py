@@ -126,22 +126,58 @@ def cmd_index_info(args) -> None:
     print(json.dumps(ImageIndex(args.index).manifest, indent=1))
 
 
+def _read_queries(path) -> list:
+    """(line number, image or image id, text, k) of each line of a --queries JSONL file, checked with the line
+    named."""
+    from cirlab.data.images import open_image
+
+    path, out = Path(path), []
+    if not path.is_file():
+        raise CirlabError(f"queries file not found: {path}")
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CirlabError(f"{path}: line {n} is not JSON ({e})") from None
+        if not isinstance(q, dict) or ("image" in q) == ("image_id" in q) or not str(q.get("text", "")).strip():
+            raise CirlabError(f"{path}: line {n} needs exactly one of \"image\" and \"image_id\", and a \"text\"")
+        k = q.get("k", 10)
+        if not isinstance(k, int) or k < 1:
+            raise CirlabError(f"{path}: line {n}: k must be a positive integer, got {k!r}")
+        out.append((n, open_image(q["image"]) if "image" in q else q["image_id"], q["text"], k))
+    return out
+
+
+def _hits_json(engine, hits) -> list:
+    return [{"id": h.id, "score": round(h.score, 6), "path": engine.index.item(h.id)["path"]} for h in hits]
+
+
 def cmd_search(args) -> None:
     from cirlab.data.images import open_image
     from cirlab.serving.engine import Engine
 
-    if (args.image is None) == (args.image_id is None):
-        raise CirlabError("give exactly one of --image and --image-id")
-    if not args.text.strip():
-        raise CirlabError("--text is empty: say what to change")
+    if args.queries:
+        if args.image or args.image_id or args.text:
+            raise CirlabError("--queries replaces --image, --image-id and --text")
+    else:
+        if (args.image is None) == (args.image_id is None):
+            raise CirlabError("give exactly one of --image and --image-id (or --queries FILE)")
+        if not (args.text or "").strip():
+            raise CirlabError("--text is empty: say what to change")
     if args.k < 1:
         raise CirlabError(f"-k must be at least 1, got {args.k}")
+    queries = _read_queries(args.queries) if args.queries else None
     engine = Engine(args.index, captioner=_captioner(args), rerank=args.rerank, rerank_k=args.rerank_k)
+    if queries is not None:  # one model load for every query; one JSON line per query, in file order
+        for n, query, text, k in queries:
+            print(json.dumps({"line": n, "hits": _hits_json(engine, engine.search(query, text, k))}), flush=True)
+        return
     query = open_image(args.image) if args.image else args.image_id
     hits = engine.search(query, args.text, args.k)
     if args.json:
-        print(json.dumps({"hits": [{"id": h.id, "score": round(h.score, 6),
-                                    "path": engine.index.item(h.id)["path"]} for h in hits]}))
+        print(json.dumps({"hits": _hits_json(engine, hits)}))
         return
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h.score:.4f}  {h.id}  {engine.index.item(h.id)['path']}")
@@ -155,8 +191,13 @@ def cmd_serve(args) -> None:
     from cirlab.serving.app import create_app
     from cirlab.serving.service import SearchService
 
+    from cirlab.serving.engine import Engine
+
+    captioner = _captioner(args)
     service = SearchService(args.index, api_key=os.environ.get("CIRLAB_API_KEY"),
-                            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), captioner=_captioner(args))
+                            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), captioner=captioner,
+                            engine=Engine(args.index, captioner=captioner, rerank=args.rerank,
+                                          rerank_k=args.rerank_k))
     writes = "writes enabled" if service.api_key else "read-only (set CIRLAB_API_KEY to enable writes)"
     print(f"serving {len(service.index)} images of {args.index} on http://{args.host}:{args.port} ({writes})",
           flush=True)
@@ -249,7 +290,9 @@ def add_engine_parsers(sub) -> None:
     s.add_argument("--index", required=True)
     s.add_argument("--image", help="a reference image file")
     s.add_argument("--image-id", help="an indexed image as the reference")
-    s.add_argument("--text", required=True)
+    s.add_argument("--text")
+    s.add_argument("--queries", metavar="FILE", help="many queries in one run (the model loads once): JSONL lines "
+                                                      '{"image_id" or "image", "text", "k"}; prints one JSON line each')
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--json", action="store_true")
     s.add_argument("--rerank", metavar="CHECKPOINT", help="a second model that rescores the first --rerank-k "
@@ -263,6 +306,8 @@ def add_engine_parsers(sub) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-upload-mb", type=float, default=10.0)
+    v.add_argument("--rerank", metavar="CHECKPOINT", help="a second model that rescores the first --rerank-k results")
+    v.add_argument("--rerank-k", type=int, default=50)
     _add_captioner_options(v, cache=False)  # uploads to an index whose method reads target captions
     v.add_argument("--log-level", default="warning")
     v.set_defaults(func=cmd_serve)

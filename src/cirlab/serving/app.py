@@ -48,6 +48,12 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and request.url.path in ("/search", "/items") and \
+                not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            return JSONResponse({"error": f"POST {request.url.path} takes multipart/form-data (fields: image or "
+                                          "image_id, text, k), not " + (kind.split(";")[0] or "an empty body")},
+                                status_code=415)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > service.max_upload_bytes + BODY_OVERHEAD:
             return JSONResponse({"error": f"the request body has {int(length):,} bytes, over the upload limit "

@@ -13,7 +13,9 @@ image that has no caption.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +61,9 @@ def _captions_for(model, items: list, captions=None, captioner=None, work: Path 
     `captions` or else the `captioner` (its answers kept in WORK/captions.jsonl; `engine` holds caption_images'
     engine options, Ray's included); "" for every item of a method that reads none."""
     level = model.caption_level
-    if not level:
-        return [""] * len(items)
+    if not level:  # a method that reads none keeps the cache's captions it is given (for a re-ranker that does)
+        known = read_captions(captions) if captions else {}
+        return [known.get(i, known.get(Path(p).stem, "")) for i, p in items]
     known = read_captions(captions, level) if captions else {}
 
     def lookup(item_id: str, path: str):
@@ -167,7 +170,8 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise TooLarge(f"the image is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise NotAnImage(f"the upload is not a readable image ({type(e).__name__}: {e})") from None
+        detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the upload", str(e))  # no Python object reprs
+        raise NotAnImage(f"the upload is not a readable image ({type(e).__name__}: {detail})") from None
     return img
 
 
@@ -230,12 +234,30 @@ class Engine:
             image.convert("RGB").save(path)
             return describe_images([("reference", str(path))], self.captioner, self.model.query_captions)[0]
 
-    def search(self, image, text: str, k: int = 10) -> list:
-        """Up to k SearchHits; an indexed reference (an id) is left out of its own results. With a re-ranker, the
-        first `rerank_k` results are rescored by it (their scores are then the re-ranker's) and come first."""
+    def indexed_copy(self, data: bytes) -> str | None:
+        """The id of an indexed image whose file has exactly these bytes, else None (the files are hashed once per
+        index generation, at the first call)."""
+        generation = self.index.manifest["generation"]
+        if getattr(self, "_hashes", (None,))[0] != generation:
+            by_hash = {}
+            snap = self.index.snapshot
+            for item_id, path in zip(snap.ids, snap.paths):
+                try:
+                    by_hash.setdefault(hashlib.sha1(Path(path).read_bytes()).hexdigest(), item_id)
+                except OSError:
+                    continue
+            self._hashes = (generation, by_hash)
+        return self._hashes[1].get(hashlib.sha1(data).hexdigest())
+
+    def search(self, image, text: str, k: int = 10, exclude: str | None = None) -> list:
+        """Up to k SearchHits; an indexed reference (an id) is left out of its own results, as is `exclude` (an
+        upload that is a copy of an indexed image). With a re-ranker, the first `rerank_k` results are rescored
+        by it (their scores are then the re-ranker's) and come first."""
+        if isinstance(image, str):
+            exclude = image
         depth = max(k, self.rerank_k) if self.rerank is not None else k
-        hits = self.index.search(self.query_vector(image, text)[None], depth + isinstance(image, str))[0]
-        hits = [h for h in hits if not isinstance(image, str) or h.id != image][:depth]
+        hits = self.index.search(self.query_vector(image, text)[None], depth + (exclude is not None))[0]
+        hits = [h for h in hits if h.id != exclude][:depth]
         if self.rerank is not None:
             hits = self._rerank(image, text, hits[:self.rerank_k]) + hits[self.rerank_k:]
         return hits[:k]

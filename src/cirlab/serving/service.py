@@ -96,15 +96,17 @@ class SearchService:
             raise ServiceError(400, f"'k' must be an integer, got {k!r}") from None
         if not 1 <= k <= MAX_K:
             raise ServiceError(400, f"'k' must be between 1 and {MAX_K}, got {k}")
+        copy = None
         if image_id is not None:
             self.check_known(image_id)
             query = image_id
         else:
             query = self.image(image)
+            copy = self.engine.indexed_copy(image)  # an upload of an indexed image is left out of its results
         if image is not None and self.engine.model.query_captions and self.captioner is None:
             raise ServiceError(422, f"method {self.engine.model.name} reads a description of the reference image; "
                                     "this service has no captioner, so search by 'image_id'")
-        hits = self.engine.search(query, text, k)
+        hits = self.engine.search(query, text, k, exclude=copy)
         return {"hits": [{"id": h.id, "score": round(h.score, 6), "url": f"/images/{h.id}"} for h in hits],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
