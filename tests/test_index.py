@@ -254,6 +254,17 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
                        + json.dumps({"image": str(paths[3]), "text": "make the circle red", "k": 1}) + "\n")
     lines = [json.loads(x) for x in cli("search", "--index", tmp_path / "ix", "--queries", queries).stdout.splitlines()]
     assert [h["id"] for h in lines[0]["hits"]] == expected and lines[1]["line"] == 3 and len(lines[1]["hits"]) == 1
+    sidecar = tmp_path / "meta.jsonl"
+    sidecar.write_text("".join(json.dumps({"id": i, "half": "first" if n < 40 else "second", "n": n}) + "\n"
+                               for n, i in enumerate(sorted(ids))))
+    cli("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery, "--out", tmp_path / "mx",
+        "--metadata", sidecar, "--no-progress")
+    filtered = json.loads(cli("search", "--index", tmp_path / "mx", "--image-id", ids[3], "--text",
+                              "make the circle red", "-k", "5", "--filter", '{"half": "second", "n": {"lt": 43}}',
+                              "--json").stdout)["hits"]
+    assert sorted(h["id"] for h in filtered) == sorted(ids)[40:43]  # fewer pass than k: all of them, no more
+    assert "unknown condition" in cli("search", "--index", tmp_path / "mx", "--image-id", ids[3], "--text", "x",
+                                      "--filter", '{"n": {"near": 3}}', ok=False).stderr
     queries.write_text(json.dumps({"text": "no image"}) + "\n")
     assert "line 1 needs exactly one" in cli("search", "--index", tmp_path / "ix", "--queries", queries,
                                              ok=False).stderr
@@ -308,3 +319,47 @@ def test_milvus_backend_on_milvus_lite_agrees_with_exact_search(sum_checkpoint, 
     index = ImageIndex(tmp_path / "mv")
     assert len(index) == 79 and index.snapshot.backend.client.list_collections() == ["cirlab_g2"]  # g1 dropped
     assert ids[5] not in [h.id for h in index.search(index.snapshot.vectors[:, 0], 80)[0]]
+
+
+@pytest.mark.parametrize("backend,params", BACKENDS, ids=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "milvus"])
+def test_filtered_search_on_every_backend_agrees_with_filtered_brute_force(backend, params, tmp_path):
+    """Metadata filters applied inside each backend (a mask, FAISS's id selector, Milvus's boolean expression):
+    only passing items come back, k of them whenever k pass (all of them when fewer do), in brute force's order on
+    exact and FAISS flat and mostly so on the approximate ones; metadata survives add, remove and reopening."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(12, 16))
+    v = centres[rng.integers(12, size=(400, 3))] + 0.4 * rng.normal(size=(400, 3, 16))
+    v = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+    q = v[rng.integers(400, size=12), 0] + 0.2 * rng.normal(size=(12, 16)).astype(np.float32)
+    ids = [f"i{n}" for n in range(400)]
+    metas = [{"colour": ["red", "green", "blue"][n % 3], "year": 2000 + n % 24} | ({"rare": True} if n % 97 == 5
+                                                                                    else {}) for n in range(400)]
+    index = ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", backend=backend,
+                              params=params, ids=ids[:300], paths=["p"] * 300, vectors=v[:300], metas=metas[:300])
+    index.add(ids[300:], ["p"] * 100, v[300:], metas=metas[300:])
+    index.remove(ids[::50])
+    index = ImageIndex(tmp_path / "ix")
+    exact_match = backend == "exact" or params.get("kind") == "flat"
+    filters = [{"colour": "red"}, {"year": {"gte": 2010, "lt": 2013}, "colour": {"in": ["green", "blue"]}},
+               {"or": [{"rare": True}, {"year": 2023, "colour": "blue"}]}, {"rare": True}, {"colour": "purple"}]
+    for spec in filters:
+        from cirlab.index.filters import matches
+
+        live = [i for i in index.ids if matches(spec, metas[int(i[1:])])]
+        assert all(index.item(i)["meta"] == metas[int(i[1:])] for i in live)
+        brute = np.einsum("bd,nkd->bnk", q, v[[int(i[1:]) for i in live]]).max(-1) if live else None
+        overlap = []
+        for b, hits in enumerate(index.search(q, 10, filter=spec)):
+            got = [h.id for h in hits]
+            assert len(got) == min(10, len(live)) and set(got) <= set(live), spec
+            if not live:
+                continue
+            truth = [live[n] for n in np.argsort(-brute[b], kind="stable")[:10]]
+            overlap.append(len(set(got) & set(truth)) / len(truth))
+            if exact_match or len(live) <= 10:
+                assert set(got) == set(truth) and (not exact_match or got == truth), spec
+        assert not overlap or np.mean(overlap) >= 0.8, (spec, np.mean(overlap))
+    from cirlab.errors import CirlabError
+
+    with pytest.raises(CirlabError, match=r"filter.year: unknown condition"):
+        index.search(q, 10, filter={"year": {"between": [1, 2]}})

@@ -105,9 +105,13 @@ def test_search_images_and_authorised_writes(server):
     assert requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")},
                          headers=wrong).status_code == 401
     auth = {"Authorization": f"Bearer {KEY}"}
-    r = requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")}, data={"id": "red-square"},
-                      headers=auth)
+    r = requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")},
+                      data={"id": "red-square", "metadata": '{"shape": "square", "uploaded": true}'}, headers=auth)
     assert r.status_code == 201 and r.json() == {"id": "red-square"}
+    only = requests.post(server + "/search", data={"image_id": ref, "text": "red", "filter": '{"uploaded": true}'})
+    assert [h["id"] for h in only.json()["hits"]] == ["red-square"]  # the one item whose metadata passes
+    bad = requests.post(server + "/search", data={"image_id": ref, "text": "red", "filter": "{nope"})
+    assert bad.status_code == 400 and "'filter' is not valid JSON" in bad.json()["error"]
     assert requests.get(server + "/health").json()["items"] == 41
     assert requests.get(server + "/images/red-square").content == png()
     again = requests.post(server + "/items", files={"image": ("a.png", png(), "image/png")},

@@ -88,7 +88,7 @@ def cmd_index_build(args) -> None:
     index = build_index(checkpoint, args.images, args.out, args.backend, _backend_params(args), args.captions,
                         _captioner(args), args.batch_size, progress=not args.no_progress, engine=args.engine,
                         address=args.ray_address, concurrency=args.concurrency_ray, limit=args.limit,
-                        captioner_factory=_captioner_factory(args))
+                        captioner_factory=_captioner_factory(args), metadata=args.metadata)
     m = index.manifest
     print(f"indexed {len(index)} images with {m['method']} ({m['backend']}, dim {m['dim']}): {args.out}")
 
@@ -105,7 +105,13 @@ def cmd_index_add(args) -> None:
             items.append((p.stem, str(p.resolve())))
         else:
             raise CirlabError(f"not an image file or folder: {p}")
-    engine.add(items, args.captions, _captioner(args), replace=args.replace, progress=not args.no_progress)
+    metas = None
+    if args.metadata:
+        from cirlab.serving.engine import read_metadata
+
+        metas = read_metadata(args.metadata, items)
+    engine.add(items, args.captions, _captioner(args), replace=args.replace, progress=not args.no_progress,
+               metas=metas)
     print(f"added {len(items)} images; the index holds {len(engine.index)}")
 
 
@@ -127,8 +133,8 @@ def cmd_index_info(args) -> None:
 
 
 def _read_queries(path) -> list:
-    """(line number, image or image id, text, k) of each line of a --queries JSONL file, checked with the line
-    named."""
+    """(line number, image or image id, text, k, filter or None) of each line of a --queries JSONL file, checked
+    with the line named."""
     from cirlab.data.images import open_image
 
     path, out = Path(path), []
@@ -146,7 +152,15 @@ def _read_queries(path) -> list:
         k = q.get("k", 10)
         if not isinstance(k, int) or k < 1:
             raise CirlabError(f"{path}: line {n}: k must be a positive integer, got {k!r}")
-        out.append((n, open_image(q["image"]) if "image" in q else q["image_id"], q["text"], k))
+        spec = q.get("filter")
+        if spec is not None:
+            from cirlab.index.filters import check_filter
+
+            try:
+                check_filter(spec)
+            except CirlabError as e:
+                raise CirlabError(f"{path}: line {n}: {e}") from None
+        out.append((n, open_image(q["image"]) if "image" in q else q["image_id"], q["text"], k, spec))
     return out
 
 
@@ -171,11 +185,17 @@ def cmd_search(args) -> None:
     queries = _read_queries(args.queries) if args.queries else None
     engine = Engine(args.index, captioner=_captioner(args), rerank=args.rerank, rerank_k=args.rerank_k)
     if queries is not None:  # one model load for every query; one JSON line per query, in file order
-        for n, query, text, k in queries:
-            print(json.dumps({"line": n, "hits": _hits_json(engine, engine.search(query, text, k))}), flush=True)
+        for n, query, text, k, spec in queries:
+            hits = engine.search(query, text, k, filter=spec)
+            print(json.dumps({"line": n, "hits": _hits_json(engine, hits)}), flush=True)
         return
+    spec = json_arg(args.filter, "--filter") or None
+    if spec is not None:
+        from cirlab.index.filters import check_filter
+
+        check_filter(spec)
     query = open_image(args.image) if args.image else args.image_id
-    hits = engine.search(query, args.text, args.k)
+    hits = engine.search(query, args.text, args.k, filter=spec)
     if args.json:
         print(json.dumps({"hits": _hits_json(engine, hits)}))
         return
@@ -245,6 +265,8 @@ def _add_index_parsers(sub) -> None:
                                         "the index folder)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--limit", type=int, help="index only the first N images (by id: their paths in name order)")
+    b.add_argument("--metadata", metavar="FILE", help='JSONL lines {"id" or "path": ..., KEY: VALUE, ...}: each '
+                                                      "item's metadata, for search filters")
     add_engine_options(b)
     _add_captioner_options(b)
     b.add_argument("--no-progress", action="store_true")
@@ -254,6 +276,7 @@ def _add_index_parsers(sub) -> None:
     a.add_argument("index")
     a.add_argument("paths", nargs="+")
     a.add_argument("--replace", action="store_true", help="overwrite items whose id exists")
+    a.add_argument("--metadata", metavar="FILE", help="the items' metadata, as for index build")
     _add_captioner_options(a)
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=cmd_index_add)
@@ -294,6 +317,8 @@ def add_engine_parsers(sub) -> None:
     s.add_argument("--queries", metavar="FILE", help="many queries in one run (the model loads once): JSONL lines "
                                                       '{"image_id" or "image", "text", "k"}; prints one JSON line each')
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--filter", help='only items whose metadata passes, e.g. {"colour": "red", "year": {"gte": 2020}} '
+                                     "(JSON, inline or a file; see docs/engine-and-service.md)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--rerank", metavar="CHECKPOINT", help="a second model that rescores the first --rerank-k "
                                                           "results (it encodes their images now)")

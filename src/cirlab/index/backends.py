@@ -64,7 +64,9 @@ class VectorBackend:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def search(self, queries: np.ndarray, k: int) -> tuple:
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple:
+        """(scores (B, k'), rows (B, k')), best first; `rows`, when given, the only rows that may be returned
+        (a metadata filter), k' = min(k, their number)."""
         raise NotImplementedError
 
 
@@ -79,13 +81,15 @@ class ExactBackend(VectorBackend):
     def __len__(self) -> int:
         return self.vectors.shape[0]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple:
-        k = min(k, len(self))
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple:
+        vectors = self.vectors if rows is None else self.vectors[torch.from_numpy(np.asarray(rows, np.int64))]
+        k = min(k, vectors.shape[0])
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)) @ self.vectors.t()
+        scores = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)) @ vectors.t()
         top = scores.topk(k, dim=1)
-        return top.values.numpy(), top.indices.numpy()
+        found = top.indices.numpy()
+        return top.values.numpy(), found if rows is None else np.asarray(rows, np.int64)[found]
 
 
 class FaissBackend(VectorBackend):
@@ -175,12 +179,25 @@ class FaissBackend(VectorBackend):
     def __len__(self) -> int:
         return self.index.ntotal
 
-    def search(self, queries: np.ndarray, k: int) -> tuple:
-        k = min(k, len(self))
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple:
+        """With `rows`, FAISS's own id selector restricts each search (IVF probes its `nprobe` cells and HNSW walks
+        its graph as usual, so either can return fewer than k: the index store then falls back to exact search)."""
+        import faiss
+
+        k = min(k, len(self) if rows is None else len(rows))
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, rows  # rows of -1 (IVF with too few probed cells) are dropped by the caller
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        if rows is None:
+            return self.index.search(x, k)  # rows of -1 (IVF with too few probed cells) are dropped by the caller
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
+        if hasattr(self.index, "nprobe"):  # by the index itself: one read back from its file knows its type
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nprobe)
+        elif hasattr(self.index, "hnsw"):
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=self.index.hnsw.efSearch)
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        return self.index.search(x, k, params=params)
 
 
 class MilvusBackend(VectorBackend):
@@ -262,14 +279,17 @@ class MilvusBackend(VectorBackend):
     def __len__(self) -> int:
         return self.count
 
-    def search(self, queries: np.ndarray, k: int) -> tuple:
-        k = min(k, len(self))
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple:
+        """With `rows`, Milvus's boolean expression on the primary key (`id in [...]`) restricts the search."""
+        allowed = rows
+        k = min(k, len(self) if allowed is None else len(allowed))
         scores = np.full((len(queries), k), -np.inf, np.float32)
         rows = np.full((len(queries), k), -1, np.int64)
         if k == 0:
             return scores, rows
+        expr = "" if allowed is None else f"id in [{', '.join(str(int(r)) for r in allowed)}]"
         found = self.client.search(self.collection, data=np.asarray(queries, np.float32).tolist(), limit=k,
-                                   search_params={"metric_type": "IP"})
+                                   search_params={"metric_type": "IP"}, filter=expr)
         for b, hits in enumerate(found):
             for j, hit in enumerate(hits[:k]):
                 scores[b, j], rows[b, j] = hit["distance"], hit["id"]

@@ -32,7 +32,8 @@ import numpy as np
 
 from cirlab.atomic import write_atomic
 from cirlab.errors import CirlabError
-from cirlab.index.backends import backend_class, fold_tokens
+from cirlab.index.backends import ExactBackend, backend_class, fold_tokens
+from cirlab.index.filters import check_filter, matches
 from cirlab.types import SearchHit
 
 FORMAT = 1
@@ -57,6 +58,7 @@ class Snapshot:
     vectors: np.ndarray
     backend: object
     position: dict  # id -> row in `ids`
+    metas: tuple = ()  # each item's metadata (a dict, {} when none was given)
 
 
 class ImageIndex:
@@ -80,7 +82,7 @@ class ImageIndex:
     @classmethod
     def create(cls, folder, *, checkpoint: str, checkpoint_id: str, method: str, backend: str = "exact",
                params: dict | None = None, ids: list, paths: list, captions: list | None = None,
-               vectors: np.ndarray) -> "ImageIndex":
+               vectors: np.ndarray, metas: list | None = None) -> "ImageIndex":
         """A new index at `folder` (which must not hold one) from items and their vectors (N, D) or (N, K, D)."""
         folder = Path(folder)
         if (folder / MANIFEST).exists():
@@ -95,7 +97,8 @@ class ImageIndex:
                     "dim": int(vectors.shape[2]), "tokens": int(vectors.shape[1]), "backend": backend,
                     "params": settings, "actual": {}, "count": 0, "files": {}}
         with _exclusive(folder):
-            cls._commit(folder, manifest, _dedupe(ids), list(paths), list(captions or [""] * len(ids)), vectors)
+            cls._commit(folder, manifest, _dedupe(ids), list(paths), list(captions or [""] * len(ids)), vectors,
+                        _check_metas(metas, len(ids)))
         return cls(folder)
 
     def _load(self, manifest: dict) -> Snapshot:
@@ -116,15 +119,17 @@ class ImageIndex:
         backend = cls.open(self.folder, files, manifest["params"], flat)
         ids = tuple(r["id"] for r in rows)
         return Snapshot(ids, tuple(r["path"] for r in rows), tuple(r.get("caption", "") for r in rows), vectors,
-                        backend, {i: n for n, i in enumerate(ids)})
+                        backend, {i: n for n, i in enumerate(ids)}, tuple(r.get("meta", {}) for r in rows))
 
     @staticmethod
-    def _commit(folder: Path, manifest: dict, ids: list, paths: list, captions: list, vectors: np.ndarray) -> dict:
+    def _commit(folder: Path, manifest: dict, ids: list, paths: list, captions: list, vectors: np.ndarray,
+                metas: list) -> dict:
         """Write generation g+1 and switch the manifest to it; returns the new manifest."""
         g = manifest["generation"] + 1
         files = {"vectors": f"vectors-{g}.npy", "items": f"items-{g}.jsonl"}
         write_atomic(folder / files["vectors"], lambda f: np.save(f, vectors.astype(np.float32)))
-        lines = "".join(json.dumps({"id": i, "path": p, "caption": c}) + "\n" for i, p, c in zip(ids, paths, captions))
+        lines = "".join(json.dumps({"id": i, "path": p, "caption": c} | ({"meta": m} if m else {})) + "\n"
+                        for i, p, c, m in zip(ids, paths, captions, metas))
         write_atomic(folder / files["items"], lambda f: f.write(lines.encode()))
         built = backend_class(manifest["backend"]).build(vectors.reshape(-1, vectors.shape[2]), folder, g,
                                                          manifest["params"])  # its own files or collection
@@ -151,29 +156,43 @@ class ImageIndex:
         if item_id not in snap.position:
             raise KeyError(item_id)
         n = snap.position[item_id]
-        return {"id": item_id, "path": snap.paths[n], "caption": snap.captions[n]}
+        return {"id": item_id, "path": snap.paths[n], "caption": snap.captions[n], "meta": snap.metas[n]}
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list:
-        """Per query (rows of (B, D)), up to k SearchHits, best first."""
+    def search(self, queries: np.ndarray, k: int = 10, filter: dict | None = None) -> list:
+        """Per query (rows of (B, D)), up to k SearchHits, best first; with a metadata `filter` (index/filters.py)
+        only items that pass it, searched inside the backend, and k of them whenever k pass (a backend that finds
+        fewer, an IVF or HNSW index whose probes miss the few that pass, is completed by exact search)."""
         snap = self.snapshot  # one state for the whole call
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.manifest["dim"]:
             raise CirlabError(f"query dimension {queries.shape[1]} does not match the index's {self.manifest['dim']}")
         tokens = snap.vectors.shape[1] if snap.vectors.ndim == 3 else 1
-        scores, rows = snap.backend.search(queries, k * tokens)
-        folded_scores, items = fold_tokens(scores, rows, tokens, k)
+        if filter is None:
+            scores, rows = snap.backend.search(queries, k * tokens)
+            folded_scores, items = fold_tokens(scores, rows, tokens, k)
+        else:
+            check_filter(filter)
+            passing = np.array([n for n, m in enumerate(snap.metas) if matches(filter, m)], np.int64)
+            rows = (passing[:, None] * tokens + np.arange(tokens)).reshape(-1)
+            scores, found = snap.backend.search(queries, k * tokens, rows)
+            folded_scores, items = fold_tokens(scores, found, tokens, k)
+            if any(len(its) < min(k, len(passing)) for its in items):
+                exact = ExactBackend(snap.vectors.reshape(-1, snap.vectors.shape[2]))
+                folded_scores, items = fold_tokens(*exact.search(queries, k * tokens, rows), tokens, k)
         return [[SearchHit(snap.ids[i], s) for i, s in zip(its, ss)] for its, ss in zip(items, folded_scores)]
 
     # ----------------------------------------------------------------- writing
     def add(self, ids: list, paths: list, vectors: np.ndarray, captions: list | None = None,
-            replace: bool = False) -> None:
-        """Append items (ids new unless `replace`, which overwrites items with the same id)."""
+            replace: bool = False, metas: list | None = None) -> None:
+        """Append items (ids new unless `replace`, which overwrites items with the same id), each with its caption
+        and metadata (a JSON object) when given."""
         ids = _dedupe([check_id(i) for i in ids])
         vectors = _as_items(vectors, len(ids))
         if vectors.shape[1:] != (self.manifest["tokens"], self.manifest["dim"]):
             raise CirlabError(f"vectors of shape {vectors.shape[1:]} do not fit the index's "
                               f"({self.manifest['tokens']}, {self.manifest['dim']})")
         captions = list(captions or [""] * len(ids))
+        metas = _check_metas(metas, len(ids))
 
         def change(snap: Snapshot) -> tuple:
             taken = [i for i in ids if i in snap.position]
@@ -181,7 +200,8 @@ class ImageIndex:
                 raise CirlabError(f"{len(taken)} id(s) already in the index (first: {taken[0]})")
             keep = [n for n, i in enumerate(snap.ids) if i not in set(ids)]
             return ([snap.ids[n] for n in keep] + ids, [snap.paths[n] for n in keep] + list(paths),
-                    [snap.captions[n] for n in keep] + captions, np.concatenate([snap.vectors[keep], vectors]))
+                    [snap.captions[n] for n in keep] + captions, np.concatenate([snap.vectors[keep], vectors]),
+                    [snap.metas[n] for n in keep] + metas)
         self._write(change)
 
     def remove(self, ids: list) -> list:
@@ -196,7 +216,7 @@ class ImageIndex:
             removed.extend(snap.paths[snap.position[i]] for i in ids)
             keep = [n for n, i in enumerate(snap.ids) if i not in drop]
             return ([snap.ids[n] for n in keep], [snap.paths[n] for n in keep], [snap.captions[n] for n in keep],
-                    snap.vectors[keep])
+                    snap.vectors[keep], [snap.metas[n] for n in keep])
         self._write(change)
         return removed
 
@@ -206,9 +226,20 @@ class ImageIndex:
         with self._lock, _exclusive(self.folder):
             manifest = json.loads((self.folder / MANIFEST).read_text())
             snap = self.snapshot if manifest["generation"] == self.manifest["generation"] else self._load(manifest)
-            ids, paths, captions, vectors = change(snap)
-            manifest = self._commit(self.folder, manifest, ids, paths, captions, vectors)
+            ids, paths, captions, vectors, metas = change(snap)
+            manifest = self._commit(self.folder, manifest, ids, paths, captions, vectors, metas)
             self.snapshot, self.manifest = self._load(manifest), manifest
+
+
+def _check_metas(metas: list | None, n: int) -> list:
+    """Each item's metadata: a JSON object ({} for none)."""
+    metas = [{} if m is None else m for m in (metas or [None] * n)]
+    if len(metas) != n:
+        raise CirlabError(f"expected metadata for {n} items, got {len(metas)}")
+    for m in metas:
+        if not isinstance(m, dict):
+            raise CirlabError(f"item metadata must be a JSON object, got {type(m).__name__}: {str(m)[:80]}")
+    return metas
 
 
 def _as_items(vectors, n: int) -> np.ndarray:

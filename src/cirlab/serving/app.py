@@ -1,7 +1,8 @@
 """The HTTP API and web page over a SearchService (FastAPI; `cirlab serve` runs it under uvicorn).
 
-Routes: `POST /search` (multipart: `image` file or `image_id`, `text`, optional `k`), `GET /images/{id}`,
-`GET /items` (browse: `offset`, `limit`), `POST /items` and `DELETE /items/{id}` (bearer key), `GET /health`, the
+Routes: `POST /search` (multipart: `image` file or `image_id`, `text`, optional `k` and `filter`, a JSON object
+over the items' metadata), `GET /images/{id}`, `GET /items` (browse: `offset`, `limit`), `POST /items` (optional
+`metadata`, a JSON object) and `DELETE /items/{id}` (bearer key), `GET /health`, the
 page at `/` and OpenAPI docs at `/docs`. Every error is JSON `{"error": "..."}` with a 4xx status; a request body
 whose declared length exceeds the upload limit is refused before it is read.
 """
@@ -70,9 +71,9 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.post("/search")
     async def search(text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
-                     image: UploadFile | None = File(None)):
+                     image: UploadFile | None = File(None), filter: str | None = Form(None)):
         data = await _read(image, service)
-        return service.search(text, data, image_id or None, k)
+        return service.search(text, data, image_id or None, k, filter)
 
     @app.get("/images/{item_id}")
     def get_image(item_id: str):
@@ -83,10 +84,10 @@ def create_app(service: SearchService) -> FastAPI:
         return service.items(offset, limit)
 
     @app.post("/items", status_code=201)
-    async def add_item(image: UploadFile = File(...), id: str | None = Form(None),
+    async def add_item(image: UploadFile = File(...), id: str | None = Form(None), metadata: str | None = Form(None),
                        authorization: str | None = Header(None)):
         service.authorise(authorization)
-        return service.add(await _read(image, service), id or None)
+        return service.add(await _read(image, service), id or None, metadata)
 
     @app.delete("/items/{item_id}")
     def delete_item(item_id: str, authorization: str | None = Header(None)):

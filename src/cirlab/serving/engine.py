@@ -49,6 +49,30 @@ def scan_images(folder) -> list:
     return sorted(found.items())
 
 
+def read_metadata(path, items: list) -> list:
+    """Each (id, path) item's metadata from a sidecar JSONL file whose lines are JSON objects naming an item by
+    "id" or by "path" (the file's path as given, or its name); the other keys are the metadata. Items it does not
+    name get {}."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise CirlabError(f"metadata file not found: {path}")
+    by_id, by_path = {}, {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CirlabError(f"{path}: line {n} is not JSON ({e})") from None
+        if not isinstance(row, dict) or ("id" in row) == ("path" in row):
+            raise CirlabError(f"{path}: line {n} must be a JSON object with exactly one of \"id\" and \"path\"")
+        meta = {k: v for k, v in row.items() if k not in ("id", "path")}
+        (by_id if "id" in row else by_path)[str(row.get("id", row.get("path")))] = meta
+    return [by_id.get(i, by_path.get(p, by_path.get(Path(p).name, {}))) for i, p in items]
+
+
 def read_captions(path, level: str = "final_caption") -> dict:
     """image -> caption at `level` from a caption cache (the newest record of each image)."""
     return {image: rec["final_caption"] if level == "final_caption" else rec.get("levels", {}).get(level, "")
@@ -128,15 +152,17 @@ def embed_images(model, paths: list, captions: list | None = None, batch_size: i
 def build_index(checkpoint, images, out, backend: str = "exact", params: dict | None = None, captions=None,
                 captioner=None, batch_size: int = 64, progress: bool = True, engine: str = "local",
                 address: str | None = None, concurrency: int = 1, limit: int | None = None,
-                captioner_factory=None) -> ImageIndex:
+                captioner_factory=None, metadata=None) -> ImageIndex:
     """Embed every image under `images` (the first `limit` by id, if given) with the checkpoint's target encoder
     into a new index at `out` (in this process, or with `engine="ray"` in a pool of `concurrency` Ray actors).
     Images the caption cache lacks are captioned by `captioner`; with the ray engine and `captioner_factory` (a
-    picklable function that builds the captioner), in the actors too."""
+    picklable function that builds the captioner), in the actors too. `metadata`, a sidecar JSONL file
+    (`read_metadata`), gives items the metadata that search filters read."""
     import cirlab
     from cirlab.methods import checkpoint_identity
 
     items = scan_images(images)[:limit]
+    metas = read_metadata(metadata, items) if metadata else None
     model = cirlab.load(checkpoint)
     ray = {"engine": "ray", "backend_factory": captioner_factory, "address": address, "concurrency": concurrency} \
         if engine == "ray" and captioner_factory is not None else {}
@@ -146,7 +172,7 @@ def build_index(checkpoint, images, out, backend: str = "exact", params: dict | 
     return ImageIndex.create(out, checkpoint=str(Path(checkpoint).resolve()),
                              checkpoint_id=checkpoint_identity(checkpoint), method=model.name, backend=backend,
                              params=params, ids=[i for i, _ in items], paths=[p for _, p in items], captions=texts,
-                             vectors=vectors)
+                             vectors=vectors, metas=metas)
 
 
 class TooLarge(CirlabError):
@@ -249,14 +275,15 @@ class Engine:
             self._hashes = (generation, by_hash)
         return self._hashes[1].get(hashlib.sha1(data).hexdigest())
 
-    def search(self, image, text: str, k: int = 10, exclude: str | None = None) -> list:
+    def search(self, image, text: str, k: int = 10, exclude: str | None = None, filter: dict | None = None) -> list:
         """Up to k SearchHits; an indexed reference (an id) is left out of its own results, as is `exclude` (an
         upload that is a copy of an indexed image). With a re-ranker, the first `rerank_k` results are rescored
-        by it (their scores are then the re-ranker's) and come first."""
+        by it (their scores are then the re-ranker's) and come first. `filter`: only items whose metadata passes
+        it (index/filters.py)."""
         if isinstance(image, str):
             exclude = image
         depth = max(k, self.rerank_k) if self.rerank is not None else k
-        hits = self.index.search(self.query_vector(image, text)[None], depth + (exclude is not None))[0]
+        hits = self.index.search(self.query_vector(image, text)[None], depth + (exclude is not None), filter)[0]
         hits = [h for h in hits if h.id != exclude][:depth]
         if self.rerank is not None:
             hits = self._rerank(image, text, hits[:self.rerank_k]) + hits[self.rerank_k:]
@@ -279,12 +306,13 @@ class Engine:
         order = sorted(range(len(hits)), key=lambda i: -scores[i])
         return [SearchHit(hits[i].id, float(scores[i])) for i in order]
 
-    def add(self, items: list, captions=None, captioner=None, replace: bool = False, progress: bool = False) -> None:
-        """Index (id, path) items; target captions, where the method reads them, come from the caption cache
-        `captions` or the `captioner`, as in `build_index`."""
+    def add(self, items: list, captions=None, captioner=None, replace: bool = False, progress: bool = False,
+            metas: list | None = None) -> None:
+        """Index (id, path) items, with their metadata when given; target captions, where the method reads them,
+        come from the caption cache `captions` or the `captioner`, as in `build_index`."""
         for item_id, _ in items:
             check_id(item_id)
         texts = _captions_for(self.model, items, captions, captioner, self.index.folder, progress)
         vectors = embed_images(self.model, [p for _, p in items], texts, progress=progress)
-        self.index.add([i for i, _ in items], [p for _, p in items], vectors, texts, replace=replace)
+        self.index.add([i for i, _ in items], [p for _, p in items], vectors, texts, replace=replace, metas=metas)
 

@@ -81,7 +81,7 @@ class SearchService:
 
     # ----------------------------------------------------------------- operations
     def search(self, text: str | None, image: bytes | None = None, image_id: str | None = None,
-               k: int | str | None = 10) -> dict:
+               k: int | str | None = 10, filter: str | dict | None = None) -> dict:
         t0 = time.perf_counter()
         if (image is None) == (image_id is None):
             raise ServiceError(400, "give exactly one of 'image' (a file) and 'image_id'")
@@ -96,6 +96,14 @@ class SearchService:
             raise ServiceError(400, f"'k' must be an integer, got {k!r}") from None
         if not 1 <= k <= MAX_K:
             raise ServiceError(400, f"'k' must be between 1 and {MAX_K}, got {k}")
+        filter = self._json_object(filter, "filter")
+        if filter is not None:
+            from cirlab.index.filters import check_filter
+
+            try:
+                check_filter(filter)
+            except CirlabError as e:
+                raise ServiceError(400, str(e)) from None
         copy = None
         if image_id is not None:
             self.check_known(image_id)
@@ -106,7 +114,7 @@ class SearchService:
         if image is not None and self.engine.model.query_captions and self.captioner is None:
             raise ServiceError(422, f"method {self.engine.model.name} reads a description of the reference image; "
                                     "this service has no captioner, so search by 'image_id'")
-        hits = self.engine.search(query, text, k, exclude=copy)
+        hits = self.engine.search(query, text, k, exclude=copy, filter=filter)
         return {"hits": [{"id": h.id, "score": round(h.score, 6), "url": f"/images/{h.id}"} for h in hits],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
@@ -123,7 +131,24 @@ class SearchService:
         return {"items": [{"id": i, "url": f"/images/{i}"} for i in ids[offset:offset + limit]],
                 "total": len(ids)}
 
-    def add(self, data: bytes, item_id: str | None = None) -> dict:
+    @staticmethod
+    def _json_object(value, field: str):
+        """A form field holding a JSON object (None when empty)."""
+        if value in (None, ""):
+            return None
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ServiceError(400, f"'{field}' is not valid JSON ({e.msg} at character {e.pos})") from None
+        if not isinstance(value, dict):
+            raise ServiceError(400, f"'{field}' must be a JSON object")
+        return value
+
+    def add(self, data: bytes, item_id: str | None = None, metadata: str | dict | None = None) -> dict:
+        meta = self._json_object(metadata, "metadata")
         img = self.image(data)
         item_id = self.check_id(item_id) if item_id else uuid.uuid4().hex[:16]
         if item_id in self.index.snapshot.position:
@@ -136,7 +161,7 @@ class SearchService:
         path = folder / f"{item_id}{FORMATS.get(img.format, '.png')}"
         write_atomic(path, lambda f: f.write(data))
         try:
-            self.engine.add([(item_id, str(path))], captioner=self.captioner)
+            self.engine.add([(item_id, str(path))], captioner=self.captioner, metas=[meta or {}])
         except CirlabError as e:
             path.unlink(missing_ok=True)
             raise ServiceError(409 if "already" in str(e) else 400, str(e)) from None
