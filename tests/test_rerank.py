@@ -76,3 +76,35 @@ def test_engine_reranks_the_first_results_with_the_second_model(clip_dir, world,
                          "--rerank", tmp_path / "sum" / "checkpoint", "--rerank-k", "5", "-k", "10",
                          "--json").stdout)
     assert [h["id"] for h in out["hits"]] == part
+
+
+def test_feedback_moves_the_query_toward_more_and_away_from_less(clip_dir, world, tmp_path):
+    import numpy as np
+
+    from cirlab.serving.engine import Engine
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((Path(world) / "test1").glob("*.png"))[:30]:
+        shutil.copy(p, photos / p.name)
+    cli("index", "build", "--method", "sum", "--backbone", clip_dir, "--images", photos, "--out", tmp_path / "ix",
+        "--no-progress")
+    engine = Engine(tmp_path / "ix")
+    query = ("test1-00003", "make the circle red")
+    plain = [h.id for h in engine.search(*query, k=28)]
+    liked, disliked = plain[-1], plain[0]  # the worst result liked, the best disliked
+    snap = engine.index.snapshot
+    vec = {i: snap.vectors[snap.position[i]][0] for i in snap.ids}
+    q = engine.query_vector(*query)
+    moved = q + 0.5 * vec[liked] - 0.25 * vec[disliked]
+    moved /= np.linalg.norm(moved)
+    assert np.allclose(engine.feedback_vector(q, [liked], [disliked]), moved, atol=1e-5)
+    hits = engine.search(*query, k=26, more=[liked], less=[disliked])
+    truth = sorted((i for i in snap.ids if i not in {query[0], liked, disliked}), key=lambda i: -float(moved @ vec[i]))
+    assert [h.id for h in hits] == truth[:26]  # the feedback items themselves are left out, as the reference is
+    weighted = engine.feedback_vector(q, [(liked, 3.0), (plain[-2], 1.0)])
+    mean = (3 * vec[liked] + vec[plain[-2]]) / 4
+    assert np.allclose(weighted, (q + 0.5 * mean) / np.linalg.norm(q + 0.5 * mean), atol=1e-5)
+    out = json.loads(cli("search", "--index", tmp_path / "ix", "--image-id", query[0], "--text", query[1], "-k", "26",
+                         "--more", liked, "--less", disliked, "--json").stdout)
+    assert [h["id"] for h in out["hits"]] == truth[:26]

@@ -97,6 +97,11 @@ def test_search_images_and_authorised_writes(server):
                        data={"text": "make the circle red", "k": "6"})
     assert up.status_code == 200  # an upload of an indexed image is recognised and left out, as by id
     assert [h["id"] for h in up.json()["hits"]][:5] == [h["id"] for h in body["hits"]]
+    liked = body["hits"][-1]["id"]
+    fb = requests.post(server + "/search", data={"image_id": ref, "text": "make the circle red", "k": "5",
+                                                 "more": liked, "less": body["hits"][0]["id"]})
+    assert fb.status_code == 200 and liked not in [h["id"] for h in fb.json()["hits"]]
+    assert requests.post(server + "/search", data={"image_id": ref, "text": "x", "more": "nope"}).status_code == 404
     assert requests.get(server + "/docs").status_code == 200
     assert requests.get(server + "/openapi.json").json()["paths"].keys() >= {"/search", "/items", "/health"}
 

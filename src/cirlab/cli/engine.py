@@ -195,7 +195,7 @@ def cmd_search(args) -> None:
 
         check_filter(spec)
     query = open_image(args.image) if args.image else args.image_id
-    hits = engine.search(query, args.text, args.k, filter=spec)
+    hits = engine.search(query, args.text, args.k, filter=spec, more=args.more or [], less=args.less or [])
     if args.json:
         print(json.dumps({"hits": _hits_json(engine, hits)}))
         return
@@ -317,6 +317,9 @@ def add_engine_parsers(sub) -> None:
     s.add_argument("--queries", metavar="FILE", help="many queries in one run (the model loads once): JSONL lines "
                                                       '{"image_id" or "image", "text", "k"}; prints one JSON line each')
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--more", action="append", metavar="ID", help="feedback: an indexed image like the ones wanted "
+                                                                 "(repeatable)")
+    s.add_argument("--less", action="append", metavar="ID", help="feedback: an indexed image unlike them (repeatable)")
     s.add_argument("--filter", help='only items whose metadata passes, e.g. {"colour": "red", "year": {"gte": 2020}} '
                                      "(JSON, inline or a file; see docs/engine-and-service.md)")
     s.add_argument("--json", action="store_true")

@@ -1,7 +1,7 @@
 """The HTTP API and web page over a SearchService (FastAPI; `cirlab serve` runs it under uvicorn).
 
-Routes: `POST /search` (multipart: `image` file or `image_id`, `text`, optional `k` and `filter`, a JSON object
-over the items' metadata), `GET /images/{id}`, `GET /items` (browse: `offset`, `limit`), `POST /items` (optional
+Routes: `POST /search` (multipart: `image` file or `image_id`, `text`, optional `k`, `filter` (a JSON object over
+the items' metadata), `more` and `less` (comma-separated ids: feedback)), `GET /images/{id}`, `GET /items` (browse: `offset`, `limit`), `POST /items` (optional
 `metadata`, a JSON object) and `DELETE /items/{id}` (bearer key), `GET /health`, the
 page at `/` and OpenAPI docs at `/docs`. Every error is JSON `{"error": "..."}` with a 4xx status; a request body
 whose declared length exceeds the upload limit is refused before it is read.
@@ -71,9 +71,10 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.post("/search")
     async def search(text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
-                     image: UploadFile | None = File(None), filter: str | None = Form(None)):
+                     image: UploadFile | None = File(None), filter: str | None = Form(None),
+                     more: str | None = Form(None), less: str | None = Form(None)):
         data = await _read(image, service)
-        return service.search(text, data, image_id or None, k, filter)
+        return service.search(text, data, image_id or None, k, filter, more, less)
 
     @app.get("/images/{item_id}")
     def get_image(item_id: str):

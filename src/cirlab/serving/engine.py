@@ -275,16 +275,49 @@ class Engine:
             self._hashes = (generation, by_hash)
         return self._hashes[1].get(hashlib.sha1(data).hexdigest())
 
-    def search(self, image, text: str, k: int = 10, exclude: str | None = None, filter: dict | None = None) -> list:
+    def feedback_vector(self, query: np.ndarray, more: list = (), less: list = (), alpha: float = 0.5,
+                        beta: float = 0.25) -> np.ndarray:
+        """Rocchio's move of a query (D,) toward items liked and away from items disliked: q + alpha * mean(more)
+        - beta * mean(less), each a list of ids or (id, weight) pairs (weighted means), renormalised. An item with
+        several token vectors (a multi-token target) counts as the normalised mean of its tokens, the single vector
+        closest in the least-squares sense to the whole set."""
+        def centre(items) -> np.ndarray | None:
+            pairs = [(i, 1.0) if isinstance(i, str) else (str(i[0]), float(i[1])) for i in items]
+            if not pairs:
+                return None
+            snap = self.index.snapshot
+            vecs = []
+            for item_id, w in pairs:
+                if item_id not in snap.position:
+                    raise CirlabError(f"unknown image id {item_id!r} in the feedback")
+                v = np.asarray(snap.vectors[snap.position[item_id]], np.float32).reshape(-1, query.shape[0]).mean(0)
+                vecs.append(w * v / max(float(np.linalg.norm(v)), 1e-12))
+            return np.sum(vecs, 0) / max(sum(w for _, w in pairs), 1e-12)
+        q = np.asarray(query, np.float32).copy()
+        up, down = centre(more), centre(less)
+        if up is not None:
+            q += alpha * up
+        if down is not None:
+            q -= beta * down
+        return q / max(float(np.linalg.norm(q)), 1e-12)
+
+    def search(self, image, text: str, k: int = 10, exclude: str | None = None, filter: dict | None = None,
+               more: list = (), less: list = ()) -> list:
         """Up to k SearchHits; an indexed reference (an id) is left out of its own results, as is `exclude` (an
         upload that is a copy of an indexed image). With a re-ranker, the first `rerank_k` results are rescored
         by it (their scores are then the re-ranker's) and come first. `filter`: only items whose metadata passes
-        it (index/filters.py)."""
+        it (index/filters.py). `more` and `less`: feedback, items liked and disliked (`feedback_vector`), which
+        are left out of the results as the reference is."""
         if isinstance(image, str):
             exclude = image
+        shown = {exclude} | {i if isinstance(i, str) else str(i[0]) for i in (*more, *less)}
+        shown.discard(None)
         depth = max(k, self.rerank_k) if self.rerank is not None else k
-        hits = self.index.search(self.query_vector(image, text)[None], depth + (exclude is not None), filter)[0]
-        hits = [h for h in hits if h.id != exclude][:depth]
+        query = self.query_vector(image, text)
+        if more or less:
+            query = self.feedback_vector(query, more, less)
+        hits = self.index.search(query[None], depth + len(shown), filter)[0]
+        hits = [h for h in hits if h.id not in shown][:depth]
         if self.rerank is not None:
             hits = self._rerank(image, text, hits[:self.rerank_k]) + hits[self.rerank_k:]
         return hits[:k]

@@ -81,7 +81,8 @@ class SearchService:
 
     # ----------------------------------------------------------------- operations
     def search(self, text: str | None, image: bytes | None = None, image_id: str | None = None,
-               k: int | str | None = 10, filter: str | dict | None = None) -> dict:
+               k: int | str | None = 10, filter: str | dict | None = None, more: str | list | None = None,
+               less: str | list | None = None) -> dict:
         t0 = time.perf_counter()
         if (image is None) == (image_id is None):
             raise ServiceError(400, "give exactly one of 'image' (a file) and 'image_id'")
@@ -114,7 +115,8 @@ class SearchService:
         if image is not None and self.engine.model.query_captions and self.captioner is None:
             raise ServiceError(422, f"method {self.engine.model.name} reads a description of the reference image; "
                                     "this service has no captioner, so search by 'image_id'")
-        hits = self.engine.search(query, text, k, exclude=copy, filter=filter)
+        feedback = {name: self._ids(value, name) for name, value in (("more", more), ("less", less))}
+        hits = self.engine.search(query, text, k, exclude=copy, filter=filter, **feedback)
         return {"hits": [{"id": h.id, "score": round(h.score, 6), "url": f"/images/{h.id}"} for h in hits],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
@@ -130,6 +132,15 @@ class SearchService:
         ids = self.index.ids
         return {"items": [{"id": i, "url": f"/images/{i}"} for i in ids[offset:offset + limit]],
                 "total": len(ids)}
+
+    def _ids(self, value, field: str) -> list:
+        """Feedback ids: a comma-separated string or a list, each a known id."""
+        if value in (None, ""):
+            return []
+        ids = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+        for item_id in ids:
+            self.check_known(item_id)
+        return ids
 
     @staticmethod
     def _json_object(value, field: str):
