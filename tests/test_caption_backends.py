@@ -145,11 +145,14 @@ def test_caption_exits_non_zero_when_no_image_was_captioned(chat_server, world, 
 
 @pytest.fixture()
 def transformers_serve(tiny_vlm, tmp_path):
-    """`transformers serve` (the `cirlab[llm]` extra) on 127.0.0.1 with the tiny VLM; yields (url, requests),
-    requests() the number of requests the server has logged so far."""
+    """`transformers serve` (the `cirlab[llm]` extra) on 127.0.0.1 with the tiny VLM, behind a counting proxy of
+    our own; yields (the proxy's url, requests), requests() the number of chat requests the server was sent."""
     import socket
+    import threading
     import time
+    import urllib.error
     import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,18 +162,43 @@ def transformers_serve(tiny_vlm, tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen([str(exe), "serve", str(tiny_vlm), "--host", "127.0.0.1", "--port", str(port),
                                  "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
+    upstream, sent = f"http://127.0.0.1:{port}", []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            sent.append(self.path)
+            req = urllib.request.Request(upstream + self.path, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    code, data = r.status, r.read()
+            except urllib.error.HTTPError as e:
+                code, data = e.code, e.read()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
         deadline = time.time() + 180
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                urllib.request.urlopen(upstream + "/health", timeout=2)
                 break
             except OSError:
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.time() < deadline, "transformers serve did not answer /health in 180 s"
                 time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1", lambda: log.read_text().count("[Request received]")
+        yield f"http://127.0.0.1:{proxy.server_address[1]}/v1", lambda: len(sent)
     finally:
+        proxy.shutdown()
         proc.kill()
         proc.wait()
 

@@ -108,3 +108,13 @@ def test_feedback_moves_the_query_toward_more_and_away_from_less(clip_dir, world
     out = json.loads(cli("search", "--index", tmp_path / "ix", "--image-id", query[0], "--text", query[1], "-k", "26",
                          "--more", liked, "--less", disliked, "--json").stdout)
     assert [h["id"] for h in out["hits"]] == truth[:26]
+
+    session = tmp_path / "session.json"
+    one = json.loads(cli("search", "--index", tmp_path / "ix", "--session", session, "--image-id", query[0], "--text",
+                         query[1], "-k", "5", "--json").stdout)
+    two = json.loads(cli("search", "--index", tmp_path / "ix", "--session", session, "--choose", one["hits"][3]["id"],
+                         "--text", "now make it small", "-k", "5", "--json").stdout)
+    assert two["turn"] == 2 and two["reference"] == one["hits"][3]["id"]
+    turns = json.loads(session.read_text())["turns"]
+    assert [t["reference"] for t in turns] == [query[0], one["hits"][3]["id"]]
+    assert turns[0]["chosen"] == two["reference"]

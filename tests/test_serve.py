@@ -4,6 +4,7 @@ and the web page driven in Chromium."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -59,7 +60,10 @@ def index_dir(clip_dir, world, tmp_path_factory):
     gallery.mkdir()
     for p in sorted((Path(world) / "test1").glob("*.png"))[:40]:
         shutil.copy(p, gallery / p.name)
-    build_index(ckpt, gallery, root / "ix", progress=False)
+    sidecar = root / "meta.jsonl"  # every other image "even", the rest "odd", for the filters
+    sidecar.write_text("".join(json.dumps({"id": p.stem, "row": ["even", "odd"][n % 2]}) + "\n"
+                               for n, p in enumerate(sorted(gallery.glob("*.png")))))
+    build_index(ckpt, gallery, root / "ix", progress=False, metadata=sidecar)
     return root / "ix"
 
 
@@ -126,6 +130,29 @@ def test_search_images_and_authorised_writes(server):
     assert requests.delete(server + "/items/red-square", headers=auth).status_code == 200
     assert requests.get(server + "/images/red-square").status_code == 404
     assert requests.get(server + "/health").json()["items"] == 40
+
+
+def test_a_session_refines_turn_by_turn_over_http(server):
+    ref = first_id(server)
+    sid = requests.post(server + "/sessions").json()["id"]
+    one = requests.post(server + f"/sessions/{sid}/turns", data={"image_id": ref, "text": "make the circle red",
+                                                                 "k": "5"}).json()
+    assert one["turn"] == 1 and one["reference"] == ref and len(one["hits"]) == 5
+    two = requests.post(server + f"/sessions/{sid}/turns", data={"text": "now make it larger", "k": "5"}).json()
+    assert two["reference"] == one["hits"][0]["id"]  # no image: the previous turn's top result
+    assert ref not in [h["id"] for h in two["hits"]]  # earlier references are not offered again
+    pick = two["hits"][2]["id"]
+    three = requests.post(server + f"/sessions/{sid}/turns", data={"text": "move it left", "choose": pick}).json()
+    assert three["reference"] == pick and three["turn"] == 3
+    doc = requests.get(server + f"/sessions/{sid}").json()
+    assert [t["reference"] for t in doc["turns"]] == [ref, one["hits"][0]["id"], pick]
+    assert doc["turns"][1]["chosen"] == pick
+    assert requests.get(server + "/sessions/nope").status_code == 404
+    bad = requests.post(server + f"/sessions/{sid}/turns", data={"text": "x", "choose": "not-a-result"})
+    assert bad.status_code == 400 and "not among the last turn's results" in bad.json()["error"]
+    fresh = requests.post(server + "/sessions").json()["id"]
+    first = requests.post(server + f"/sessions/{fresh}/turns", data={"text": "red"})
+    assert first.status_code == 400 and "needs a reference image" in first.json()["error"]
 
 
 def bomb() -> bytes:
@@ -243,24 +270,75 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is missing: `make test` (which "
                     ".ci/run runs) installs it with apt-get when run as root; else apt-get install chromium")
-def test_the_web_page_searches_in_a_real_browser(server, tmp_path):
+def test_the_web_page_converses_from_the_keyboard_in_a_real_browser(server, tmp_path):
+    """A phone-sized window: no horizontal scroll, no broken image before a reference is chosen, a favicon; two
+    turns from the keyboard alone (Tab, Enter, typing), then feedback and a filter with the mouse, and an error
+    announced; no request of the page's own fails on the way."""
     from playwright.sync_api import sync_playwright
 
-    (tmp_path / "query.png").write_bytes(requests.get(server + f"/images/{first_id(server)}").content)
+    assert requests.get(server + "/favicon.ico").status_code == 200
+    assert requests.get(server + "/metadata").json()["keys"] == {"row": ["even", "odd"]}
+    ids = [it["id"] for it in requests.get(server + "/items?limit=100").json()["items"]]
+    even = set(ids[::2])
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        failed = []
+        page.on("response", lambda r: failed.append((r.status, r.url)) if r.status >= 400 else None)
         page.goto(server + "/")
         page.wait_for_selector("#gallery .cell")
         assert page.locator("#gallery .cell").count() == 40
-        page.set_input_files("#file", str(tmp_path / "query.png"))
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no horizontal scroll at 390 px
+        assert page.locator("#reference").is_hidden() and page.locator("#no-reference").is_visible()
+
+        def tab_to(test: str, back: bool = False) -> str:
+            for _ in range(250):
+                page.keyboard.press("Shift+Tab" if back else "Tab")
+                if page.evaluate(f"(() => {{ const e = document.activeElement; return !!e && ({test}); }})()"):
+                    return page.evaluate("document.activeElement.dataset.id || document.activeElement.id")
+            raise AssertionError(f"the keyboard never reached {test}")
+
+        first = tab_to("e.classList.contains('cell') && !!e.closest('#gallery')")
+        page.keyboard.press("Enter")
+        assert page.locator("#reference").is_visible() and "is the reference" in page.locator("#status").inner_text()
+        tab_to("e.id === 'text'", back=True)
+        page.keyboard.type("make the circle red")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#turns li")
+        assert page.locator("#turns li").nth(0).inner_text().startswith(f"1. from {first}")
+        pick = tab_to("e.classList.contains('cell') && !!e.closest('#results')")
+        page.keyboard.press("Enter")
+        tab_to("e.id === 'text'", back=True)
+        page.keyboard.press("Control+A")
+        page.keyboard.type("now make it larger")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelectorAll('#turns li').length === 2")
+        assert page.locator("#turns li").nth(1).inner_text().startswith(f"2. from {pick}")
+        assert "Turn 2" in page.locator("#status").inner_text()  # announced (aria-live)
+
+        liked = page.locator("#results .cell").nth(1)
+        liked_id = liked.get_attribute("data-id")
+        liked.locator("button.more").click()
+        assert liked.locator("button.more").get_attribute("aria-pressed") == "true"
+        page.locator("#results .cell").nth(0).click()
+        page.fill("#text", "and make it blue")
+        page.click("#search")
+        page.wait_for_function("document.querySelectorAll('#turns li').length === 3")
+        assert liked_id not in [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
+
+        page.select_option("#filter-row", label="even")
+        page.locator("#gallery .cell").nth(5).click()
         page.fill("#text", "make the circle red")
         page.click("#search")
-        page.wait_for_selector("#results .cell")
-        assert page.locator("#results .cell").count() == 10
-        page.locator("#gallery .cell").nth(2).click()  # a gallery image as the reference
+        page.wait_for_function("document.querySelectorAll('#turns li').length === 4")
+        shown = [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
+        assert shown and set(shown) <= even  # only items whose metadata passes the filter
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        assert not failed, failed  # favicon, images, sessions: nothing the page asked for failed
+
         page.fill("#text", "")
         page.click("#search")
         page.wait_for_function("document.getElementById('error').textContent.length > 0")
-        assert "empty" in page.locator("#error").text_content()
+        assert page.locator("#error").get_attribute("role") == "alert"
+        assert "say what to change" in page.locator("#error").inner_text()
         browser.close()

@@ -168,6 +168,34 @@ def _hits_json(engine, hits) -> list:
     return [{"id": h.id, "score": round(h.score, 6), "path": engine.index.item(h.id)["path"]} for h in hits]
 
 
+def _session_turn(args) -> None:
+    """`cirlab search --session FILE`: one more turn of the session kept in FILE (created when missing)."""
+    from cirlab.atomic import write_atomic
+    from cirlab.data.images import open_image
+    from cirlab.serving.engine import Engine
+    from cirlab.serving.session import Session
+
+    engine = Engine(args.index, captioner=_captioner(args), rerank=args.rerank, rerank_k=args.rerank_k)
+    path = Path(args.session)
+    try:
+        doc = json.loads(path.read_text()) if path.exists() else {"turns": []}
+    except json.JSONDecodeError as e:
+        raise CirlabError(f"{path}: not a session file ({e})") from None
+    session = Session.from_json(engine, doc)
+    if args.choose:
+        session.choose(args.choose)
+    image = open_image(args.image) if args.image else args.image_id
+    spec = json_arg(args.filter, "--filter") or None
+    turn = session.turn(args.text, image, args.k, spec)
+    write_atomic(path, lambda f: f.write((json.dumps(session.to_json(), indent=1) + "\n").encode()))
+    if args.json:
+        print(json.dumps({"turn": len(session.turns), "reference": turn.reference, "hits": turn.hits}))
+        return
+    print(f"turn {len(session.turns)}, from {turn.reference}: {turn.text}")
+    for rank, h in enumerate(turn.hits, 1):
+        print(f"{rank:3d}  {h['score']:.4f}  {h['id']}")
+
+
 def cmd_search(args) -> None:
     from cirlab.data.images import open_image
     from cirlab.serving.engine import Engine
@@ -175,6 +203,9 @@ def cmd_search(args) -> None:
     if args.queries:
         if args.image or args.image_id or args.text:
             raise CirlabError("--queries replaces --image, --image-id and --text")
+    elif args.session:
+        if not (args.text or "").strip():
+            raise CirlabError("--text is empty: say what to change")
     else:
         if (args.image is None) == (args.image_id is None):
             raise CirlabError("give exactly one of --image and --image-id (or --queries FILE)")
@@ -182,6 +213,8 @@ def cmd_search(args) -> None:
             raise CirlabError("--text is empty: say what to change")
     if args.k < 1:
         raise CirlabError(f"-k must be at least 1, got {args.k}")
+    if args.session:
+        return _session_turn(args)
     queries = _read_queries(args.queries) if args.queries else None
     engine = Engine(args.index, captioner=_captioner(args), rerank=args.rerank, rerank_k=args.rerank_k)
     if queries is not None:  # one model load for every query; one JSON line per query, in file order
@@ -317,6 +350,10 @@ def add_engine_parsers(sub) -> None:
     s.add_argument("--queries", metavar="FILE", help="many queries in one run (the model loads once): JSONL lines "
                                                       '{"image_id" or "image", "text", "k"}; prints one JSON line each')
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--session", metavar="FILE", help="a multi-turn session kept in FILE (created when missing): "
+                                                     "without --image or --image-id, this turn refines the last "
+                                                     "turn's --choose'n or top result")
+    s.add_argument("--choose", metavar="ID", help="with --session: the last turn's result to refine")
     s.add_argument("--more", action="append", metavar="ID", help="feedback: an indexed image like the ones wanted "
                                                                  "(repeatable)")
     s.add_argument("--less", action="append", metavar="ID", help="feedback: an indexed image unlike them (repeatable)")

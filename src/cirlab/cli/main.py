@@ -47,8 +47,11 @@ def _add_train_options(p, epochs: int, batch_size: int, lr: float):
 def cmd_synth(args) -> None:
     from cirlab.data.synth.generate import write_world
 
-    root = write_world(args.out, seed=args.seed, size=args.size, progress=not args.no_progress)
-    print(f"wrote the synthetic world (seed {args.seed}, size {args.size}) to {root}")
+    if args.chains < 0:
+        raise CirlabError(f"--chains must be at least 0, got {args.chains}")
+    root = write_world(args.out, seed=args.seed, size=args.size, progress=not args.no_progress, chains=args.chains)
+    extra = f", with {args.chains} multi-turn chains" if args.chains else ""
+    print(f"wrote the synthetic world (seed {args.seed}, size {args.size}{extra}) to {root}")
 
 
 def cmd_pretrain(args) -> None:
@@ -127,6 +130,8 @@ def cmd_eval(args) -> None:
     from cirlab.methods import checkpoint_identity
 
     ckpt = Path(args.checkpoint)
+    if args.dataset == "synth" and args.split == "chains":
+        return _eval_turns(args, ckpt)
     splits = read_benchmark(args.dataset, args.data_root, args.split, args.join)  # annotation errors come first
     for split in splits if args.limit else ():  # a quick look: the first N queries against the whole gallery
         split.queries = split.queries[:args.limit]
@@ -164,6 +169,28 @@ def cmd_eval(args) -> None:
                               | ({"notes": notes} if notes else {}), indent=1) + "\n")
     write_records(per_query, records)
     print(f"wrote {out} and {per_query} (one line per query, for `cirlab compare`)")
+
+
+def _eval_turns(args, ckpt: Path) -> None:
+    """`cirlab eval --split chains`: R@1 and R@10 at each turn of the world's multi-turn chains, both modes."""
+    import cirlab
+    from cirlab.data.readers import read_chains
+    from cirlab.evaluation.turns import evaluate_turns
+    from cirlab.methods import checkpoint_identity
+
+    split, chains = read_chains(args.data_root)
+    if args.limit:
+        chains = chains[:args.limit]
+    model = cirlab.load(ckpt, device=args.device)
+    turns = evaluate_turns(model, split, chains, ckpt / "cache", checkpoint_identity(ckpt), not args.no_progress)
+    print(f"| {model.name}: reference of turn t > 1 | " + " | ".join(f"{t} R@1 | {t} R@10" for t in turns["true"])
+          + " |")
+    for mode, label in (("true", "the true previous target"), ("predicted", "the previous turn's top 1")):
+        print(f"| {label} | " + " | ".join(f"{m['R@1']:.2f} | {m['R@10']:.2f}" for m in turns[mode].values()) + " |")
+    out = Path(args.json) if args.json else ckpt / "eval-synth-chains.json"
+    out.write_text(json.dumps({"dataset": "synth", "split": "chains", "method": model.name, "checkpoint": str(ckpt),
+                               "chains": len(chains), "turns": turns}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 def per_query_path(result: Path) -> Path:
@@ -561,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("small", "default"), default="default")
+    p.add_argument("--chains", type=int, default=0, help="also write N multi-turn chains (2 and 3 edits, each "
+                                                         "turn's target in the gallery): `cirlab eval --split chains`")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synth)
 

@@ -54,6 +54,26 @@ def read_cirr(root, split: str, dataset: str = "cirr") -> Split:
     return attach_captions(Split(dataset, split, queries, gallery), ann / "synth" / "captions.jsonl", required=False)
 
 
+def read_chains(root) -> tuple:
+    """(the chains' gallery as a Split with the world's captions, the chains) of a synthetic world written with
+    `cirlab synth --chains N`: synth/chains.json and image_splits/split.rc2.chains.json."""
+    root = Path(root)
+    path, listing = root / "synth" / "chains.json", root / "image_splits" / "split.rc2.chains.json"
+    if not path.exists():
+        raise CirlabError(f"no multi-turn chains in {root} ({path} not found): write the world with "
+                          "`cirlab synth --chains N`")
+    chains, names = load_json(path), load_json(listing)
+    base = root.resolve()
+    gallery = {n: os.path.normpath(os.path.join(base, p)) for n, p in names.items()}
+    for i, chain in enumerate(chains):
+        turns = field(chain, "turns", path, i, list)
+        for n in [field(chain, "reference", path, i, str)] + [t.get("target") for t in turns]:
+            if n not in gallery:
+                raise CirlabError(f"{path}: chain {i} names image {n!r}, which is not in {listing}")
+    split = Split("synth", "chains", [], gallery)
+    return attach_captions(split, root / "synth" / "captions.jsonl", required=False), chains
+
+
 def circo_gallery_listing(root: Path) -> tuple:
     """(listing file, image folder) of the COCO 2017 unlabeled gallery, in either layout cirlab accepts:
     COCO2017_unlabeled/annotations/image_info_unlabeled2017.json with COCO2017_unlabeled/unlabeled2017/ (the

@@ -250,7 +250,12 @@ class MilvusBackend(VectorBackend):
         except ImportError as e:
             raise CirlabError("the milvus backend needs pymilvus (and milvus-lite for a local file): "
                               "pip install 'cirlab[milvus]'") from e
-        return MilvusClient(uri)
+        try:
+            return MilvusClient(uri)
+        except Exception as e:  # noqa: BLE001 - pymilvus raises its own and plain errors alike
+            busy = " (a milvus-lite file is opened by one process at a time: stop the `cirlab serve` that holds " \
+                   "it, or point --milvus-uri at a Milvus server)" if not uri.startswith(("http:", "https:")) else ""
+            raise CirlabError(f"cannot open Milvus at {uri}: {type(e).__name__}: {str(e)[:300]}{busy}") from None
 
     @classmethod
     def create(cls, vectors: np.ndarray, uri: str, collection: str, index_type: str = "FLAT") -> "MilvusBackend":

@@ -1,19 +1,22 @@
 """The HTTP API and web page over a SearchService (FastAPI; `cirlab serve` runs it under uvicorn).
 
 Routes: `POST /search` (multipart: `image` file or `image_id`, `text`, optional `k`, `filter` (a JSON object over
-the items' metadata), `more` and `less` (comma-separated ids: feedback)), `GET /images/{id}`, `GET /items` (browse: `offset`, `limit`), `POST /items` (optional
-`metadata`, a JSON object) and `DELETE /items/{id}` (bearer key), `GET /health`, the
-page at `/` and OpenAPI docs at `/docs`. Every error is JSON `{"error": "..."}` with a 4xx status; a request body
-whose declared length exceeds the upload limit is refused before it is read.
+the items' metadata), `more` and `less` (comma-separated ids: feedback)), `GET /images/{id}`; `POST /sessions`,
+`POST /sessions/{id}/turns` (multipart: `text`; an `image` or `image_id` to start from, or `choose`, one of the last
+turn's results, or neither: the last turn's top result; `k`, `filter`) and `GET /sessions/{id}`
+(serving/session.py); `GET /items` (browse: `offset`, `limit`), `POST /items` (optional `metadata`, a JSON object)
+and `DELETE /items/{id}` (bearer key), `GET /health`, the page at `/` and OpenAPI docs at `/docs`. Every error is
+JSON `{"error": "..."}` with a 4xx status; a request body whose declared length exceeds the upload limit is
+refused before it is read.
 """
 from __future__ import annotations
 
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from cirlab.serving.page import PAGE
+from cirlab.serving.page import FAVICON, PAGE
 from cirlab.serving.service import SearchService, ServiceError
 
 BODY_OVERHEAD = 64 * 1024  # multipart framing and the form's other fields
@@ -50,7 +53,8 @@ def create_app(service: SearchService) -> FastAPI:
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         kind = request.headers.get("content-type", "")
-        if request.method == "POST" and request.url.path in ("/search", "/items") and \
+        if request.method == "POST" and (request.url.path in ("/search", "/items") or
+                                         request.url.path.endswith("/turns")) and \
                 not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return JSONResponse({"error": f"POST {request.url.path} takes multipart/form-data (fields: image or "
                                           "image_id, text, k), not " + (kind.split(";")[0] or "an empty body")},
@@ -75,6 +79,31 @@ def create_app(service: SearchService) -> FastAPI:
                      more: str | None = Form(None), less: str | None = Form(None)):
         data = await _read(image, service)
         return service.search(text, data, image_id or None, k, filter, more, less)
+
+    @app.post("/sessions", status_code=201)
+    def create_session():
+        return service.create_session()
+
+    @app.post("/sessions/{sid}/turns")
+    async def session_turn(sid: str, text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
+                           image: UploadFile | None = File(None), choose: str | None = Form(None),
+                           filter: str | None = Form(None), more: str | None = Form(None),
+                           less: str | None = Form(None)):
+        data = await _read(image, service)
+        return service.session_turn(sid, text, data, image_id or None, choose or None, k, filter, more, less)
+
+    @app.get("/metadata")
+    def metadata():
+        return service.metadata_keys()
+
+    @app.get("/favicon.svg", include_in_schema=False)
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(FAVICON, media_type="image/svg+xml")
+
+    @app.get("/sessions/{sid}")
+    def get_session(sid: str):
+        return service.get_session(sid)
 
     @app.get("/images/{item_id}")
     def get_image(item_id: str):

@@ -28,6 +28,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_TEXT = 512
 MAX_K = 100
+MAX_SESSIONS = 1000
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 
 
@@ -91,12 +92,7 @@ class SearchService:
             raise ServiceError(400, "'text' is empty: say what to change")
         if len(text) > MAX_TEXT:
             raise ServiceError(400, f"'text' has {len(text)} characters, over the limit of {MAX_TEXT}")
-        try:
-            k = 10 if k in (None, "") else int(k)
-        except (TypeError, ValueError):
-            raise ServiceError(400, f"'k' must be an integer, got {k!r}") from None
-        if not 1 <= k <= MAX_K:
-            raise ServiceError(400, f"'k' must be between 1 and {MAX_K}, got {k}")
+        k = self._k(k)
         filter = self._json_object(filter, "filter")
         if filter is not None:
             from cirlab.index.filters import check_filter
@@ -120,6 +116,67 @@ class SearchService:
         return {"hits": [{"id": h.id, "score": round(h.score, 6), "url": f"/images/{h.id}"} for h in hits],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
+    # ----------------------------------------------------------------- sessions (serving/session.py)
+    def create_session(self) -> dict:
+        from collections import OrderedDict
+
+        from cirlab.serving.session import Session
+
+        sessions = self.__dict__.setdefault("sessions", OrderedDict())
+        sid = uuid.uuid4().hex[:16]
+        sessions[sid] = Session(self.engine)
+        while len(sessions) > MAX_SESSIONS:  # the oldest go first
+            sessions.popitem(last=False)
+        return {"id": sid}
+
+    def _session(self, sid: str):
+        session = self.__dict__.get("sessions", {}).get(sid)
+        if session is None:
+            raise ServiceError(404, f"unknown session {sid!r} (sessions live in the service's memory; the oldest "
+                                    f"are dropped beyond {MAX_SESSIONS})")
+        return session
+
+    def session_turn(self, sid: str, text: str | None, image: bytes | None = None, image_id: str | None = None,
+                     choose: str | None = None, k: int | str | None = 10, filter: str | dict | None = None,
+                     more: str | list | None = None, less: str | list | None = None) -> dict:
+        """A turn: from `image` or `image_id`, else from `choose` (one of the last turn's results), else from the
+        last turn's chosen or top result."""
+        session = self._session(sid)
+        if image is not None and image_id is not None:
+            raise ServiceError(400, "give at most one of 'image' and 'image_id'")
+        text = (text or "").strip()
+        if not text or len(text) > MAX_TEXT:
+            raise ServiceError(400, f"'text' must be 1 to {MAX_TEXT} characters: say what to change")
+        k = self._k(k)
+        spec = self._json_object(filter, "filter")
+        query = None
+        if image is not None:
+            query = self.image(image)
+        elif image_id is not None:
+            self.check_known(image_id)
+            query = image_id
+        try:
+            if choose:
+                session.choose(choose)
+            turn = session.turn(text, query, k, spec, self._ids(more, "more"), self._ids(less, "less"))
+        except CirlabError as e:
+            raise ServiceError(400, str(e)) from None
+        return {"turn": len(session.turns), "reference": turn.reference,
+                "hits": [h | {"url": f"/images/{h['id']}"} for h in turn.hits]}
+
+    def metadata_keys(self, max_values: int = 50) -> dict:
+        """Each metadata key of the indexed items with its values (strings, numbers, booleans; up to `max_values`
+        a key, sorted), for the page's filters."""
+        keys: dict = {}
+        for meta in self.index.snapshot.metas:
+            for key, value in meta.items():
+                if isinstance(value, (str, int, float, bool)):
+                    keys.setdefault(key, set()).add(value)
+        return {"keys": {k: sorted(v, key=lambda x: (str(type(x)), x))[:max_values] for k, v in sorted(keys.items())}}
+
+    def get_session(self, sid: str) -> dict:
+        return {"id": sid} | self._session(sid).to_json()
+
     def image_path(self, item_id: str) -> Path:
         path = Path(self.check_known(item_id)["path"])
         if not path.is_file():
@@ -132,6 +189,16 @@ class SearchService:
         ids = self.index.ids
         return {"items": [{"id": i, "url": f"/images/{i}"} for i in ids[offset:offset + limit]],
                 "total": len(ids)}
+
+    @staticmethod
+    def _k(k) -> int:
+        try:
+            k = 10 if k in (None, "") else int(k)
+        except (TypeError, ValueError):
+            raise ServiceError(400, f"'k' must be an integer, got {str(k)[:20]!r}") from None
+        if not 1 <= k <= MAX_K:
+            raise ServiceError(400, f"'k' must be between 1 and {MAX_K}, got {k}")
+        return k
 
     def _ids(self, value, field: str) -> list:
         """Feedback ids: a comma-separated string or a list, each a known id."""

@@ -207,6 +207,41 @@ def generate_cirr_split(split: str, seed: int, size: WorldSize, first_pairid: in
     return rows, edits, pool
 
 
+def generate_chains(seed: int, n: int, size: WorldSize, max_turns: int = 3) -> tuple:
+    """Multi-turn chains (nothing written yet): `n` chains alternating 2 and `max_turns` turns, each turn one
+    operation on the previous turn's target, with its text, its target and the turn's hard negatives (as a test1
+    query's: wrong value or object, the edit plus a change, near-previous scenes), every image in one pool "chains".
+    Returns (chains, pool); a chain is {"id", "reference", "turns": [{"text", "target", "members"}]}."""
+    rng = np.random.default_rng([seed, 101])  # a stream of its own: the world's other files do not change
+    pool = ImagePool("chains", size.image_size)
+    chains = []
+    while len(chains) < n:
+        n_turns = 2 + (len(chains) % (max_turns - 1))
+        ref = random_scene(rng, False)
+        scene, turns, keys = ref, [], {scene_key(ref)}
+        for _ in range(n_turns):
+            op = _random_single(rng, scene, False)
+            target = apply_ops(scene, [op]) if op is not None else None
+            if target is None or not scene_allowed(target, False) or scene_key(target) in keys:
+                break
+            members, extras = _distractors(rng, scene, [op], target, False, 4, size.extra_distractors)
+            if len(members) < 4:
+                break
+            keys.add(scene_key(target))
+            turns.append((scene, op, target, members, extras, _templates(rng, 1, False, size.p_held_out)))
+            scene = target
+        if len(turns) < n_turns:
+            continue
+        chain = {"id": f"chain-{len(chains):04d}", "reference": pool.add(ref), "turns": []}
+        for prev, op, target, members, extras, templates in turns:
+            chain["turns"].append({"text": edit_text(prev, [op], templates), "target": pool.add(target),
+                                   "members": [pool.add(m) for m, _ in members]})
+            for x, _ in extras:
+                pool.add(x)
+        chains.append(chain)
+    return chains, pool
+
+
 def _write_pool(root: Path, folder: str, pool: ImagePool, desc: str, name_to_file=None,
                 progress: bool = True) -> dict:
     """Render every scene of the pool to PNG; returns name -> relative path."""
@@ -227,8 +262,12 @@ def _oracle_record(name: str, scene) -> dict:
             "final_caption": caps["final_caption"], "model": ORACLE_MODEL, "prompt_version": ORACLE_PROMPT_VERSION}
 
 
-def write_world(out: str | Path, seed: int = 0, size: str = "default", progress: bool = True) -> Path:
-    """Generate and write the whole world; the same seed and size give byte-identical files."""
+def write_world(out: str | Path, seed: int = 0, size: str = "default", progress: bool = True,
+                chains: int = 0) -> Path:
+    """Generate and write the whole world; the same seed and size give byte-identical files. `chains` > 0 adds
+    that many multi-turn chains (`generate_chains`): their images under chains/, listed by
+    image_splits/split.rc2.chains.json, the chains in synth/chains.json, their scenes and oracle captions with the
+    others'; every other file stays as it is without them."""
     if size not in SIZES:
         from cirlab.errors import CirlabError
         raise CirlabError(f"unknown world size {size!r}; choose one of {', '.join(SIZES)}")
@@ -244,6 +283,14 @@ def write_world(out: str | Path, seed: int = 0, size: str = "default", progress:
         _write_json(root / "image_splits" / f"split.rc2.{split}.json", paths)
         _write_json(root / "captions" / f"cap.rc2.{split}.json", rows)
         _write_json(root / "synth" / f"edits.{split}.json", edits)
+        for name, scene in pool.scenes.items():
+            graphs[name] = scene_to_graph(scene)
+            oracle.append(_oracle_record(name, scene))
+    if chains:
+        chain_list, pool = generate_chains(seed, chains, cfg)
+        paths = _write_pool(root, "chains", pool, "render chains", progress=progress)
+        _write_json(root / "image_splits" / "split.rc2.chains.json", paths)
+        _write_json(root / "synth" / "chains.json", chain_list)
         for name, scene in pool.scenes.items():
             graphs[name] = scene_to_graph(scene)
             oracle.append(_oracle_record(name, scene))
