@@ -140,3 +140,40 @@ def test_pretrain_command_saves_a_loadable_clip(world, tmp_path):
 def test_argument_errors_exit_non_zero(args, tmp_path):
     proc = cirlab(*args, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_the_gallery_cache_misses_when_an_image_changes_and_names_a_missing_one(clip_dir, world, tmp_path):
+    """Shuffled, replaced or missing gallery images since the features were cached: recomputed or refused, never
+    the stale features (issue 20)."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    import cirlab
+    from cirlab.data.images import PixelStore
+    from cirlab.data.split import Split
+    from cirlab.errors import CirlabError
+    from cirlab.evaluation.protocols import encode_gallery
+    from cirlab.training.train import save_zero_shot
+
+    folder = tmp_path / "g"
+    folder.mkdir()
+    src = sorted((Path(world) / "test1").glob("*.png"))[:6]
+    for p in src:
+        shutil.copy(p, folder / p.name)
+    split = Split("synth", "tiny", [], {p.stem: str(folder / p.name) for p in src})
+    model = cirlab.load(save_zero_shot("image_only", clip_dir, tmp_path / "io"))
+    cache = tmp_path / "cache"
+
+    def features():
+        return encode_gallery(model, split, PixelStore(split.gallery, model.preprocess), cache_dir=cache,
+                              model_id="m", progress=False)[1]
+    before = features()
+    shutil.copy(src[1], folder / src[0].name)  # image 0 now holds image 1's pixels
+    after = features()
+    assert len(list(cache.glob("*.pt"))) == 2  # the cache missed
+    assert torch.allclose(after[0], before[1], atol=1e-5) and not torch.allclose(after[0], before[0], atol=1e-3)
+    (folder / src[2].name).unlink()
+    with pytest.raises(CirlabError, match=f"gallery image {src[2].stem} .* is missing"):
+        features()

@@ -4,7 +4,8 @@ CIRR: the gallery is every image of the split, the reference is removed from its
 Recall_subset@{1,2,3} ranks only the img_set members other than the reference. CIRCO: mAP@{5,10,25,50} over
 gt_img_ids and R@K against the first ground truth (target_img_id), the reference kept (the maintainers' own example
 test submission ranks it in 10 of 800 lists). FashionIQ and Shoes keep the reference by default too.
-`remove_reference` overrides each default. Gallery features are cached on disk per (checkpoint, gallery).
+`remove_reference` overrides each default. Gallery features are cached on disk per (checkpoint, gallery, the
+gallery files' paths, sizes and modification times).
 """
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ class Ranking:
         return records_from_ranking(queries, self.target_ranks, self.subset_ranked, self.gt_ranks)
 
 
+def _files_identity(split: Split, names: list) -> str:
+    """A digest of every gallery file's path, size and modification time: images replaced, shuffled or truncated
+    since the features were cached (or another data root) miss the cache instead of reusing stale features."""
+    import os
+
+    h = hashlib.sha1()
+    for n in names:
+        path = split.gallery[n]
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise CirlabError(f"gallery image {n} of {split.dataset}/{split.name} is missing: {path}") from None
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256, cache_dir=None,
                    model_id: str = "", progress: bool = True) -> tuple:
@@ -58,7 +75,7 @@ def encode_gallery(model, split: Split, store: PixelStore, batch_size: int = 256
     cache = None
     if cache_dir is not None:
         key = hashlib.sha1(json.dumps([model_id, split.dataset, split.name, names, store.preprocess.key(),
-                                       captions]).encode()).hexdigest()[:16]
+                                       captions, _files_identity(split, names)]).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"gallery-{split.dataset}-{split.name}-{key}.pt"
         if cache.exists():
             return names, torch.load(cache, weights_only=True)

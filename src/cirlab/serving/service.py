@@ -29,7 +29,7 @@ MAX_PIXELS = 40_000_000
 MAX_TEXT = 512
 MAX_K = 100
 MAX_SESSIONS = 1000
-FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "ICO": ".ico"}
 
 
 class ServiceError(CirlabError):
