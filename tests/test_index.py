@@ -363,3 +363,36 @@ def test_filtered_search_on_every_backend_agrees_with_filtered_brute_force(backe
 
     with pytest.raises(CirlabError, match=r"filter.year: unknown condition"):
         index.search(q, 10, filter={"year": {"between": [1, 2]}})
+
+
+@pytest.mark.parametrize("params,knob", [({"kind": "ivf", "nlist": 32, "nprobe": 1}, "nprobe"),
+                                         ({"kind": "hnsw", "ef_search": 8, "hnsw_m": 4}, "ef_search")],
+                         ids=["ivf", "hnsw"])
+def test_tuning_reaches_the_target_recall_and_is_kept_on_reopening(params, knob, tmp_path, cli):
+    """`tune` raises nprobe (or efSearch) until recall@10 on noisy indexed vectors reaches the target; the value
+    goes to the manifest, a reopened index searches with it, and fresh queries see about the recall measured."""
+    v = np.random.default_rng(2).normal(size=(3000, 32))  # no clusters: neighbours straddle IVF cells
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    index = ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", backend="faiss",
+                              params=params, ids=[f"i{n}" for n in range(3000)], paths=["p"] * 3000, vectors=v)
+    rng = np.random.default_rng(9)
+
+    def recall(ix, q) -> float:
+        truth = np.argsort(-(q @ v.T), axis=1)[:, :10]
+        got = [[int(h.id[1:]) for h in hits] for hits in ix.search(q, 10)]
+        return float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]))
+    fresh = v[rng.integers(3000, size=300)] + rng.normal(scale=0.1 / np.sqrt(32), size=(300, 32))
+    fresh = (fresh / np.linalg.norm(fresh, axis=1, keepdims=True)).astype(np.float32)
+    low = recall(index, fresh)
+    tuned = index.tune(0.98)
+    assert tuned["reached"] and tuned["recall@10"] >= 0.98 and tuned[knob] > params[knob]
+    again = ImageIndex(tmp_path / "ix")
+    assert again.manifest["params"][knob] == tuned[knob] and again.manifest["tuned"] == tuned
+    high = recall(again, fresh)
+    assert high >= 0.95 and high > low, (low, high)
+    out = cli("index", "tune", tmp_path / "ix", "--target-recall", "0.995").stdout
+    assert f"tuned {knob} = " in out and "target 0.995" in out
+    assert ImageIndex(tmp_path / "ix").manifest["tuned"]["target_recall"] == 0.995
+    with pytest.raises(CirlabError, match="nothing to tune"):
+        ImageIndex.create(tmp_path / "ex", checkpoint="c", checkpoint_id="i", method="m", backend="exact",
+                          ids=["a"], paths=["p"], vectors=v[:1]).tune(0.9)

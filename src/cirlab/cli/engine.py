@@ -91,6 +91,30 @@ def cmd_index_build(args) -> None:
                         captioner_factory=_captioner_factory(args), metadata=args.metadata)
     m = index.manifest
     print(f"indexed {len(index)} images with {m['method']} ({m['backend']}, dim {m['dim']}): {args.out}")
+    if args.target_recall is not None:
+        _print_tuned(index.tune(args.target_recall))
+
+
+def _print_tuned(tuned: dict) -> None:
+    knob = "nprobe" if "nprobe" in tuned else "ef_search"
+    recall = next(v for k, v in tuned.items() if k.startswith("recall@"))
+    verdict = "reached" if tuned["reached"] else "NOT reached (the largest value tried)"
+    print(f"tuned {knob} = {tuned[knob]}: recall@10 {recall:.4f} on {tuned['queries']} queries, target "
+          f"{tuned['target_recall']} {verdict}")
+
+
+def cmd_index_tune(args) -> None:
+    import numpy as np
+
+    from cirlab.index import ImageIndex
+
+    queries = None
+    if args.queries:
+        try:
+            queries = np.load(args.queries)
+        except (OSError, ValueError) as e:
+            raise CirlabError(f"cannot read query vectors from {args.queries}: {e}") from None
+    _print_tuned(ImageIndex(args.index).tune(args.target_recall, queries, args.n_queries))
 
 
 def cmd_index_add(args) -> None:
@@ -296,6 +320,8 @@ def _add_index_parsers(sub) -> None:
     b.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
     b.add_argument("--milvus-uri", help="milvus: a Milvus server URL, or a milvus-lite file (default: milvus.db in "
                                         "the index folder)")
+    b.add_argument("--target-recall", type=float, help="faiss ivf and hnsw: calibrate nprobe or ef_search so that "
+                                                         "recall@10 against exact search reaches this (e.g. 0.99)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--limit", type=int, help="index only the first N images (by id: their paths in name order)")
     b.add_argument("--metadata", metavar="FILE", help='JSONL lines {"id" or "path": ..., KEY: VALUE, ...}: each '
@@ -318,6 +344,13 @@ def _add_index_parsers(sub) -> None:
     r.add_argument("index")
     r.add_argument("ids", nargs="+")
     r.set_defaults(func=cmd_index_remove)
+
+    t = isub.add_parser("tune", help="calibrate a FAISS ivf or hnsw index to a target recall@10")
+    t.add_argument("index")
+    t.add_argument("--target-recall", type=float, required=True)
+    t.add_argument("--queries", help="query vectors (.npy, (B, D)); default: indexed vectors with noise")
+    t.add_argument("--n-queries", type=int, default=200)
+    t.set_defaults(func=cmd_index_tune)
 
     i = isub.add_parser("info", help="print the index manifest")
     i.add_argument("index")

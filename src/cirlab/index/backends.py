@@ -158,7 +158,18 @@ class FaissBackend(VectorBackend):
     def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "FaissBackend":
         backend = cls.read(Path(folder) / files["faiss"])
         backend.files = {"faiss": files["faiss"]}
+        backend.set_search(params.get("nprobe"), params.get("ef_search"))  # as the manifest says (tuned or given)
         return backend
+
+    def search_knob(self) -> str | None:
+        """The search-time parameter that trades recall for speed: "nprobe" (IVF), "ef_search" (HNSW), or None."""
+        return "nprobe" if hasattr(self.index, "nprobe") else "ef_search" if hasattr(self.index, "hnsw") else None
+
+    def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        if nprobe is not None and hasattr(self.index, "nprobe"):
+            self.index.nprobe = max(1, min(int(nprobe), self.index.nlist))
+        if ef_search is not None and hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = max(1, int(ef_search))
 
     def retire(self, folder: Path, params: dict) -> None:
         for old in Path(folder).glob("faiss-*.index"):

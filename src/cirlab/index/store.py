@@ -181,6 +181,54 @@ class ImageIndex:
                 folded_scores, items = fold_tokens(*exact.search(queries, k * tokens, rows), tokens, k)
         return [[SearchHit(snap.ids[i], s) for i, s in zip(its, ss)] for its, ss in zip(items, folded_scores)]
 
+    # ----------------------------------------------------------------- tuning
+    def tune(self, target_recall: float, queries: np.ndarray | None = None, n_queries: int = 200, k: int = 10,
+             seed: int = 0) -> dict:
+        """Calibrate a FAISS IVF index's nprobe (or HNSW's efSearch) to the smallest value in a doubling sweep
+        whose recall@k against exact search reaches `target_recall`, on `queries` (B, D) or else on `n_queries`
+        indexed vectors with Gaussian noise (0.1 / sqrt(D) a dimension, then L2-normalised). The value and the
+        recall measured go to the manifest (`params` and `tuned`), so every later open searches with them; items
+        added later are not re-measured (tune again). Returns `tuned`."""
+        from cirlab.index.backends import FaissBackend
+
+        if not 0.0 < target_recall <= 1.0:
+            raise CirlabError(f"the target recall must be in (0, 1], got {target_recall}")
+        snap = self.snapshot
+        backend = snap.backend
+        knob = backend.search_knob() if isinstance(backend, FaissBackend) else None
+        if knob is None:
+            raise CirlabError(f"nothing to tune: a {self.manifest['backend']} index of kind "
+                              f"{self.manifest['params'].get('kind', '-')} searches exactly or on its own terms; "
+                              "--target-recall applies to FAISS ivf and hnsw")
+        flat = snap.vectors.reshape(-1, snap.vectors.shape[2])
+        tokens = snap.vectors.shape[1]
+        if queries is None:
+            rng = np.random.default_rng(seed)
+            picks = flat[rng.integers(len(flat), size=min(n_queries, len(flat)))]
+            queries = picks + rng.normal(scale=0.1 / np.sqrt(flat.shape[1]), size=picks.shape)
+            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        queries = np.asarray(queries, np.float32)
+        _, truth = fold_tokens(*ExactBackend(flat).search(queries, k * tokens), tokens, k)
+        limit = backend.index.nlist if knob == "nprobe" else 4096
+        value, recall = 1 if knob == "nprobe" else 8, 0.0
+        while True:
+            backend.set_search(**{knob: value})
+            _, got = fold_tokens(*backend.search(queries, k * tokens), tokens, k)
+            recall = float(np.mean([len(set(g) & set(t)) / max(len(t), 1) for g, t in zip(got, truth)]))
+            if recall >= target_recall or value >= limit:
+                break
+            value = min(value * 2, limit)
+        tuned = {"target_recall": target_recall, f"recall@{k}": round(recall, 4), knob: value,
+                 "queries": len(queries), "reached": recall >= target_recall}
+        with self._lock, _exclusive(self.folder):
+            manifest = json.loads((self.folder / MANIFEST).read_text())
+            manifest["params"] = manifest["params"] | {knob: value}
+            manifest["actual"] = manifest.get("actual", {}) | {knob: value}
+            manifest["tuned"] = tuned
+            write_atomic(self.folder / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
+            self.manifest = manifest
+        return tuned
+
     # ----------------------------------------------------------------- writing
     def add(self, ids: list, paths: list, vectors: np.ndarray, captions: list | None = None,
             replace: bool = False, metas: list | None = None) -> None:

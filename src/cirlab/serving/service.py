@@ -258,4 +258,7 @@ class SearchService:
         return {"id": item_id, "removed": True}
 
     def health(self) -> dict:
-        return {"status": "ok", "items": len(self.index)}
+        m = self.index.manifest
+        out = {"status": "ok", "items": len(self.index)}
+        return out | ({"search": {"backend": m["backend"]} | m.get("actual", {}) | {"tuned": m["tuned"]}}
+                      if "tuned" in m else {})
