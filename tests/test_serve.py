@@ -155,6 +155,47 @@ def test_a_session_refines_turn_by_turn_over_http(server):
     assert first.status_code == 400 and "needs a reference image" in first.json()["error"]
 
 
+def strip(height: int) -> bytes:
+    """A 1 x height PNG: a few kilobytes that resizing would blow up along its long side."""
+    buf = io.BytesIO()
+    Image.new("L", (1, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_hostile_bodies_get_a_4xx_and_health_keeps_answering(server):
+    """Issue 20: thin strips refused from their header; a chunked body refused before it is read; a body over the
+    limit that the client sends whole before reading (urllib) still gets its 413, not a reset connection."""
+    import urllib.error
+    import urllib.request
+
+    ref = first_id(server)
+    for height in (200_000, 1_000_000):
+        t0 = time.perf_counter()
+        r = requests.post(server + "/search", files={"image": ("s.png", strip(height), "image/png")},
+                          data={"text": "red"}, timeout=30)
+        took = time.perf_counter() - t0
+        assert r.status_code == 413 and "more than 32 times" in r.json()["error"], r.text
+        print(f"1 x {height}: {r.status_code} in {took:.3f} s")
+        assert requests.get(server + "/health", timeout=5).json()["status"] == "ok"
+
+    def chunks():
+        yield b"--x\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nred\r\n"
+        yield b"--x--\r\n"
+    r = requests.post(server + "/search", data=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"},
+                      timeout=30)
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+    body = b"x" * (3 * 1024 * 1024)  # over the 2 MB limit, under twice it
+    req = urllib.request.Request(server + "/search", data=body, method="POST",
+                                 headers={"Content-Type": "multipart/form-data; boundary=x"})
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        raise AssertionError("an oversized body was accepted")
+    except urllib.error.HTTPError as e:
+        assert e.code == 413 and "over the upload limit" in json.loads(e.read())["error"]
+    r = requests.post(server + "/search", data={"image_id": ref, "text": "red"}, timeout=30)
+    assert r.status_code == 200  # and the service answers as before
+
+
 def bomb() -> bytes:
     """A 48-megapixel PNG that compresses to a few hundred kilobytes."""
     buf = io.BytesIO()

@@ -6,14 +6,17 @@ the items' metadata), `more` and `less` (comma-separated ids: feedback)), `GET /
 turn's results, or neither: the last turn's top result; `k`, `filter`) and `GET /sessions/{id}`
 (serving/session.py); `GET /items` (browse: `offset`, `limit`), `POST /items` (optional `metadata`, a JSON object)
 and `DELETE /items/{id}` (bearer key), `GET /health`, the page at `/` and OpenAPI docs at `/docs`. Every error is
-JSON `{"error": "..."}` with a 4xx status; a request body whose declared length exceeds the upload limit is
-refused before it is read.
+JSON `{"error": "..."}` with a 4xx status; a form POST without a Content-Length (a chunked body) gets 411 before
+anything is read; a body whose declared length exceeds the upload limit gets 413, read away first when it is at
+most twice the limit (so a client that sends the whole body before reading still receives the answer). Searches,
+turns and additions run in worker threads, so `/health` answers while the model works.
 """
 from __future__ import annotations
 
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from cirlab.serving.page import FAVICON, PAGE
@@ -52,15 +55,22 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        form = request.method == "POST" and (request.url.path in ("/search", "/items")
+                                             or request.url.path.endswith("/turns"))
         kind = request.headers.get("content-type", "")
-        if request.method == "POST" and (request.url.path in ("/search", "/items") or
-                                         request.url.path.endswith("/turns")) and \
-                not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        if form and not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return JSONResponse({"error": f"POST {request.url.path} takes multipart/form-data (fields: image or "
                                           "image_id, text, k), not " + (kind.split(";")[0] or "an empty body")},
                                 status_code=415)
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > service.max_upload_bytes + BODY_OVERHEAD:
+        if form and (length is None or not length.isdigit()):  # a chunked body could stream past every limit
+            return JSONResponse({"error": f"POST {request.url.path} needs a Content-Length header (chunked bodies "
+                                          "are refused)"}, status_code=411)
+        limit = service.max_upload_bytes + BODY_OVERHEAD
+        if length is not None and length.isdigit() and int(length) > limit:
+            if int(length) <= 2 * limit:  # read it away, so a client that sends it all first still gets the 413
+                async for _ in request.stream():
+                    pass
             return JSONResponse({"error": f"the request body has {int(length):,} bytes, over the upload limit "
                                           f"of {service.max_upload_bytes:,}"}, status_code=413)
         return await call_next(request)
@@ -77,8 +87,8 @@ def create_app(service: SearchService) -> FastAPI:
     async def search(text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
                      image: UploadFile | None = File(None), filter: str | None = Form(None),
                      more: str | None = Form(None), less: str | None = Form(None)):
-        data = await _read(image, service)
-        return service.search(text, data, image_id or None, k, filter, more, less)
+        data = await _read(image, service)  # the model's work runs in a worker thread: the loop keeps answering
+        return await run_in_threadpool(service.search, text, data, image_id or None, k, filter, more, less)
 
     @app.post("/sessions", status_code=201)
     def create_session():
@@ -90,7 +100,8 @@ def create_app(service: SearchService) -> FastAPI:
                            filter: str | None = Form(None), more: str | None = Form(None),
                            less: str | None = Form(None)):
         data = await _read(image, service)
-        return service.session_turn(sid, text, data, image_id or None, choose or None, k, filter, more, less)
+        return await run_in_threadpool(service.session_turn, sid, text, data, image_id or None, choose or None, k,
+                                       filter, more, less)
 
     @app.get("/metadata")
     def metadata():
@@ -117,7 +128,7 @@ def create_app(service: SearchService) -> FastAPI:
     async def add_item(image: UploadFile = File(...), id: str | None = Form(None), metadata: str | None = Form(None),
                        authorization: str | None = Header(None)):
         service.authorise(authorization)
-        return service.add(await _read(image, service), id or None, metadata)
+        return await run_in_threadpool(service.add, await _read(image, service), id or None, metadata)
 
     @app.delete("/items/{item_id}")
     def delete_item(item_id: str, authorization: str | None = Header(None)):

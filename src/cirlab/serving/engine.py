@@ -183,15 +183,22 @@ class NotAnImage(CirlabError):
     """Bytes that do not decode to a whole image."""
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+MAX_ASPECT = 32  # the longer side at most this many times the shorter: preprocessing scales the short side up
+
+
+def decode_upload(data: bytes, max_pixels: int, max_aspect: float = MAX_ASPECT) -> Image.Image:
     """An uploaded image, fully decoded. Empty, non-image or truncated bytes raise NotAnImage; an image over
-    `max_pixels` raises TooLarge, checked from its header before any pixel is decoded (decompression bombs)."""
+    `max_pixels`, or whose sides differ more than `max_aspect` times (a 1 x 200,000 strip, which resizing to a square
+    crop would blow up to gigabytes), raises TooLarge, checked from its header before any pixel is decoded."""
     if not data:
         raise NotAnImage("the uploaded image is empty")
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
             raise TooLarge(f"the image has {img.width}x{img.height} pixels, over the limit of {max_pixels:,}")
+        if max(img.width, img.height) > max_aspect * max(1, min(img.width, img.height)):
+            raise TooLarge(f"the image is {img.width}x{img.height} pixels: one side is more than {max_aspect:g} "
+                           "times the other")
         img.load()
     except Image.DecompressionBombError as e:
         raise TooLarge(f"the image is too large to decode safely ({e})") from None
