@@ -174,6 +174,9 @@ def test_the_gallery_cache_misses_when_an_image_changes_and_names_a_missing_one(
     after = features()
     assert len(list(cache.glob("*.pt"))) == 2  # the cache missed
     assert torch.allclose(after[0], before[1], atol=1e-5) and not torch.allclose(after[0], before[0], atol=1e-3)
+    (folder / src[3].name).write_bytes(b"not an image")  # a broken image: named, cache or not
+    with pytest.raises(CirlabError, match=f"cannot read image .*{src[3].name}"):
+        features()
     (folder / src[2].name).unlink()
     with pytest.raises(CirlabError, match=f"gallery image {src[2].stem} .* is missing"):
         features()
