@@ -38,6 +38,26 @@ def read_records(path, key, what: str = "record", data: bytes | None = None) -> 
     return records
 
 
+def json_lines(path, what: str) -> list:
+    """(line number, object) of each non-empty line of a hand-written JSONL file of `what` (a queries file, a
+    metadata sidecar); a missing file, a line that is not JSON or not a JSON object names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CirlabError(f"{what} file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CirlabError(f"{path}: line {n} is not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise CirlabError(f"{path}: line {n} is not a JSON object")
+        out.append((n, obj))
+    return out
+
+
 class JsonlRecords:
     """Records keyed by `key(record)`; a later record with the same key replaces the earlier one in memory."""
 

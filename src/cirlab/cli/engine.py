@@ -161,17 +161,11 @@ def _read_queries(path) -> list:
     with the line named."""
     from cirlab.data.images import open_image
 
-    path, out = Path(path), []
-    if not path.is_file():
-        raise CirlabError(f"queries file not found: {path}")
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CirlabError(f"{path}: line {n} is not JSON ({e})") from None
-        if not isinstance(q, dict) or ("image" in q) == ("image_id" in q) or not str(q.get("text", "")).strip():
+    from cirlab.jsonl import json_lines
+
+    out = []
+    for n, q in json_lines(path, "queries"):
+        if ("image" in q) == ("image_id" in q) or not str(q.get("text", "")).strip():
             raise CirlabError(f"{path}: line {n} needs exactly one of \"image\" and \"image_id\", and a \"text\"")
         k = q.get("k", 10)
         if not isinstance(k, int) or k < 1:

@@ -53,20 +53,11 @@ def read_metadata(path, items: list) -> list:
     """Each (id, path) item's metadata from a sidecar JSONL file whose lines are JSON objects naming an item by
     "id" or by "path" (the file's path as given, or its name); the other keys are the metadata. Items it does not
     name get {}."""
-    import json
+    from cirlab.jsonl import json_lines
 
-    path = Path(path)
-    if not path.is_file():
-        raise CirlabError(f"metadata file not found: {path}")
     by_id, by_path = {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CirlabError(f"{path}: line {n} is not JSON ({e})") from None
-        if not isinstance(row, dict) or ("id" in row) == ("path" in row):
+    for n, row in json_lines(path, "metadata"):
+        if ("id" in row) == ("path" in row):
             raise CirlabError(f"{path}: line {n} must be a JSON object with exactly one of \"id\" and \"path\"")
         meta = {k: v for k, v in row.items() if k not in ("id", "path")}
         (by_id if "id" in row else by_path)[str(row.get("id", row.get("path")))] = meta
