@@ -28,14 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(index: Path, env_key: str | None, tmp_path: Path, name: str):
+def start(index: Path, env_key: str | None, tmp_path: Path, name: str, *extra: str):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "CIRLAB_API_KEY"}
     if env_key:
         env["CIRLAB_API_KEY"] = env_key
     log = open(tmp_path / f"{name}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cirlab.cli.main", "serve", "--index", str(index), "--port",
-                             str(port), "--max-upload-mb", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                             str(port), "--max-upload-mb", "2", *extra], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         if proc.poll() is not None:
@@ -294,13 +295,27 @@ def test_load_500_requests_8_concurrent_see_no_server_error(server):
     assert codes.count(200) == 334 and codes.count(400) == 166  # the empty texts are refused, the rest answered
 
 
-def test_a_service_without_a_key_refuses_writes(index_dir, tmp_path):
-    proc, url = start(index_dir, None, tmp_path, "readonly")
+def test_a_service_without_a_key_refuses_writes_and_its_web_posture_holds(index_dir, server, tmp_path):
+    """No key: writes refused. Every answer carries the security headers; CORS is off unless origins are allowed,
+    and a Host allow-list refuses other Host headers (issue 20)."""
+    for path in ("/", "/health"):
+        r = requests.get(server + path, headers={"Origin": "https://evil.example"})
+        assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+        assert "access-control-allow-origin" not in {k.lower() for k in r.headers}  # CORS off by default
+    proc, url = start(index_dir, None, tmp_path, "readonly", "--cors-origin", "https://app.example",
+                      "--allowed-host", "127.0.0.1")
     try:
         r = requests.post(url + "/items", files={"image": ("a.png", png(), "image/png")},
                           headers={"Authorization": "Bearer anything"})
         assert r.status_code == 403 and "CIRLAB_API_KEY" in r.json()["error"]
         assert requests.delete(url + "/items/x", headers={"Authorization": "Bearer x"}).status_code == 403
+        assert requests.get(url + "/health", headers={"Host": "evil.example"}).status_code == 400
+        pre = {"Access-Control-Request-Method": "POST"}
+        ok = requests.options(url + "/search", headers=pre | {"Origin": "https://app.example"})
+        assert ok.headers.get("access-control-allow-origin") == "https://app.example"
+        other = requests.options(url + "/search", headers=pre | {"Origin": "https://evil.example"})
+        assert other.headers.get("access-control-allow-origin") is None
     finally:
         proc.terminate()
         proc.wait(10)
@@ -353,7 +368,7 @@ def test_the_web_page_converses_from_the_keyboard_in_a_real_browser(server, tmp_
         page.keyboard.press("Control+A")
         page.keyboard.type("now make it larger")
         page.keyboard.press("Enter")
-        page.wait_for_function("document.querySelectorAll('#turns li').length === 2")
+        page.locator("#turns li").nth(1).wait_for()  # no wait_for_function: the page's CSP forbids eval
         assert page.locator("#turns li").nth(1).inner_text().startswith(f"2. from {pick}")
         assert "Turn 2" in page.locator("#status").inner_text()  # announced (aria-live)
 
@@ -364,14 +379,14 @@ def test_the_web_page_converses_from_the_keyboard_in_a_real_browser(server, tmp_
         page.locator("#results .cell").nth(0).click()
         page.fill("#text", "and make it blue")
         page.click("#search")
-        page.wait_for_function("document.querySelectorAll('#turns li').length === 3")
+        page.locator("#turns li").nth(2).wait_for()
         assert liked_id not in [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
 
         page.select_option("#filter-row", label="even")
         page.locator("#gallery .cell").nth(5).click()
         page.fill("#text", "make the circle red")
         page.click("#search")
-        page.wait_for_function("document.querySelectorAll('#turns li').length === 4")
+        page.locator("#turns li").nth(3).wait_for()
         shown = [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
         assert shown and set(shown) <= even  # only items whose metadata passes the filter
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
@@ -379,7 +394,7 @@ def test_the_web_page_converses_from_the_keyboard_in_a_real_browser(server, tmp_
 
         page.fill("#text", "")
         page.click("#search")
-        page.wait_for_function("document.getElementById('error').textContent.length > 0")
+        page.locator("#error:not(:empty)").wait_for()
         assert page.locator("#error").get_attribute("role") == "alert"
         assert "say what to change" in page.locator("#error").inner_text()
         browser.close()

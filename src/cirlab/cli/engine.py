@@ -272,7 +272,8 @@ def cmd_serve(args) -> None:
     writes = "writes enabled" if service.api_key else "read-only (set CIRLAB_API_KEY to enable writes)"
     print(f"serving {len(service.index)} images of {args.index} on http://{args.host}:{args.port} ({writes})",
           flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(service, tuple(args.cors_origin or ()), tuple(args.allowed_host or ()))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def add_engine_options(p) -> None:
@@ -398,6 +399,10 @@ def add_engine_parsers(sub) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-upload-mb", type=float, default=10.0)
+    v.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let pages of this origin call the API (repeatable; default: none, CORS off)")
+    v.add_argument("--allowed-host", action="append", metavar="HOST",
+                   help="answer only requests whose Host header is this (repeatable; e.g. 127.0.0.1 and localhost)")
     v.add_argument("--rerank", metavar="CHECKPOINT", help="a second model that rescores the first --rerank-k results")
     v.add_argument("--rerank-k", type=int, default=50)
     _add_captioner_options(v, cache=False)  # uploads to an index whose method reads target captions

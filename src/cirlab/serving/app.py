@@ -35,9 +35,38 @@ async def _read(upload: UploadFile | None, service: SearchService) -> bytes | No
     return data
 
 
-def create_app(service: SearchService) -> FastAPI:
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    # the page's own inline script and style, images from this origin and the upload preview (blob:)
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; script-src 'self' 'unsafe-inline'; "
+                               "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+}
+
+
+def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: tuple = ()) -> FastAPI:
+    """The app. CORS is off unless `cors_origins` lists the origins whose pages may call the API; `allowed_hosts`,
+    when given, refuses requests whose Host header names another host (DNS rebinding); every answer carries the
+    standard security headers (SECURITY_HEADERS)."""
     app = FastAPI(title="cirlab", description="Composed image retrieval: a reference image plus a text that says "
                                               "what to change.", version="1")
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization"])
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError):
