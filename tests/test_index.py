@@ -60,6 +60,16 @@ def test_multi_token_items_score_by_their_best_token(tmp_path):
     assert items == [[1]] and scores == [[pytest.approx(0.9)]]  # rows 5 and 4 belong to item 1; -1 is no hit
 
 
+def token_vectors(seed: int, n_queries: int) -> tuple:
+    """400 items of 3 clustered, L2-normalised token vectors (16-d) and queries near their first tokens."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, 16))
+    v = centres[rng.integers(12, size=(400, 3))] + 0.4 * rng.normal(size=(400, 3, 16))
+    v = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+    q = v[rng.integers(400, size=n_queries), 0] + 0.2 * rng.normal(size=(n_queries, 16)).astype(np.float32)
+    return v, q
+
+
 BACKENDS = [("exact", {}), ("faiss", {"kind": "flat"}), ("faiss", {"kind": "ivf", "nlist": 8, "nprobe": 8}),
             ("faiss", {"kind": "hnsw"}), ("milvus", {})]
 
@@ -70,11 +80,7 @@ def test_every_backend_agrees_with_exact_search_through_build_add_remove_and_reo
     scores them) built, added to, removed from and reopened, each state searched against brute force over the
     index's own vectors. Exact and FAISS flat must give the brute-force ranking; IVF, HNSW and Milvus most of it.
     The manifest records the backend's actual parameters and the method's scoring."""
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(12, 16))
-    v = centres[rng.integers(12, size=(400, 3))] + 0.4 * rng.normal(size=(400, 3, 16))
-    v = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-    q = v[rng.integers(400, size=20), 0] + 0.2 * rng.normal(size=(20, 16)).astype(np.float32)
+    v, q = token_vectors(0, 20)
     ids = [f"i{n}" for n in range(400)]
     index = ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", backend=backend,
                               params=params, ids=ids[:300], paths=["p"] * 300, vectors=v[:300])
@@ -326,11 +332,7 @@ def test_filtered_search_on_every_backend_agrees_with_filtered_brute_force(backe
     """Metadata filters applied inside each backend (a mask, FAISS's id selector, Milvus's boolean expression):
     only passing items come back, k of them whenever k pass (all of them when fewer do), in brute force's order on
     exact and FAISS flat and mostly so on the approximate ones; metadata survives add, remove and reopening."""
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(12, 16))
-    v = centres[rng.integers(12, size=(400, 3))] + 0.4 * rng.normal(size=(400, 3, 16))
-    v = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
-    q = v[rng.integers(400, size=12), 0] + 0.2 * rng.normal(size=(12, 16)).astype(np.float32)
+    v, q = token_vectors(1, 12)
     ids = [f"i{n}" for n in range(400)]
     metas = [{"colour": ["red", "green", "blue"][n % 3], "year": 2000 + n % 24} | ({"rare": True} if n % 97 == 5
                                                                                     else {}) for n in range(400)]

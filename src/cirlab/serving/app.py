@@ -82,6 +82,49 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
                  for e in exc.errors()]
         return JSONResponse({"error": "; ".join(parts)}, status_code=422)
 
+    _add_body_limits(app, service)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return PAGE
+
+    @app.get("/health")
+    def health():
+        return service.health()
+
+    @app.post("/search")
+    async def search(text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
+                     image: UploadFile | None = File(None), filter: str | None = Form(None),
+                     more: str | None = Form(None), less: str | None = Form(None)):
+        data = await _read(image, service)  # the model's work runs in a worker thread: the loop keeps answering
+        return await run_in_threadpool(service.search, text, data, image_id or None, k, filter, more, less)
+
+    _add_session_routes(app, service)
+
+    @app.get("/images/{item_id}")
+    def get_image(item_id: str):
+        return FileResponse(service.image_path(item_id))
+
+    @app.get("/items")
+    def items(offset: int = 0, limit: int = 60):
+        return service.items(offset, limit)
+
+    @app.post("/items", status_code=201)
+    async def add_item(image: UploadFile = File(...), id: str | None = Form(None), metadata: str | None = Form(None),
+                       authorization: str | None = Header(None)):
+        service.authorise(authorization)
+        return await run_in_threadpool(service.add, await _read(image, service), id or None, metadata)
+
+    @app.delete("/items/{item_id}")
+    def delete_item(item_id: str, authorization: str | None = Header(None)):
+        service.authorise(authorization)
+        return service.remove(item_id)
+
+    return app
+
+
+def _add_body_limits(app: FastAPI, service: SearchService) -> None:
+    """Form POSTs: multipart or urlencoded only (415), a Content-Length required (411), the upload limit (413)."""
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         form = request.method == "POST" and (request.url.path in ("/search", "/items")
@@ -104,21 +147,10 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
                                           f"of {service.max_upload_bytes:,}"}, status_code=413)
         return await call_next(request)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        return PAGE
 
-    @app.get("/health")
-    def health():
-        return service.health()
-
-    @app.post("/search")
-    async def search(text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
-                     image: UploadFile | None = File(None), filter: str | None = Form(None),
-                     more: str | None = Form(None), less: str | None = Form(None)):
-        data = await _read(image, service)  # the model's work runs in a worker thread: the loop keeps answering
-        return await run_in_threadpool(service.search, text, data, image_id or None, k, filter, more, less)
-
+def _add_session_routes(app: FastAPI, service: SearchService) -> None:
+    """Sessions (POST /sessions, POST /sessions/{id}/turns, GET /sessions/{id}), the metadata keys the page's
+    filters offer, and the favicon."""
     @app.post("/sessions", status_code=201)
     def create_session():
         return service.create_session()
@@ -144,24 +176,3 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
     @app.get("/sessions/{sid}")
     def get_session(sid: str):
         return service.get_session(sid)
-
-    @app.get("/images/{item_id}")
-    def get_image(item_id: str):
-        return FileResponse(service.image_path(item_id))
-
-    @app.get("/items")
-    def items(offset: int = 0, limit: int = 60):
-        return service.items(offset, limit)
-
-    @app.post("/items", status_code=201)
-    async def add_item(image: UploadFile = File(...), id: str | None = Form(None), metadata: str | None = Form(None),
-                       authorization: str | None = Header(None)):
-        service.authorise(authorization)
-        return await run_in_threadpool(service.add, await _read(image, service), id or None, metadata)
-
-    @app.delete("/items/{item_id}")
-    def delete_item(item_id: str, authorization: str | None = Header(None)):
-        service.authorise(authorization)
-        return service.remove(item_id)
-
-    return app

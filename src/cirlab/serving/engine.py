@@ -219,6 +219,7 @@ class Engine:
         if rerank_k < 1:
             raise CirlabError(f"rerank_k must be at least 1, got {rerank_k}")
         self.rerank_k = rerank_k
+        self._hashes = (None, {})  # (index generation, file sha1 -> id): see indexed_copy
 
     @torch.no_grad()
     def query_vector(self, image, text: str, model=None) -> np.ndarray:
@@ -262,7 +263,7 @@ class Engine:
         """The id of an indexed image whose file has exactly these bytes, else None (the files are hashed once per
         index generation, at the first call)."""
         generation = self.index.manifest["generation"]
-        if getattr(self, "_hashes", (None,))[0] != generation:
+        if self._hashes[0] != generation:
             by_hash = {}
             snap = self.index.snapshot
             for item_id, path in zip(snap.ids, snap.paths):

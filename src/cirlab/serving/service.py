@@ -15,6 +15,7 @@ Uploaded images are written atomically under INDEX/images/ before they are index
 from __future__ import annotations
 
 import hmac
+from collections import OrderedDict
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +46,7 @@ class SearchService:
         self.index = self.engine.index
         self.api_key = api_key or None  # no key: every write is refused
         self.max_upload_bytes, self.max_pixels, self.captioner = max_upload_bytes, max_pixels, captioner
+        self.sessions: OrderedDict = OrderedDict()  # id -> Session, oldest first (at most MAX_SESSIONS)
 
     # ----------------------------------------------------------------- checks
     def check_id(self, item_id: str) -> str:
@@ -118,19 +120,16 @@ class SearchService:
 
     # ----------------------------------------------------------------- sessions (serving/session.py)
     def create_session(self) -> dict:
-        from collections import OrderedDict
-
         from cirlab.serving.session import Session
 
-        sessions = self.__dict__.setdefault("sessions", OrderedDict())
         sid = uuid.uuid4().hex[:16]
-        sessions[sid] = Session(self.engine)
-        while len(sessions) > MAX_SESSIONS:  # the oldest go first
-            sessions.popitem(last=False)
+        self.sessions[sid] = Session(self.engine)
+        while len(self.sessions) > MAX_SESSIONS:  # the oldest go first
+            self.sessions.popitem(last=False)
         return {"id": sid}
 
     def _session(self, sid: str):
-        session = self.__dict__.get("sessions", {}).get(sid)
+        session = self.sessions.get(sid)
         if session is None:
             raise ServiceError(404, f"unknown session {sid!r} (sessions live in the service's memory; the oldest "
                                     f"are dropped beyond {MAX_SESSIONS})")

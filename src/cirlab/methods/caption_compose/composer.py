@@ -20,7 +20,6 @@ query then falls back to the reference description followed by the text.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +101,6 @@ class OracleComposer:
 
     def __init__(self, data_root, imperfection: float = 0.0, seed: int = 0):
         from cirlab.data.split import load_json
-        from cirlab.data.synth.world import graph_to_scene
 
         root = Path(data_root)
         if not (root / "synth" / "scenes.json").exists():
@@ -117,8 +115,6 @@ class OracleComposer:
             if (root / "synth" / f"edits.{split}.json").exists():
                 for row in load_json(path):
                     self.queries[(row["reference"], row["caption"])] = (split, str(row["pairid"]))
-        self.graphs = json.loads((root / "synth" / "scenes.json").read_text())
-        self._scene = graph_to_scene
         self.editors: dict = {}
         self.model_id = f"cirlab-oracle/imperfection={imperfection:g}"
 
