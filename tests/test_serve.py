@@ -88,7 +88,7 @@ def first_id(url: str) -> str:
 
 def test_search_images_and_authorised_writes(server):
     health = requests.get(server + "/health").json()
-    assert health == {"status": "ok", "items": 40}
+    assert health == {"status": "ok", "items": 40, "work": {"workers": 2, "queue": 16, "timeout_s": 30.0, "held": 0}}
     ref = first_id(server)
     r = requests.post(server + "/search", data={"image_id": ref, "text": "make the circle red", "k": "5"})
     assert r.status_code == 200
@@ -398,3 +398,83 @@ def test_the_web_page_converses_from_the_keyboard_in_a_real_browser(server, tmp_
         assert page.locator("#error").get_attribute("role") == "alert"
         assert "say what to change" in page.locator("#error").inner_text()
         browser.close()
+
+
+def test_commits_by_another_process_reach_the_service_and_broken_references_get_json(server, index_dir):
+    """The service follows a commit made outside it (here by this test's process, as `cirlab index remove` would),
+    without a restart; a search from an indexed image whose file is gone or broken is a JSON 4xx (issue 20)."""
+    from cirlab.index import ImageIndex
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for name in ("gone", "broken", "outside"):
+        r = requests.post(server + "/items", files={"image": ("a.png", png(colour=(9, 99, 199)), "image/png")},
+                          data={"id": name}, headers=auth)
+        assert r.status_code == 201, r.text
+    total = requests.get(server + "/items").json()["total"]
+    ImageIndex(index_dir).remove(["outside"])
+    assert requests.get(server + "/items").json()["total"] == total - 1
+    assert requests.get(server + "/images/outside").status_code == 404
+    ref = first_id(server)
+    hits = requests.post(server + "/search", data={"image_id": ref, "text": "blue", "k": "100"}).json()["hits"]
+    assert "outside" not in {h["id"] for h in hits} and "gone" in {h["id"] for h in hits}
+    item = ImageIndex(index_dir).item("gone")
+    Path(item["path"]).unlink()
+    r = requests.post(server + "/search", data={"image_id": "gone", "text": "blue"})
+    assert r.status_code == 404 and "missing" in r.json()["error"]
+    Path(ImageIndex(index_dir).item("broken")["path"]).write_bytes(b"not an image any more")
+    r = requests.post(server + "/search", data={"image_id": "broken", "text": "blue"})
+    assert r.status_code == 422 and "cannot read image" in r.json()["error"], r.text
+    assert str(index_dir) not in r.json()["error"]  # the server's paths are not shown
+    for name in ("gone", "broken"):
+        assert requests.delete(server + f"/items/{name}", headers=auth).status_code == 200
+
+
+class _SlowService:
+    """What create_app needs of a service, with a search that takes as long as its text says (seconds)."""
+    max_upload_bytes = 1024
+
+    def health(self):
+        return {"status": "ok"}
+
+    def search(self, text, *_):
+        time.sleep(float(text))
+        return {"hits": []}
+
+
+def test_the_model_work_is_bounded_in_queue_and_time_over_http():
+    """One worker, no queue, a 1 s limit: a second search while one runs gets 503 with Retry-After at once, a
+    search that runs over the limit gets 503 after it, and /health answers throughout (issue 20)."""
+    import uvicorn
+
+    from cirlab.serving.app import create_app
+    from cirlab.serving.work import BoundedWork
+
+    port = free_port()
+    app = create_app(_SlowService(), work=BoundedWork(workers=1, queue=0, timeout_s=1.0))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(url + "/health", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(requests.post, url + "/search", data={"text": "0.6"})
+            time.sleep(0.2)
+            second = requests.post(url + "/search", data={"text": "0.1"})
+            assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+            assert "busy" in second.json()["error"]
+            assert first.result().status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            late = pool.submit(requests.post, url + "/search", data={"text": "2.0"})
+            time.sleep(0.2)
+            health = requests.get(url + "/health", timeout=1)
+            assert health.status_code == 200 and health.json()["work"]["held"] == 1
+            assert late.result().status_code == 503 and "took over 1 s" in late.result().json()["error"]
+    finally:
+        server.should_exit = True
+        thread.join(5)

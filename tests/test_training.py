@@ -34,10 +34,22 @@ def test_combiner_training_lowers_loss_and_raises_recall(world, clip_dir, tmp_pa
     assert [r["epoch"] for r in log if "epoch_loss" in r] == [1, 2, 3]
 
 
-def test_resume_continues_to_the_same_result(world, clip_dir, tmp_path):
+def test_resume_continues_to_the_same_result(world, clip_dir, tmp_path, monkeypatch):
+    import pytest
+
+    from cirlab.training import loop
+
     cfg = _cfg(epochs=2, steps_per_epoch=6, batch_size=16)
     train_method("combiner", world, clip_dir, tmp_path / "straight", cfg)
-    train_method("combiner", world, clip_dir, tmp_path / "resumed", TrainConfig(**(vars(cfg) | {"epochs": 1})))
+    save = loop._atomic_save
+
+    def save_then_die(obj, path):  # the run dies right after saving its state after epoch 1
+        save(obj, path)
+        raise RuntimeError("killed")
+    monkeypatch.setattr(loop, "_atomic_save", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_method("combiner", world, clip_dir, tmp_path / "resumed", cfg)
+    monkeypatch.setattr(loop, "_atomic_save", save)
     # the second run picks up the state after epoch 1 and runs epoch 2 only
     train_method("combiner", world, clip_dir, tmp_path / "resumed", cfg, resume=True)
     a = torch.load(tmp_path / "straight.train" / "train_state.pt", weights_only=False)

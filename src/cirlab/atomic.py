@@ -17,9 +17,62 @@ def write_atomic(path, write, sync: bool = True) -> None:
         if sync:
             os.fsync(f.fileno())
     os.replace(tmp, path)
-    if not sync:
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if sync:
+        _sync_dir(path.parent)
+
+
+def replace_folder(new, folder) -> None:
+    """Put the complete folder `new` in the place of `folder` with no moment at which `folder` is missing or
+    mixed: Linux's renameat2(RENAME_EXCHANGE) swaps the two in one step (the old contents end at `new`, then are
+    deleted). Where that call is missing, two renames, `folder` to `folder.old` and `new` to `folder`; a reader
+    that finds `folder` missing then finds the previous version at `folder.old` (see `resolve_folder`)."""
+    import shutil
+
+    new, folder = Path(new), Path(folder)
+    if not folder.exists():
+        os.replace(new, folder)
+    elif _exchange(new, folder):
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(new, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync_dir(folder.parent)
+
+
+def resolve_folder(folder) -> Path:
+    """`folder`, or its previous version `folder.old` while a `replace_folder` without an atomic exchange is
+    between its two renames."""
+    folder = Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    return old if not folder.exists() and old.is_dir() else folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the call is unavailable."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _sync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

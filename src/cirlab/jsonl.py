@@ -5,6 +5,8 @@ opening the file cuts it back to its last complete line, so a resumed run neithe
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -79,6 +81,27 @@ class JsonlRecords:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
         self.records = read_records(self.path, self.key, self.what, data[:end])
+
+    def reload(self) -> None:
+        self.records = {}
+        if self.path.exists():
+            self._load()
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the file's writer lock (`PATH.lock`, fcntl) while a run appends: a second run on the same file
+        stops at once with an error instead of writing duplicate records."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CirlabError(f"another run is writing {self.path}; wait for it to finish (or stop it), "
+                                  "then run again to resume") from None
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def __contains__(self, key) -> bool:
         return key in self.records

@@ -82,33 +82,36 @@ def caption_images(items: list, backend, cache: CaptionCache, batch_size: int = 
                    address: str | None = None, concurrency: int = 1) -> CaptionStats:
     """Caption (name, path) items missing from the cache. With `engine="ray"`, `backend_factory` (picklable,
     for example a functools.partial of `make_backend`) builds the captioner inside each of `concurrency` Ray
-    actors; the cache is written here either way."""
+    actors; the cache is written here either way, by one run at a time (a second stops with an error)."""
     from cirlab.batches import run_batches
 
     stats = stats or CaptionStats()
-    todo = [(n, p) for n, p in items if (n, PROMPT_VERSION) not in cache]
-    stats.images += len(items)
-    stats.cached += len(items) - len(todo)
-    if engine == "ray":
-        if backend_factory is None:
-            raise CirlabError("the ray engine needs a picklable backend_factory to build the captioner in each actor")
-        factory = partial(_captioner, backend_factory)
-    else:
-        factory = partial(_Captioner, backend)
-    bar = tqdm(total=len(todo), desc="caption", disable=not progress, mininterval=1.0)
-    for chunk, results in run_batches(todo, factory, batch_size, engine, address, concurrency):
-        records = []
-        for (name, _), r in zip(chunk, results):
-            if r["levels"] is None:
-                stats.failures += 1
-                continue
-            stats.repaired += r["repaired"]
-            stats.fallbacks += r["fallback"]
-            records.append(_record(name, r["levels"], r["model"], r["fallback"]))
-        cache.append(records)
-        stats.captioned += len(records)
-        bar.update(len(chunk))
-    bar.close()
+    with cache.writing():  # one run appends to a cache at a time
+        cache.reload()  # what a run that held the lock before this one wrote
+        todo = [(n, p) for n, p in items if (n, PROMPT_VERSION) not in cache]
+        stats.images += len(items)
+        stats.cached += len(items) - len(todo)
+        if engine == "ray":
+            if backend_factory is None:
+                raise CirlabError("the ray engine needs a picklable backend_factory to build the captioner in each "
+                                  "actor")
+            factory = partial(_captioner, backend_factory)
+        else:
+            factory = partial(_Captioner, backend)
+        bar = tqdm(total=len(todo), desc="caption", disable=not progress, mininterval=1.0)
+        for chunk, results in run_batches(todo, factory, batch_size, engine, address, concurrency):
+            records = []
+            for (name, _), r in zip(chunk, results):
+                if r["levels"] is None:
+                    stats.failures += 1
+                    continue
+                stats.repaired += r["repaired"]
+                stats.fallbacks += r["fallback"]
+                records.append(_record(name, r["levels"], r["model"], r["fallback"]))
+            cache.append(records)
+            stats.captioned += len(records)
+            bar.update(len(chunk))
+        bar.close()
     return stats
 
 

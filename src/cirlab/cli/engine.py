@@ -272,7 +272,12 @@ def cmd_serve(args) -> None:
     writes = "writes enabled" if service.api_key else "read-only (set CIRLAB_API_KEY to enable writes)"
     print(f"serving {len(service.index)} images of {args.index} on http://{args.host}:{args.port} ({writes})",
           flush=True)
-    app = create_app(service, tuple(args.cors_origin or ()), tuple(args.allowed_host or ()))
+    from cirlab.serving.work import BoundedWork
+
+    if args.workers < 1 or args.max_queue < 0 or args.request_timeout <= 0:
+        raise CirlabError("--workers must be at least 1, --max-queue at least 0 and --request-timeout above 0")
+    work = BoundedWork(args.workers, args.max_queue, args.request_timeout)
+    app = create_app(service, tuple(args.cors_origin or ()), tuple(args.allowed_host or ()), work)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -403,6 +408,11 @@ def add_engine_parsers(sub) -> None:
                    help="let pages of this origin call the API (repeatable; default: none, CORS off)")
     v.add_argument("--allowed-host", action="append", metavar="HOST",
                    help="answer only requests whose Host header is this (repeatable; e.g. 127.0.0.1 and localhost)")
+    v.add_argument("--workers", type=int, default=2, help="threads that run searches, turns and additions")
+    v.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for a worker; beyond it, 503 at once (default 16)")
+    v.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a search, turn or addition may take before it is answered 503 (default 30)")
     v.add_argument("--rerank", metavar="CHECKPOINT", help="a second model that rescores the first --rerank-k results")
     v.add_argument("--rerank-k", type=int, default=50)
     _add_captioner_options(v, cache=False)  # uploads to an index whose method reads target captions

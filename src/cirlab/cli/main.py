@@ -26,7 +26,7 @@ def _train_config(args, **extra):
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
                        grad_accum=args.grad_accum, amp=args.amp, seed=args.seed, device=args.device,
                        warmup_steps=args.warmup_steps, steps_per_epoch=args.steps_per_epoch,
-                       progress=not args.no_progress, **extra)
+                       progress=not args.no_progress, force_resume=getattr(args, "force", False), **extra)
 
 
 def _add_train_options(p, epochs: int, batch_size: int, lr: float):
@@ -41,6 +41,8 @@ def _add_train_options(p, epochs: int, batch_size: int, lr: float):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue from the last complete epoch")
+    p.add_argument("--force", action="store_true", help="with --resume: continue even when the schedule or the "
+                                                        "method's settings differ from the saved run's")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -340,7 +342,7 @@ def cmd_edit(args) -> None:
                           args.image_guidance_scale, args.seed, args.device)
     stats = edit_split(args.dataset, args.data_root, args.split, factory(), args.out, args.n, args.batch_size,
                        progress=not args.no_progress, limit=args.limit, engine=args.engine, editor_factory=factory,
-                       address=args.ray_address, concurrency=args.concurrency_ray)
+                       address=args.ray_address, concurrency=args.concurrency_ray, force=args.force)
     print(f"{stats.triplets} triplets x {args.n}: {stats.cached} pseudo-targets already made, {stats.made} made; "
           f"manifest: {Path(args.out) / 'manifest.jsonl'}")
 
@@ -488,6 +490,7 @@ def _add_edit_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N triplets")
     p.add_argument("--out", required=True, help="folder for images/ and manifest.jsonl (a rerun resumes)")
+    p.add_argument("--force", action="store_true", help="add to a manifest made with other editor settings")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--oracle-latency", type=float, default=0.0, help="seconds the oracle waits per batch")
     p.add_argument("--no-progress", action="store_true")

@@ -68,10 +68,12 @@ def _editor(editor_factory, dataset: str, data_root, split: str):
 
 def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, batch_size: int = 32,
                progress: bool = True, limit: int | None = None, engine: str = "local", editor_factory=None,
-               address: str | None = None, concurrency: int = 1) -> EditStats:
+               address: str | None = None, concurrency: int = 1, force: bool = False) -> EditStats:
     """Make `n` pseudo-targets for each query with a target in the split (the first `limit` queries if given).
     With `engine="ray"`, `editor_factory` (picklable) builds the editor inside each of `concurrency` Ray actors;
-    images and the manifest are written here either way."""
+    images and the manifest are written here either way. A rerun resumes, and refuses (unless `force`) when the
+    manifest's pseudo-targets were made with another editor, model, options or seed; one run writes a manifest at
+    a time (a lock beside it)."""
     from functools import partial
 
     from cirlab.batches import run_batches
@@ -82,28 +84,45 @@ def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, bat
     queries = [q for q in data.queries if q.targets][:limit]
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "images").glob(".*.tmp-*"):  # images a killed run was writing: never in the manifest
-        stale.unlink(missing_ok=True)
     manifest = EditManifest(out / MANIFEST)
-    todo = [(q, k) for q in queries for k in range(n) if (q.key, k) not in manifest]
-    stats = EditStats(len(queries), len(queries) * n, len(queries) * n - len(todo), 0)
-    if engine == "ray":
-        if editor_factory is None:
-            raise CirlabError("the ray engine needs a picklable editor_factory to build the editor in each actor")
-        factory = partial(_editor, editor_factory, dataset, data_root, split)
-    else:
-        factory = partial(_Editor, editor, data)
-    bar = tqdm(total=len(todo), desc=f"edit ({editor.name})", disable=not progress, mininterval=1.0)
-    for chunk, made in run_batches(todo, factory, batch_size, engine, address, concurrency):
-        records = []
-        for (q, k), (img, info) in zip(chunk, made):
-            rel = f"images/{safe_name(q.key)}-{k}.png"
-            _save_png(img, out / rel)
-            records.append({"query": q.key, "sample": k, "reference": q.reference, "text": q.text, "file": rel,
-                            "backend": editor.name, "model": editor.model_id, "options": editor.options(),
-                            **info})
-        manifest.append(records)
-        stats.made += len(records)
-        bar.update(len(chunk))
-    bar.close()
+    settings = {"backend": editor.name, "model": editor.model_id, "options": editor.options(),
+                "editor_seed": getattr(editor, "seed", None)}
+    with manifest.writing():
+        manifest.reload()  # what a run that held the lock before this one wrote
+        if not force:
+            _check_same_settings(manifest, settings)
+        for stale in (out / "images").glob(".*.tmp-*"):  # images a killed run was writing: never in the manifest
+            stale.unlink(missing_ok=True)
+        todo = [(q, k) for q in queries for k in range(n) if (q.key, k) not in manifest]
+        stats = EditStats(len(queries), len(queries) * n, len(queries) * n - len(todo), 0)
+        if engine == "ray":
+            if editor_factory is None:
+                raise CirlabError("the ray engine needs a picklable editor_factory to build the editor in each actor")
+            factory = partial(_editor, editor_factory, dataset, data_root, split)
+        else:
+            factory = partial(_Editor, editor, data)
+        bar = tqdm(total=len(todo), desc=f"edit ({editor.name})", disable=not progress, mininterval=1.0)
+        for chunk, made in run_batches(todo, factory, batch_size, engine, address, concurrency):
+            records = []
+            for (q, k), (img, info) in zip(chunk, made):
+                rel = f"images/{safe_name(q.key)}-{k}.png"
+                _save_png(img, out / rel)
+                records.append({"query": q.key, "sample": k, "reference": q.reference, "text": q.text, "file": rel,
+                                **settings, **info})
+            manifest.append(records)
+            stats.made += len(records)
+            bar.update(len(chunk))
+        bar.close()
     return stats
+
+
+def _check_same_settings(manifest: EditManifest, settings: dict) -> None:
+    """A manifest holds one editor's pseudo-targets: a resumed run must ask for the same (keys an older record
+    lacks are not compared)."""
+    if not manifest.records:
+        return
+    first = next(iter(manifest.records.values()))
+    for key, value in settings.items():
+        if key in first and first[key] != value:
+            raise CirlabError(f"{manifest.path} holds pseudo-targets made with {key} {first[key]!r}; this run asks "
+                              f"for {value!r}: choose another --out, or pass --force to add to it anyway")

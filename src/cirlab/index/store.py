@@ -17,6 +17,11 @@ replaces the manifest the same way: that rename is the commit. Only then are oth
 A kill at any moment therefore leaves a manifest that names complete files: the old state or the new one.
 Writers take an exclusive lock on `INDEX/.lock` (fcntl), so the CLI and a running service never interleave writes.
 Readers (`search`) use an immutable snapshot that a write replaces whole: a search sees the old or the new index.
+Readers take no lock: opening reads the manifest, then its files, and when a commit by another process deleted
+them in between (the manifest has moved on), reads the new manifest again. An open index follows commits made by
+other processes: each access to its snapshot checks the manifest file (one stat) and loads a newer generation.
+A commit also deletes uploads under `images/` that no item names and that are over ORPHAN_AGE_S old (left by a
+service killed between storing an upload and indexing it; younger ones may be an upload about to be indexed).
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ from cirlab.types import SearchHit
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+ORPHAN_AGE_S = 3600
+OPEN_TRIES = 20
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -66,17 +73,50 @@ class ImageIndex:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        path = self.folder / MANIFEST
-        if not path.exists():
+        if not (self.folder / MANIFEST).exists():
             raise CirlabError(f"no index at {self.folder} (missing {MANIFEST})")
+        self._lock = threading.Lock()
+        self._seen, self.manifest, self._snapshot = self._open()
+
+    def _read_manifest(self) -> tuple:
+        """(the manifest file's stat signature, the manifest)."""
+        path = self.folder / MANIFEST
+        st = path.stat()
         try:
-            self.manifest = json.loads(path.read_text())
+            manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise CirlabError(f"{path}: not valid JSON ({e})") from e
-        if self.manifest.get("format") != FORMAT:
-            raise CirlabError(f"{path}: index format {self.manifest.get('format')!r}, this cirlab reads {FORMAT}")
-        self._lock = threading.Lock()
-        self.snapshot = self._load(self.manifest)
+        if manifest.get("format") != FORMAT:
+            raise CirlabError(f"{path}: index format {manifest.get('format')!r}, this cirlab reads {FORMAT}")
+        return (st.st_ino, st.st_mtime_ns, st.st_size), manifest
+
+    def _open(self) -> tuple:
+        """(signature, manifest, snapshot) of the newest commit, read again while a commit by another process
+        removes the files of the one being read."""
+        for attempt in range(OPEN_TRIES):
+            seen, manifest = self._read_manifest()
+            try:
+                return seen, manifest, self._load(manifest)
+            except Exception:  # noqa: BLE001 - a file of a generation another process has just retired
+                if attempt == OPEN_TRIES - 1 or self._read_manifest()[1]["generation"] == manifest["generation"]:
+                    raise
+        raise AssertionError("unreachable")
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The newest committed state: the one held, or a newer one another process has committed since."""
+        try:
+            st = (self.folder / MANIFEST).stat()
+        except FileNotFoundError:
+            return self._snapshot
+        if (st.st_ino, st.st_mtime_ns, st.st_size) != self._seen:
+            with self._lock:
+                seen, manifest = self._read_manifest()
+                if (manifest["generation"], manifest["params"]) != (self.manifest["generation"],
+                                                                    self.manifest["params"]):
+                    seen, manifest, self._snapshot = self._open()  # a commit, or a tuning, by another process
+                self._seen, self.manifest = seen, manifest
+        return self._snapshot
 
     # ----------------------------------------------------------------- creation and loading
     @classmethod
@@ -137,6 +177,7 @@ class ImageIndex:
         new = manifest | {"generation": g, "count": len(ids), "files": files, "actual": built.actual}
         write_atomic(folder / MANIFEST, lambda f: f.write((json.dumps(new, indent=1) + "\n").encode()))
         built.retire(folder, manifest["params"])
+        _delete_orphaned_uploads(folder, paths)
         for old in folder.iterdir():  # the store's files of other generations, and temporary files of killed writers
             if re.match(r"^(vectors|items)-\d+\.", old.name) and old.name not in files.values() \
                     or old.name.startswith(".") and ".tmp-" in old.name:
@@ -226,7 +267,7 @@ class ImageIndex:
             manifest["actual"] = manifest.get("actual", {}) | {knob: value}
             manifest["tuned"] = tuned
             write_atomic(self.folder / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
-            self.manifest = manifest
+            self._seen, self.manifest = self._read_manifest()
         return tuned
 
     # ----------------------------------------------------------------- writing
@@ -273,10 +314,28 @@ class ImageIndex:
         let `change(snapshot)` compute the new (ids, paths, captions, vectors), commit them, swap the snapshot."""
         with self._lock, _exclusive(self.folder):
             manifest = json.loads((self.folder / MANIFEST).read_text())
-            snap = self.snapshot if manifest["generation"] == self.manifest["generation"] else self._load(manifest)
+            snap = self._snapshot if manifest["generation"] == self.manifest["generation"] else self._load(manifest)
             ids, paths, captions, vectors, metas = change(snap)
             manifest = self._commit(self.folder, manifest, ids, paths, captions, vectors, metas)
-            self.snapshot, self.manifest = self._load(manifest), manifest
+            self._seen = self._read_manifest()[0]
+            self._snapshot, self.manifest = self._load(manifest), manifest
+
+
+def _delete_orphaned_uploads(folder: Path, paths: list) -> None:
+    """Files under INDEX/images/ that no item names and that are older than ORPHAN_AGE_S."""
+    import time
+
+    uploads = folder / "images"
+    if not uploads.is_dir():
+        return
+    named = {Path(p).resolve() for p in paths}
+    now = time.time()
+    for f in uploads.iterdir():
+        try:
+            if f.is_file() and f.resolve() not in named and now - f.stat().st_mtime > ORPHAN_AGE_S:
+                f.unlink()
+        except FileNotFoundError:
+            continue
 
 
 def _check_metas(metas: list | None, n: int) -> list:

@@ -11,7 +11,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirlab.atomic import replace_folder, resolve_folder
 from cirlab.errors import Choice, CirlabError, parse_choices
 from cirlab.types import Batch, LossOutput
 
@@ -227,7 +227,8 @@ class CIRModel(nn.Module):
 
     # ----------------------------------------------------------------- persistence
     def save(self, folder) -> None:
-        """Write the checkpoint folder; files go to a temporary folder first, renamed when complete."""
+        """Write the checkpoint folder: files go to a temporary folder first, which then takes the old one's place
+        in one step (atomic.replace_folder), so a reader sees the old checkpoint or the new one, whole."""
         from safetensors.torch import save_file
 
         import cirlab
@@ -246,14 +247,7 @@ class CIRModel(nn.Module):
         meta = {"method": self.name, "config": self.config.to_json(), "cirlab_version": cirlab.__version__,
                 "backbone": {"kind": self.backbone.kind, "source": source, "finetuned": finetuned}}
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_folder(tmp, folder)
 
 
 def _portable_source(source: str) -> str:
@@ -272,7 +266,7 @@ def load_model(path, device="cpu") -> CIRModel:
 
     from cirlab.backbones import load_backbone
 
-    folder = Path(path)
+    folder = resolve_folder(path)  # a save between its two renames (no atomic exchange): the previous version
     meta_path = folder / CHECKPOINT_FILE
     if not meta_path.exists():
         raise CirlabError(f"not a cirlab checkpoint (no {CHECKPOINT_FILE}): {folder}")
@@ -280,10 +274,22 @@ def load_model(path, device="cpu") -> CIRModel:
         meta = json.loads(meta_path.read_text())
         bb = meta["backbone"]
         source = folder / bb["source"] if bb.get("finetuned") else bb["source"]
-        model = build_model(meta["method"], load_backbone(bb["kind"], source), meta["config"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CirlabError(f"malformed checkpoint file {meta_path}: {e}") from None
-    own = load_file(str(folder / WEIGHTS_FILE))
+        method, kind, config = meta["method"], bb["kind"], meta["config"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CirlabError(f"malformed checkpoint file {meta_path}: {type(e).__name__} {e}") from None
+    try:
+        backbone = load_backbone(kind, source)
+    except CirlabError:
+        raise
+    except Exception as e:  # transformers raises OSError, ValueError, JSON and safetensors errors for broken files
+        raise CirlabError(f"the {kind} backbone of checkpoint {folder} cannot be loaded from {source}: "
+                          f"{_first_line(e)}") from None
+    model = build_model(method, backbone, config)
+    try:
+        own = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # missing, empty or truncated
+        raise CirlabError(f"{folder / WEIGHTS_FILE} cannot be read ({_first_line(e)}): the checkpoint is incomplete "
+                          "or damaged; save or train it again") from None
     missing, unexpected = model.load_state_dict(own, strict=False)
     missing = [m for m in missing if not m.startswith("backbone.")]
     if missing or unexpected:
@@ -291,6 +297,11 @@ def load_model(path, device="cpu") -> CIRModel:
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.on_load(folder)
     return model.to(device).eval()
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit] if text else ''}"
 
 
 def _file_stats(folder: Path, only_checkpoint_files: bool = False) -> list:

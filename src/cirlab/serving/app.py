@@ -9,18 +9,19 @@ and `DELETE /items/{id}` (bearer key), `GET /health`, the page at `/` and OpenAP
 JSON `{"error": "..."}` with a 4xx status; a form POST without a Content-Length (a chunked body) gets 411 before
 anything is read; a body whose declared length exceeds the upload limit gets 413, read away first when it is at
 most twice the limit (so a client that sends the whole body before reading still receives the answer). Searches,
-turns and additions run in worker threads, so `/health` answers while the model works.
+turns and additions run in a bounded set of worker threads with a bounded queue and a time limit (serving/work.py:
+503 when full or late), so `/health` answers while the model works.
 """
 from __future__ import annotations
 
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from cirlab.serving.page import FAVICON, PAGE
 from cirlab.serving.service import SearchService, ServiceError
+from cirlab.serving.work import BoundedWork, Busy
 
 BODY_OVERHEAD = 64 * 1024  # multipart framing and the form's other fields
 
@@ -45,10 +46,13 @@ SECURITY_HEADERS = {
 }
 
 
-def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: tuple = ()) -> FastAPI:
+def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: tuple = (),
+               work: BoundedWork | None = None) -> FastAPI:
     """The app. CORS is off unless `cors_origins` lists the origins whose pages may call the API; `allowed_hosts`,
     when given, refuses requests whose Host header names another host (DNS rebinding); every answer carries the
-    standard security headers (SECURITY_HEADERS)."""
+    standard security headers (SECURITY_HEADERS); the model's work runs within `work`'s bounds (default
+    BoundedWork())."""
+    work = work or BoundedWork()
     app = FastAPI(title="cirlab", description="Composed image retrieval: a reference image plus a text that says "
                                               "what to change.", version="1")
     if cors_origins:
@@ -70,7 +74,13 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError):
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception):  # logged by the server; the client gets one JSON line
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log has the details"},
+                            status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
@@ -90,16 +100,16 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
 
     @app.get("/health")
     def health():
-        return service.health()
+        return service.health() | {"work": work.health()}
 
     @app.post("/search")
     async def search(text: str = Form(""), k: str = Form("10"), image_id: str | None = Form(None),
                      image: UploadFile | None = File(None), filter: str | None = Form(None),
                      more: str | None = Form(None), less: str | None = Form(None)):
         data = await _read(image, service)  # the model's work runs in a worker thread: the loop keeps answering
-        return await run_in_threadpool(service.search, text, data, image_id or None, k, filter, more, less)
+        return await work.run(service.search, text, data, image_id or None, k, filter, more, less)
 
-    _add_session_routes(app, service)
+    _add_session_routes(app, service, work)
 
     @app.get("/images/{item_id}")
     def get_image(item_id: str):
@@ -113,7 +123,7 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
     async def add_item(image: UploadFile = File(...), id: str | None = Form(None), metadata: str | None = Form(None),
                        authorization: str | None = Header(None)):
         service.authorise(authorization)
-        return await run_in_threadpool(service.add, await _read(image, service), id or None, metadata)
+        return await work.run(service.add, await _read(image, service), id or None, metadata)
 
     @app.delete("/items/{item_id}")
     def delete_item(item_id: str, authorization: str | None = Header(None)):
@@ -148,7 +158,7 @@ def _add_body_limits(app: FastAPI, service: SearchService) -> None:
         return await call_next(request)
 
 
-def _add_session_routes(app: FastAPI, service: SearchService) -> None:
+def _add_session_routes(app: FastAPI, service: SearchService, work: BoundedWork) -> None:
     """Sessions (POST /sessions, POST /sessions/{id}/turns, GET /sessions/{id}), the metadata keys the page's
     filters offer, and the favicon."""
     @app.post("/sessions", status_code=201)
@@ -161,7 +171,7 @@ def _add_session_routes(app: FastAPI, service: SearchService) -> None:
                            filter: str | None = Form(None), more: str | None = Form(None),
                            less: str | None = Form(None)):
         data = await _read(image, service)
-        return await run_in_threadpool(service.session_turn, sid, text, data, image_id or None, choose or None, k,
+        return await work.run(service.session_turn, sid, text, data, image_id or None, choose or None, k,
                                        filter, more, less)
 
     @app.get("/metadata")

@@ -262,10 +262,10 @@ class Engine:
     def indexed_copy(self, data: bytes) -> str | None:
         """The id of an indexed image whose file has exactly these bytes, else None (the files are hashed once per
         index generation, at the first call)."""
+        snap = self.index.snapshot  # the newest state (it may bring a newer manifest)
         generation = self.index.manifest["generation"]
         if self._hashes[0] != generation:
             by_hash = {}
-            snap = self.index.snapshot
             for item_id, path in zip(snap.ids, snap.paths):
                 try:
                     by_hash.setdefault(hashlib.sha1(Path(path).read_bytes()).hexdigest(), item_id)

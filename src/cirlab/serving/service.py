@@ -105,7 +105,7 @@ class SearchService:
                 raise ServiceError(400, str(e)) from None
         copy = None
         if image_id is not None:
-            self.check_known(image_id)
+            self.image_path(image_id)  # 404 for an unknown id or an indexed image whose file is gone
             query = image_id
         else:
             query = self.image(image)
@@ -114,7 +114,10 @@ class SearchService:
             raise ServiceError(422, f"method {self.engine.model.name} reads a description of the reference image; "
                                     "this service has no captioner, so search by 'image_id'")
         feedback = {name: self._ids(value, name) for name, value in (("more", more), ("less", less))}
-        hits = self.engine.search(query, text, k, exclude=copy, filter=filter, **feedback)
+        try:
+            hits = self.engine.search(query, text, k, exclude=copy, filter=filter, **feedback)
+        except CirlabError as e:  # an indexed image whose file is gone or unreadable, a method's refusal
+            raise ServiceError(422, self._safe(e)) from None
         return {"hits": [{"id": h.id, "score": round(h.score, 6), "url": f"/images/{h.id}"} for h in hits],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
@@ -159,7 +162,7 @@ class SearchService:
                 session.choose(choose)
             turn = session.turn(text, query, k, spec, self._ids(more, "more"), self._ids(less, "less"))
         except CirlabError as e:
-            raise ServiceError(400, str(e)) from None
+            raise ServiceError(400, self._safe(e)) from None
         return {"turn": len(session.turns), "reference": turn.reference,
                 "hits": [h | {"url": f"/images/{h['id']}"} for h in turn.hits]}
 
@@ -188,6 +191,10 @@ class SearchService:
         ids = self.index.ids
         return {"items": [{"id": i, "url": f"/images/{i}"} for i in ids[offset:offset + limit]],
                 "total": len(ids)}
+
+    def _safe(self, error: Exception) -> str:
+        """An error's message for a client: the server's file paths under the index shown relative to it."""
+        return str(error).replace(str(self.index.folder.resolve()) + "/", "").replace(str(self.index.folder) + "/", "")
 
     @staticmethod
     def _k(k) -> int:

@@ -43,6 +43,13 @@ class TrainConfig:
     cache_frozen: bool = True  # feed cached outputs of a method's frozen image stage (see CIRModel.frozen_image_stage)
     device: str = "cpu"
     progress: bool = True
+    force_resume: bool = False  # resume even when the schedule or the model's settings differ from the saved run's
+
+
+# the settings a resumed run must share with the run it continues (the rest, such as progress and log_every, may
+# change): another value would mix two schedules in one model
+SCHEDULE_FIELDS = ("epochs", "batch_size", "lr", "backbone_lr", "weight_decay", "warmup_steps", "grad_accum", "amp",
+                   "seed", "steps_per_epoch", "group_by_reference")
 
 
 class BatchSource(Protocol):
@@ -84,10 +91,23 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _Logger:
-    def __init__(self, out: Path, resume: bool):
+    def __init__(self, out: Path, resume_step: int | None):
+        """A fresh log, or (resuming from the state of step `resume_step`) the log cut back to that step: the
+        records a killed run wrote after its last saved state are dropped, so none appears twice."""
         self.path = out / METRICS_FILE
-        if not resume and self.path.exists():
+        if resume_step is None and self.path.exists():
             self.path.unlink()
+        elif resume_step is not None and self.path.exists():
+            from cirlab.atomic import write_atomic
+
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line + "\n")
+                except json.JSONDecodeError:  # a line torn by the kill
+                    continue
+            write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -103,6 +123,45 @@ class _Logger:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.tb.add_scalar(k, v, record.get("step", 0))
+
+
+def _run_identity(module, cfg: TrainConfig, rank: Rank) -> dict:
+    """What a resumed run must share with the saved one: the schedule, the process count and what is trained."""
+    what = {"method": module.name, "config": module.config.to_json()} if isinstance(module, CIRModel) \
+        else {"module": type(module).__name__}
+    return {"schedule": {f: getattr(cfg, f) for f in SCHEDULE_FIELDS}, "processes": rank.world} | what
+
+
+def _read_state(path: Path, device) -> dict:
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a torn or foreign file: torch raises several kinds
+        raise CirlabError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); delete it "
+                          "to start over without --resume") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(state):
+        raise CirlabError(f"{path} is not a cirlab training state; delete it to start over without --resume")
+    return state
+
+
+def _check_same_run(state: dict, run: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse (one line naming the first difference) to resume a run whose method, model settings, schedule or
+    process count differ from the saved one's, unless `cfg.force_resume`."""
+    saved = state.get("run")
+    if saved is None or cfg.force_resume:  # a state written before runs were recorded
+        return
+    if saved.get("method") != run.get("method") or saved.get("module") != run.get("module"):
+        raise CirlabError(f"{path} is a run of {saved.get('method') or saved.get('module')}, not of "
+                          f"{run.get('method') or run.get('module')}: choose another --out, or drop --resume")
+    for group in ("schedule", "config"):
+        old, new = saved.get(group, {}), run.get(group, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                where = "" if group == "schedule" else "the method's config field "
+                raise CirlabError(f"--resume would change {where}{key} from {old.get(key)!r} to "
+                                  f"{new.get(key)!r} ({path}); keep it, or pass --force to resume anyway")
+    if saved.get("processes") != run["processes"]:
+        raise CirlabError(f"--resume would change the process count from {saved.get('processes')} to "
+                          f"{run['processes']} ({path}); keep it, or pass --force to resume anyway")
 
 
 def _optimizer(module: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> tuple:
@@ -158,13 +217,16 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
         module.set_schedule(steps_per_epoch, steps_per_epoch * cfg.epochs)
     start_epoch, step, losses = 0, 0, []
     state_path = out / STATE_FILE
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+    run = _run_identity(module, cfg, rank)
+    resumed = resume and state_path.exists()
+    if resumed:
+        state = _read_state(state_path, device)
+        _check_same_run(state, run, cfg, state_path)
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, losses = state["epoch"], state["step"], state["losses"]
-    logger = _Logger(out, resume and state_path.exists()) if rank.main else None
+    logger = _Logger(out, step if resumed else None) if rank.main else None
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         module.train()
@@ -193,7 +255,7 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
                 export(out)
             _atomic_save({"model": module.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "epoch": epoch + 1, "step": step, "losses": losses,
-                          "config": dataclasses.asdict(cfg)}, state_path)
+                          "config": dataclasses.asdict(cfg), "run": run}, state_path)
         barrier()  # no rank starts the next epoch (or returns) before the checkpoint is written
     module.eval()
     return TrainResult(cfg.epochs, step, losses, time.time() - t0)
