@@ -16,9 +16,11 @@ SEED = 3
 
 # Run order (pytest-xdist keeps it with --no-loadscope-reorder, as `make test` runs it): the quick demo (four lane
 # processes, the longest file) first; then the files that use none of the session's built fixtures, which the other
-# worker runs while the first builds the world and the backbones; the Ray tests last, long after the demo: Ray gives
-# its raylet a fixed 30 s to register, which it missed once while the demo's lanes held both cores.
-FIRST, LAST = ("test_demo.py",), ("test_ray.py",)
+# worker runs while the first builds the world and the backbones; then the rest by name, with the Ray tests moved to
+# just after csmcir's, when the demo has ended (Ray gives its raylet a fixed 30 s to register, which it missed once
+# while the demo's lanes held both cores) but not last (a long last file leaves the other worker idle at the end).
+FIRST = ("test_demo.py",)
+AFTER = {"test_ray.py": "test_csmcir.py"}  # file -> the file it runs right after
 NO_FIXTURES = ("test_backbones.py", "test_benchmarks.py", "test_compare.py", "test_layout.py", "test_memory_bank.py",
                "test_metrics.py", "test_tokenizer.py")
 
@@ -26,7 +28,8 @@ NO_FIXTURES = ("test_backbones.py", "test_benchmarks.py", "test_compare.py", "te
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
-        return 0 if name in FIRST else 1 if name in NO_FIXTURES else 3 if name in LAST else 2
+        group = 0 if name in FIRST else 1 if name in NO_FIXTURES else 2
+        return group, AFTER.get(name, name), name in AFTER
     items.sort(key=rank)
 
 

@@ -212,31 +212,31 @@ def test_caption_and_caption_compose_against_transformers_serve(transformers_ser
     url, requests = transformers_serve
     caps = tmp_path / "caps.jsonl"
     args = ("caption", "--data-root", world, "--split", "val", "--backend", "openai", "--model", tiny_vlm,
-            "--base-url", url, "--concurrency", "1", "--retries", "0", "--limit", "4", "--max-new-tokens",
+            "--base-url", url, "--concurrency", "1", "--retries", "0", "--limit", "3", "--max-new-tokens",
             str(len(json.dumps(ANSWER)) + 4), "--out", caps, "--no-progress")
     first = run_cli(*args)
-    m = re.search(r"4 images: 0 already cached, (\d+) captioned \((\d+) after a repair prompt.*?(\d+) failed",
+    m = re.search(r"3 images: 0 already cached, (\d+) captioned \((\d+) after a repair prompt.*?(\d+) failed",
                   first.stdout + first.stderr)
     assert m, first
     captioned, repaired, failed = map(int, m.groups())
-    assert captioned + failed == 4 and captioned >= 1 and first.returncode == 0
+    assert captioned + failed == 3 and captioned >= 1 and first.returncode == 0
     assert len(caps.read_text().splitlines()) == captioned
     asked = requests()
-    assert asked >= 4  # one per image, plus a repair per malformed answer
+    assert asked >= 3  # one per image, plus a repair per malformed answer
     second = run_cli(*args)
-    assert f"4 images: {captioned} already cached" in second.stdout
+    assert f"3 images: {captioned} already cached" in second.stdout
     assert requests() - asked == 2 * failed  # only the failures are asked again (first answer and repair)
 
     ckpt = tmp_path / "cc"
     assert run_cli("init", "--method", "caption_compose", "--backbone", clip_dir, "--out", ckpt, "--composer",
                    "openai", "--composer-model", tiny_vlm, "--composer-base-url", url).returncode == 0
     before = requests()
-    evals = [run_cli("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "val", "--limit", "6",
+    evals = [run_cli("eval", "--checkpoint", ckpt, "--data-root", world, "--split", "val", "--limit", "4",
                      "--json", tmp_path / f"e{n}.json", "--no-progress") for n in range(2)]
     notes = [json.loads((tmp_path / f"e{n}.json").read_text())["notes"] for n in range(2)]
     assert all(e.returncode == 0 for e in evals), evals
-    assert notes[0]["asked"] == 6 and notes[0]["composed"] + notes[0]["failed"] == 6
-    assert notes[0]["requests"] == 6 and len((ckpt / "cache" / "compose.jsonl").read_text().splitlines()) == \
+    assert notes[0]["asked"] == 4 and notes[0]["composed"] + notes[0]["failed"] == 4
+    assert notes[0]["requests"] == 4 and len((ckpt / "cache" / "compose.jsonl").read_text().splitlines()) == \
         notes[0]["composed"]
     assert notes[1]["requests"] == notes[0]["failed"] and notes[1]["cached"] == notes[0]["composed"]
-    assert requests() - before == 6 + notes[0]["failed"]  # the server saw exactly what the notes count
+    assert requests() - before == 4 + notes[0]["failed"]  # the server saw exactly what the notes count
