@@ -1,27 +1,38 @@
-"""Search backends on clustered random vectors: latency (p50/p99 per single query), queries/s (batches of 64)
-and recall@10 against exact search, for exact (torch), FAISS IVF-Flat and FAISS HNSW.
+"""Search backends at one size (default 1M x 256) in one run: brute force as the peers do it (torch matmul; single
+queries and batches of 64), FAISS flat, IVF and HNSW each tuned to several recall targets, and the quantised IVF
+kinds (8-bit scalar codes, product-quantised codes) rescored exactly from float vectors memory-mapped from disk.
 
-    python bench/search.py [--sizes 10000,100000,1000000] [--dim 256] [--queries 200] [--out bench.json]
+    python bench/search.py [--n 1000000] [--dim 256] [--queries 200] [--targets 0.95,0.99,0.999]
+                           [--out docs/results/search_bench.json]
 
-Vectors: `clusters` Gaussian centres, each point a centre plus `spread` times Gaussian noise, L2-normalised (scored by inner product, as
-cirlab's features are). Queries come from the same distribution. Build time is printed too. Threads: torch and
-FAISS use every core they see.
+Per row: p50 and p99 of single-query latency, queries/s in batches of 64, recall@10 against exact search on the
+evaluation queries, bytes a vector in memory (the FAISS index's serialised size over the rows; the float rows a
+quantised kind rescores from stay in the memory-mapped file, in the page cache, not in the process), build time,
+and the speed-up of the p50 over brute force's single-query p50.
+
+Vectors: `clusters` Gaussian centres, each point a centre plus `spread` times Gaussian noise, L2-normalised
+(scored by inner product, as cirlab's features are). Tuning queries and evaluation queries are drawn separately
+from the same distribution: the knob (nprobe, efSearch) is calibrated on the first (`cirlab.index.calibrate`, as
+`cirlab index tune` does), and the figures are measured on the second. Threads: torch and FAISS use every core.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from cirlab.index import make_backend
+from cirlab.index.backends import ExactBackend, FaissBackend, calibrate
 
 
-def sample(centres: np.ndarray, n: int, rng, spread: float = 1.0) -> np.ndarray:
+def sample(centres: np.ndarray, n: int, rng, spread: float = 1.0, out=None) -> np.ndarray:
     """n points: a random centre plus noise each, L2-normalised; made in chunks (1M x 256 floats is 1 GB)."""
-    out = np.empty((n, centres.shape[1]), np.float32)
+    out = np.empty((n, centres.shape[1]), np.float32) if out is None else out
     for lo in range(0, n, 100_000):
         m = min(100_000, n - lo)
         x = centres[rng.integers(len(centres), size=m)] + spread * rng.normal(size=(m, centres.shape[1]))
@@ -29,7 +40,9 @@ def sample(centres: np.ndarray, n: int, rng, spread: float = 1.0) -> np.ndarray:
     return out
 
 
-def measure(backend, queries: np.ndarray, k: int = 10) -> dict:
+def measure(backend, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> dict:
+    """Single-query p50/p99 (ms), queries/s in batches of 64, recall@k against `truth` (B, k)."""
+    backend.search(queries[:8], k)  # warm the caches
     lat = []
     for q in queries:
         t = time.perf_counter()
@@ -40,51 +53,105 @@ def measure(backend, queries: np.ndarray, k: int = 10) -> dict:
         backend.search(queries[lo:lo + 64], k)
     qps = len(queries) / (time.perf_counter() - t)
     _, rows = backend.search(queries, k)
-    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "qps": qps,
-            "rows": rows}
+    recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(rows, truth)]))
+    return {"p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "qps": round(qps, 1), "recall_at_10": round(recall, 4)}
+
+
+def index_bytes(backend) -> int:
+    import faiss
+
+    return int(faiss.serialize_index(backend.index).nbytes)
+
+
+def build(kind: str, x: np.ndarray, **params) -> tuple:
+    t = time.perf_counter()
+    backend = FaissBackend(x, kind, **params)
+    return backend, time.perf_counter() - t
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--queries", type=int, default=200, help="evaluation queries (as many again tune)")
     ap.add_argument("--clusters", type=int, default=100)
     ap.add_argument("--spread", type=float, default=1.0, help="noise around each centre (centres are N(0, 1))")
-    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--targets", default="0.95,0.99,0.999", help="recall@10 targets IVF and HNSW are tuned to")
     ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--ef-search", type=int, default=64)
-    ap.add_argument("--out", help="also write the rows as JSON here")
+    ap.add_argument("--ef-construction", type=int, default=80)
+    ap.add_argument("--pq-m", type=int, default=32)
+    ap.add_argument("--rescore", default="sq8:4,pq:16", help="candidates per result rescored, per quantised kind")
+    ap.add_argument("--skip", default="", help="comma-separated kinds to leave out (e.g. hnsw: 5 min to build)")
+    ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    targets = [float(t) for t in args.targets.split(",")]
+    rescore = dict(item.split(":") for item in args.rescore.split(","))
+    skip = set(filter(None, args.skip.split(",")))
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
+    tmp = Path(tempfile.mkdtemp(prefix="cirlab-bench-"))
+    path = tmp / "vectors.npy"
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(args.n, args.dim))
+    sample(centres, args.n, rng, args.spread, out=x)
+    x.flush()
+    del x
+    x = np.load(path, mmap_mode="r")  # the float rows on disk, as the index store keeps them
+    tune_q = sample(centres, args.queries, rng, args.spread)
+    eval_q = sample(centres, args.queries, rng, args.spread)
     rows = []
-    print("| items | backend | build s | p50 ms | p99 ms | queries/s | recall@10 |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for n in map(int, args.sizes.split(",")):
-        rng = np.random.default_rng(0)
-        centres = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
-        x, q = sample(centres, n, rng, args.spread), sample(centres, args.queries, rng, args.spread)
-        exact_rows = None
-        for name, kind, params in (("exact", "flat", {}), ("faiss", "ivf", {"nprobe": args.nprobe}),
-                                   ("faiss", "hnsw", {"hnsw_m": args.hnsw_m, "ef_search": args.ef_search})):
-            t = time.perf_counter()
-            backend = make_backend(name, x, kind, **params)
-            build = time.perf_counter() - t
-            m = measure(backend, q)
-            if exact_rows is None:
-                exact_rows = m["rows"]
-            recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(m["rows"], exact_rows)]))
-            label = "exact" if name == "exact" else f"faiss {kind}"
-            row = {"items": n, "backend": label, "build_s": round(build, 2), "p50_ms": round(m["p50_ms"], 3),
-                   "p99_ms": round(m["p99_ms"], 3), "qps": round(m["qps"], 1), "recall_at_10": round(recall, 4)}
-            rows.append(row)
-            print(f"| {n:,} | {label} | {build:.2f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['qps']:.0f} | "
-                  f"{recall:.3f} |", flush=True)
-            del backend
-        del x
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+
+    t = time.perf_counter()
+    exact = ExactBackend(x)
+    exact_build = time.perf_counter() - t
+    truth = {name: exact.search(q, 10)[1] for name, q in (("tune", tune_q), ("eval", eval_q))}
+    brute = measure(exact, eval_q, truth["eval"])
+    report({"backend": "brute force (torch matmul)", "build_s": round(exact_build, 2), **brute,
+            "bytes_per_vector": 4 * args.dim, "speedup_vs_brute_p50": 1.0})
+    del exact
+
+    def tuned_rows(label: str, backend, build_s: float, extra: dict) -> None:
+        size = index_bytes(backend) / args.n
+        for target in targets:
+            found = calibrate(backend, tune_q, [list(r) for r in truth["tune"]], target)
+            m = measure(backend, eval_q, truth["eval"])
+            report({"backend": label, "target_recall": target, found["knob"]: found["value"],
+                    "tune_recall": round(found["recall"], 4), "build_s": round(build_s, 2), **m,
+                    "bytes_per_vector": round(size, 1), "speedup_vs_brute_p50": round(brute["p50_ms"] / m["p50_ms"], 1),
+                    **extra})
+
+    if "flat" not in skip:
+        backend, s = build("flat", x)
+        report({"backend": "faiss flat", "build_s": round(s, 2), **measure(backend, eval_q, truth["eval"]),
+                "bytes_per_vector": round(index_bytes(backend) / args.n, 1)})
+        rows[-1]["speedup_vs_brute_p50"] = round(brute["p50_ms"] / rows[-1]["p50_ms"], 1)
+        del backend
+    if "ivf" not in skip:
+        backend, s = build("ivf", x)
+        tuned_rows(f"faiss ivf (nlist {backend.index.nlist})", backend, s, {})
+        del backend
+    for kind, name in (("ivf_sq8", "sq8"), ("ivf_pq", "pq")):
+        if kind in skip:
+            continue
+        backend, s = build(kind, x, rescore=int(rescore[name]), pq_m=args.pq_m)
+        label = f"faiss {kind} (nlist {backend.index.nlist}) + rescoring {rescore[name]}x from disk"
+        tuned_rows(label, backend, s, {"rescore": int(rescore[name]), "code_bytes": backend.actual["code_bytes"]})
+        del backend
+    if "hnsw" not in skip:
+        backend, s = build("hnsw", x, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+        tuned_rows(f"faiss hnsw (M {args.hnsw_m})", backend, s, {})
+        del backend
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"dim": args.dim, "queries": args.queries, "clusters": args.clusters, "spread": args.spread,
-                       "rows": rows}, f, indent=1)
+        doc = {"n": args.n, "dim": args.dim, "queries": args.queries, "clusters": args.clusters,
+               "spread": args.spread, "threads": os.cpu_count(), "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    path.unlink()
+    tmp.rmdir()
     return 0
 
 

@@ -16,11 +16,13 @@ SEED = 3
 
 # Run order (pytest-xdist keeps it with --no-loadscope-reorder, as `make test` runs it): the quick demo (four lane
 # processes, the longest file) first; then the files that use none of the session's built fixtures, which the other
-# worker runs while the first builds the world and the backbones; then the rest by name, with the Ray tests moved to
-# just after csmcir's, when the demo has ended (Ray gives its raylet a fixed 30 s to register, which it missed once
-# while the demo's lanes held both cores) but not last (a long last file leaves the other worker idle at the end).
+# worker runs while the first builds the world and the backbones; then the rest by name. The Ray tests go third:
+# xdist hands each worker its first file and then, since neither holds more than two tests, one more, so the third
+# file waits on the demo's worker and starts when the demo has ended (Ray gives its raylet a fixed 30 s to
+# register, which it missed while the demo's lanes held both cores, and ran 2.5 times slower beside them), and a
+# long file at the end no longer leaves the other worker idle.
 FIRST = ("test_demo.py",)
-AFTER = {"test_ray.py": "test_csmcir.py"}  # file -> the file it runs right after
+THIRD = "test_ray.py"
 NO_FIXTURES = ("test_backbones.py", "test_benchmarks.py", "test_compare.py", "test_layout.py", "test_memory_bank.py",
                "test_metrics.py", "test_tokenizer.py")
 
@@ -28,9 +30,15 @@ NO_FIXTURES = ("test_backbones.py", "test_benchmarks.py", "test_compare.py", "te
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
-        group = 0 if name in FIRST else 1 if name in NO_FIXTURES else 2
-        return group, AFTER.get(name, name), name in AFTER
+        return 0 if name in FIRST else 1 if name in NO_FIXTURES else 2
+
     items.sort(key=rank)
+    files = list(dict.fromkeys(item.path.name for item in items))
+    if THIRD in files and len(files) > 3:
+        files.remove(THIRD)
+        files.insert(2, THIRD)
+        where = {name: n for n, name in enumerate(files)}
+        items.sort(key=lambda item: where[item.path.name])
 
 
 def _built_once(tmp_path_factory, name: str, build):

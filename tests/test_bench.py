@@ -2,7 +2,10 @@
 printed by the benchmark, never asserted here)."""
 from __future__ import annotations
 
-from cirlab.experiments.bench import bank_overhead, cache_speedup, markdown, measure_method
+import torch
+
+from cirlab.experiments.bench import bank_overhead, cache_speedup, markdown, matmul_peak_gflops, measure_method, \
+    step_flops
 
 TINY = {"steps": 2, "warmup": 1, "batch": 8, "eval_images": 16, "bank_capacity": 16}
 
@@ -11,13 +14,41 @@ def test_bench_rows_have_the_documented_fields(world, tmp_path):
     rows = {name: measure_method(name, str(world), TINY) for name in ("sum", "mapcompose")}
     assert rows["sum"]["train_samples_per_s"] is None  # nothing to train
     for name in ("mapcompose",):
-        assert rows[name]["train_samples_per_s"] > 0
+        assert rows[name]["train_samples_per_s"] > 0 and rows[name]["train_gflops"] > 0
+        # GFLOP/s is the step's counted work times steps per second
+        expected = rows[name]["step_gflop"] * rows[name]["train_samples_per_s"] / TINY["batch"]
+        assert abs(rows[name]["train_gflops"] - expected) <= 0.01 + 0.01 * expected
     assert all(r["eval_images_per_s"] > 0 and r["peak_rss_mb"] > 50 for r in rows.values())
     csmcir = measure_method("csmcir", str(world), TINY) | bank_overhead(str(world), TINY) | \
         cache_speedup(str(world), str(tmp_path / "cache"), TINY)
     assert {"bank_overhead_pct", "cache_speedup", "vision_to_qformer"} <= csmcir.keys()
     assert 4 < csmcir["vision_to_qformer"] < 6  # the ViT-g to Q-Former proportion the issue asks for
     assert any((tmp_path / "cache").rglob("shard-*.npy"))  # the cached run read from disk
-    text = markdown({"device": "cpu", "quick": True, "batch_size": 8, "threads": 1, "seconds": 1.0,
+    text = markdown({"device": "cpu", "quick": True, "batch_size": 8, "threads": 1, "seconds": 1.0, "peak_gflops": 9.0,
                      "methods": rows | {"csmcir": csmcir}})
     assert "| mapcompose |" in text and "cache speedup" in text
+
+
+def test_step_flops_counts_a_known_step_and_the_peak_is_measured():
+    """A linear map (8 x 16 inputs, 16 x 4 weights) trained one step: forward 2*8*16*4 FLOPs, backward the weight
+    gradient's as many again (the inputs need none)."""
+    class Batch:
+        def __init__(self, x):
+            self.x = x
+
+        def to(self, device):
+            return self
+
+    class Source:
+        def batch(self, rows):
+            return Batch(torch.ones(len(rows), 16))
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(16, 4))
+
+        def loss(self, batch):
+            return type("Out", (), {"loss": (batch.x @ self.w).sum()})()
+    assert step_flops(Linear(), Source(), {"batch": 8}, "cpu") == 2 * 2 * 8 * 16 * 4
+    assert matmul_peak_gflops(256, 2) > 0

@@ -34,9 +34,11 @@ def _backend_params(args) -> dict:
     if args.backend != "faiss":
         if args.faiss is not None:
             raise CirlabError("--faiss needs --backend faiss")
-        return {}
+        return {"dtype": args.dtype} if args.dtype else {}
+    if args.dtype:
+        raise CirlabError("--dtype goes with --backend exact (FAISS's quantised kinds: --faiss ivf_sq8 or ivf_pq)")
     params = {"kind": args.faiss or "flat"}
-    for name in ("nlist", "nprobe", "hnsw_m", "ef_search"):
+    for name in ("nlist", "nprobe", "hnsw_m", "ef_search", "pq_m", "rescore"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
@@ -318,6 +320,10 @@ def _add_index_parsers(sub) -> None:
     b.add_argument("--nprobe", type=int, help="ivf: cells searched per query (default 16)")
     b.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
     b.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    b.add_argument("--pq-m", type=int, help="ivf_pq: bytes of code per vector (default 32; must divide the dimension)")
+    b.add_argument("--rescore", type=int, help="ivf_sq8 and ivf_pq: candidates per result rescored exactly from the "
+                                               "float vectors on disk (default 4; 0: quantised scores)")
+    b.add_argument("--dtype", choices=("float32", "float16"), help="exact: the vectors' type in memory")
     b.add_argument("--milvus-uri", help="milvus: a Milvus server URL, or a milvus-lite file (default: milvus.db in "
                                         "the index folder)")
     b.add_argument("--target-recall", type=float, help="faiss ivf and hnsw: calibrate nprobe or ef_search so that "

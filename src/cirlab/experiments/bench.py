@@ -5,7 +5,12 @@ Per method (`methods`), each measured in a fresh process so that its peak reside
 - `train_samples_per_s`: triplets (zero-shot methods: stage I's image-caption pairs) per second through forward,
   backward and an AdamW step, after warm-up steps; frozen image stages pre-computed in memory, as training does;
 - `eval_images_per_s`: gallery images per second through `encode_target` (decoded and resized beforehand);
-- `peak_rss_mb`: the process's peak resident memory.
+- `peak_rss_mb`: the process's peak resident memory;
+- `train_gflops`: the training step's floating-point work (forward and backward, counted once by torch's
+  FlopCounterMode: matrix products and convolutions, 2 FLOPs a multiply-add; the optimizer and element-wise work are
+  not counted) times steps per second, in GFLOP/s, and `of_peak_pct` that over the machine's measured peak.
+The machine's `peak_gflops`: fp32 matrix products of 2048 x 2048 on every thread torch uses, the best of five timed
+runs: what the cores can do on the kernel training spends its time in.
 csmcir's `bank_overhead_pct`: step time with the entropy memory bank (full) over the step without, minus one, in
 percent. `cache_speedup`: csmcir's training samples per second with the frozen ViT's outputs read from the on-disk
 cache (training/feature_cache.py) over recomputing the ViT every step, on a BLIP-2 whose frozen ViT has about five
@@ -55,6 +60,32 @@ def _source(model, data, zero_shot: bool):
     return TripletSource(data, store, model.target_captions)
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """The best of `repeats` timed fp32 n x n matrix products, in GFLOP/s (2 n^3 FLOPs each)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return round(2 * n ** 3 / best / 1e9, 1)
+
+
+def step_flops(model, source, size: dict, device: str) -> int:
+    """FLOPs of one training step's forward and backward on a batch of `batch` (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = source.batch(list(range(size["batch"]))).to(device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.loss(batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
 def _steps_per_s(model, source, size: dict, device: str) -> float:
     """Seconds per step over `steps` steps after `warmup`, as samples per second."""
     from cirlab.training.loop import TrainConfig, _optimizer
@@ -86,10 +117,14 @@ def measure_method(name: str, data_root: str, size: dict, device: str = "cpu") -
     config = {"stage": "mapping"} if zero_shot else None
     model = build_model(name, _backbone(cls.backbone_kind, spec, device), config)
     data = read_split("synth", data_root, "train")
-    row = {"train_samples_per_s": None}
+    row = {"train_samples_per_s": None, "train_gflops": None}
     if cls.training is not TrainingKind.NONE:
-        row["train_samples_per_s"] = round(_steps_per_s(model, _source(model, data, zero_shot), size,
-                                                        device), 1)
+        source = _source(model, data, zero_shot)
+        rate = _steps_per_s(model, source, size, device)
+        flops = step_flops(model, source, size, device)
+        row["train_samples_per_s"] = round(rate, 1)
+        row["train_gflops"] = round(flops * rate / size["batch"] / 1e9, 2)
+        row["step_gflop"] = round(flops / 1e9, 3)
     test = read_split("synth", data_root, "test1")
     names = sorted(test.gallery)[:size["eval_images"]]
     pixels = PixelStore(test.gallery, model.preprocess)
@@ -173,9 +208,14 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
     t0 = time.time()
     ensure_world(data, seed, "small", False, log)
     doc = {"device": device, "quick": quick, "batch_size": size["batch"], "steps": size["steps"],
-           "threads": torch.get_num_threads(), "methods": {}}
+           "threads": torch.get_num_threads(), "peak_gflops": _in_process(matmul_peak_gflops, 2048, 5, device),
+           "methods": {}}
+    log(f"[{time.time() - t0:6.1f}s] fp32 matmul peak: {doc['peak_gflops']} GFLOP/s")
     for name in sorted(REGISTRY):
         doc["methods"][name] = _in_process(measure_method, name, str(data), size, device)
+        if doc["methods"][name]["train_gflops"] is not None:
+            doc["methods"][name]["of_peak_pct"] = round(100 * doc["methods"][name]["train_gflops"] /
+                                                        doc["peak_gflops"], 1)
         log(f"[{time.time() - t0:6.1f}s] {name}: {doc['methods'][name]}")
     doc["methods"]["csmcir"] |= _in_process(bank_overhead, str(data), size, device)
     log(f"[{time.time() - t0:6.1f}s] csmcir bank overhead: {doc['methods']['csmcir']['bank_overhead_pct']}%")
@@ -189,11 +229,15 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
 
 def markdown(doc: dict) -> str:
     lines = [f"# cirlab bench ({doc['device']}, {'quick' if doc['quick'] else 'full'}, batch {doc['batch_size']}, "
-             f"{doc['threads']} threads)", "", "| method | train samples/s | eval images/s | peak RSS MB |",
-             "|---|---:|---:|---:|"]
+             f"{doc['threads']} threads)", "", f"fp32 matmul peak of this machine: {doc['peak_gflops']} GFLOP/s", "",
+             "| method | train samples/s | train GFLOP/s | of peak | eval images/s | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, row in doc["methods"].items():
         train = "-" if row["train_samples_per_s"] is None else f"{row['train_samples_per_s']:.1f}"
-        lines.append(f"| {name} | {train} | {row['eval_images_per_s']:.1f} | {row['peak_rss_mb']:.0f} |")
+        gflops = "-" if row.get("train_gflops") is None else f"{row['train_gflops']:.2f}"
+        share = "-" if row.get("of_peak_pct") is None else f"{row['of_peak_pct']:.1f}%"
+        lines.append(f"| {name} | {train} | {gflops} | {share} | {row['eval_images_per_s']:.1f} | "
+                     f"{row['peak_rss_mb']:.0f} |")
     cs = doc["methods"]["csmcir"]
     lines += ["", f"csmcir memory bank overhead: {cs['bank_overhead_pct']}% (samples/s "
               f"{cs['train_samples_per_s_bank_off']} without, {cs['train_samples_per_s_bank_entropy']} with the "

@@ -31,8 +31,13 @@ import torch
 from cirlab.errors import CirlabError
 
 BACKENDS = ("exact", "faiss", "milvus")
-FAISS_KINDS = ("flat", "ivf", "hnsw")
-FAISS_DEFAULTS = {"nlist": 0, "nprobe": 16, "hnsw_m": 32, "ef_construction": 80, "ef_search": 64}
+FAISS_KINDS = ("flat", "ivf", "hnsw", "ivf_sq8", "ivf_pq")
+QUANTISED = ("ivf_sq8", "ivf_pq")  # codes in memory, float rows rescored from the store's memory-mapped file
+# pq_m: PQ sub-quantisers (bytes a vector, 8 bits each); rescore: candidates fetched per result and rescored
+# exactly from the float rows (0: the quantised scores as they are); train_size: rows the quantisers train on
+FAISS_DEFAULTS = {"nlist": 0, "nprobe": 16, "hnsw_m": 32, "ef_construction": 80, "ef_search": 64, "pq_m": 32,
+                  "rescore": 4, "train_size": 100_000}
+EXACT_DTYPES = ("float32", "float16")
 
 
 class VectorBackend:
@@ -71,22 +76,50 @@ class VectorBackend:
 
 
 class ExactBackend(VectorBackend):
-    """Brute force on torch: every query against every row."""
+    """Brute force on torch: every query against every row. `dtype` float16 keeps the rows in half the memory
+    (scored in float32, a block of rows at a time; scores then differ from float32's by about 1e-3)."""
     name = "exact"
+    BLOCK = 65536  # float16 rows converted to float32 at a time
 
-    def __init__(self, vectors: np.ndarray):
+    def __init__(self, vectors: np.ndarray, dtype: str = "float32"):
         super().__init__()
-        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        if dtype not in EXACT_DTYPES:
+            raise CirlabError(f"unknown exact dtype {dtype!r}; choose one of {', '.join(EXACT_DTYPES)}")
+        self.dtype = dtype
+        self.vectors = torch.from_numpy(np.array(vectors, dtype=np.float32 if dtype == "float32" else np.float16))
+        self.actual = {"dtype": dtype} if dtype != "float32" else {}
+
+    @classmethod
+    def settings(cls, folder: Path, params: dict) -> dict:
+        unknown = set(params) - {"dtype"}
+        if unknown:
+            raise CirlabError(f"the exact backend takes only dtype, got {sorted(unknown)}")
+        cls(np.zeros((0, 1), np.float32), **params)
+        return dict(params)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "ExactBackend":
+        return cls(vectors, **params)
+
+    @classmethod
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "ExactBackend":
+        return cls(vectors, **params)
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
+
+    def _scores(self, q: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        if vectors.dtype == torch.float32:
+            return q @ vectors.t()
+        return torch.cat([q @ vectors[lo:lo + self.BLOCK].float().t() for lo in range(0, len(vectors), self.BLOCK)],
+                         dim=1)
 
     def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple:
         vectors = self.vectors if rows is None else self.vectors[torch.from_numpy(np.asarray(rows, np.int64))]
         k = min(k, vectors.shape[0])
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)) @ vectors.t()
+        scores = self._scores(torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)), vectors)
         top = scores.topk(k, dim=1)
         found = top.indices.numpy()
         return top.values.numpy(), found if rows is None else np.asarray(rows, np.int64)[found]
@@ -94,8 +127,12 @@ class ExactBackend(VectorBackend):
 
 class FaissBackend(VectorBackend):
     """FAISS inner-product index: `flat` (exact), `ivf` (IVF-Flat: `nlist` cells, 0 = about 4 sqrt(M), `nprobe`
-    searched) or `hnsw` (`hnsw_m` links, `ef_construction`, `ef_search`). Each generation is one file,
-    `faiss-<g>.index`; the manifest's `params` hold what the user asked, `actual` what the index uses."""
+    searched), `hnsw` (`hnsw_m` links, `ef_construction`, `ef_search`), or the quantised `ivf_sq8` (IVF with 8-bit
+    scalar codes: D bytes a vector) and `ivf_pq` (IVF with product-quantised codes: `pq_m` bytes a vector). The
+    quantised kinds keep only codes in memory; with `rescore` R > 0 each search fetches R * k candidates by their
+    codes and rescores them exactly from the float rows, which the index store keeps in its memory-mapped vectors
+    file (as Qdrant rescores from vectors on disk). Each generation is one file, `faiss-<g>.index`; the manifest's
+    `params` hold what the user asked, `actual` what the index uses."""
     name = "faiss"
 
     def __init__(self, vectors: np.ndarray, kind: str = "flat", **params):
@@ -110,7 +147,7 @@ class FaissBackend(VectorBackend):
         if unknown:
             raise CirlabError(f"unknown faiss parameter(s) {sorted(unknown)}; known: {', '.join(FAISS_DEFAULTS)}")
         self.kind, self.params = kind, FAISS_DEFAULTS | params
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        x = vectors  # rows are copied to float32 a block at a time (a memory-mapped file stays on disk)
         n, d = x.shape
         p = self.params
         if kind == "flat":
@@ -120,21 +157,45 @@ class FaissBackend(VectorBackend):
             index.hnsw.efConstruction = int(p["ef_construction"])
             index.hnsw.efSearch = int(p["ef_search"])
         else:
-            nlist = int(p["nlist"]) or max(1, int(4 * np.sqrt(max(n, 1))))
-            nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))  # FAISS wants about 39 points per cell
-            quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            if n:
-                index.train(x)
-            index.nprobe = min(int(p["nprobe"]), nlist)
-            self._quantizer = quantizer  # the IVF index does not own it
+            index = self._ivf(faiss, kind, x, p)
         if n:
-            index.add(x)
+            for lo in range(0, n, 200_000):  # added in blocks: a memory-mapped input is read a block at a time
+                index.add(np.ascontiguousarray(x[lo:lo + 200_000], dtype=np.float32))
         self.index, self.dim = index, d
+        self.rescore_rows = vectors if kind in QUANTISED and int(p["rescore"]) > 0 else None
+        self.rescore = int(p["rescore"]) if kind in QUANTISED else 0
         self.actual = {"kind": kind} | (
-            {"nlist": index.nlist, "nprobe": index.nprobe} if kind == "ivf" else
+            {"nlist": index.nlist, "nprobe": index.nprobe} if kind.startswith("ivf") else
             {"hnsw_m": int(p["hnsw_m"]), "ef_construction": index.hnsw.efConstruction,
-             "ef_search": index.hnsw.efSearch} if kind == "hnsw" else {})
+             "ef_search": index.hnsw.efSearch} if kind == "hnsw" else {}) | (
+            {"rescore": self.rescore, "code_bytes": int(index.code_size)} if kind in QUANTISED else {}) | (
+            {"pq_m": int(p["pq_m"])} if kind == "ivf_pq" else {})
+
+    def _ivf(self, faiss, kind: str, x: np.ndarray, p: dict):
+        """An IVF index of `kind`, its coarse cells (and codes) trained on up to `train_size` rows."""
+        n, d = x.shape
+        nlist = int(p["nlist"]) or max(1, int(4 * np.sqrt(max(n, 1))))
+        nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))  # FAISS wants about 39 points per cell
+        quantizer = faiss.IndexFlatIP(d)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        elif kind == "ivf_sq8":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+        else:
+            m = int(p["pq_m"])
+            if d % m:
+                if n:
+                    raise CirlabError(f"pq_m {m} must divide the vectors' dimension {d}")
+                m = 1  # a settings check on no rows: the dimension is not known yet
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        if n:
+            take = min(n, max(int(p["train_size"]), 39 * nlist))
+            picks = np.sort(np.random.default_rng(0).choice(n, size=take, replace=False)) if take < n else slice(None)
+            index.train(np.ascontiguousarray(x[picks], dtype=np.float32))
+        index.nprobe = min(int(p["nprobe"]), nlist)
+        self._quantizer = quantizer  # the IVF index does not own it
+        return index
 
     @classmethod
     def settings(cls, folder: Path, params: dict) -> dict:
@@ -158,6 +219,9 @@ class FaissBackend(VectorBackend):
     def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "FaissBackend":
         backend = cls.read(Path(folder) / files["faiss"])
         backend.files = {"faiss": files["faiss"]}
+        if params.get("kind") in QUANTISED and int(params.get("rescore", FAISS_DEFAULTS["rescore"])) > 0:
+            backend.rescore_rows = vectors
+            backend.rescore = int(params.get("rescore", FAISS_DEFAULTS["rescore"]))
         backend.set_search(params.get("nprobe"), params.get("ef_search"))  # as the manifest says (tuned or given)
         return backend
 
@@ -185,6 +249,7 @@ class FaissBackend(VectorBackend):
         VectorBackend.__init__(backend)
         backend.index = faiss.read_index(str(path))
         backend.dim, backend.kind, backend.params = backend.index.d, "saved", {}
+        backend.rescore_rows, backend.rescore = None, 0
         return backend
 
     def __len__(self) -> int:
@@ -199,6 +264,26 @@ class FaissBackend(VectorBackend):
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         x = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.rescore_rows is not None:
+            fetch = min(k * self.rescore, len(self) if rows is None else len(rows))
+            return self._rescored(x, k, *self._search(faiss, x, fetch, rows))
+        return self._search(faiss, x, k, rows)
+
+    def _rescored(self, x: np.ndarray, k: int, _scores: np.ndarray, found: np.ndarray) -> tuple:
+        """The candidates `found` (B, R*k) rescored exactly from the float rows; the best k of each query."""
+        out_s = np.full((len(x), k), -np.inf, np.float32)
+        out_r = np.full((len(x), k), -1, np.int64)
+        for b, cand in enumerate(found):
+            cand = cand[cand >= 0]
+            if not len(cand):
+                continue
+            order = np.argsort(cand)  # rows read in file order
+            exact = np.asarray(self.rescore_rows[cand[order]], np.float32) @ x[b]
+            best = np.argsort(-exact, kind="stable")[:k]
+            out_s[b, :len(best)], out_r[b, :len(best)] = exact[best], cand[order][best]
+        return out_s, out_r
+
+    def _search(self, faiss, x: np.ndarray, k: int, rows: np.ndarray | None) -> tuple:
         if rows is None:
             return self.index.search(x, k)  # rows of -1 (IVF with too few probed cells) are dropped by the caller
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
@@ -327,7 +412,41 @@ def make_backend(name: str, vectors: np.ndarray, kind: str = "flat", **params):
     if name == "milvus":
         raise CirlabError("a milvus backend lives in a named collection: build it through ImageIndex")
     cls = backend_class(name)
-    return cls(vectors, kind, **params) if cls is FaissBackend else cls(vectors)
+    return cls(vectors, kind, **params) if cls is FaissBackend else cls(vectors, **params)
+
+
+def calibrate(backend: "FaissBackend", queries: np.ndarray, truth: list, target: float, k: int = 10,
+              tokens: int = 1) -> dict:
+    """The smallest search knob (IVF's nprobe, HNSW's efSearch) whose recall@k of `queries` against `truth` (each
+    query's true top-k items) reaches `target`: doubled from 1 (IVF) or 8 (HNSW) until it does, then bisected
+    between the last value that fell short and the first that reached it. The backend is left set to the value
+    found (the largest tried, when none reaches the target). Returns {knob, value, recall, reached}."""
+    knob = backend.search_knob()
+    if knob is None:
+        raise CirlabError("nothing to calibrate: only FAISS IVF and HNSW indexes have a search knob")
+    limit = backend.index.nlist if knob == "nprobe" else 4096
+
+    def recall_at(value: int) -> float:
+        backend.set_search(**{knob: value})
+        _, got = fold_tokens(*backend.search(queries, k * tokens), tokens, k)
+        return float(np.mean([len(set(g) & set(t)) / max(len(t), 1) for g, t in zip(got, truth)]))
+    low, value = 0, 1 if knob == "nprobe" else 8
+    recall = recall_at(value)
+    while recall < target and value < limit:
+        low, value = value, min(value * 2, limit)
+        recall = recall_at(value)
+    if recall >= target:
+        high, high_recall = value, recall
+        while high - low > 1:  # recall rises with the knob: the smallest value that reaches the target
+            mid = (low + high) // 2
+            r = recall_at(mid)
+            if r >= target:
+                high, high_recall = mid, r
+            else:
+                low = mid
+        value, recall = high, high_recall
+    backend.set_search(**{knob: value})
+    return {"knob": knob, "value": value, "recall": recall, "reached": recall >= target}
 
 
 def fold_tokens(scores: np.ndarray, rows: np.ndarray, tokens: int, k: int) -> tuple:

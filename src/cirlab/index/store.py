@@ -37,7 +37,7 @@ import numpy as np
 
 from cirlab.atomic import write_atomic
 from cirlab.errors import CirlabError
-from cirlab.index.backends import ExactBackend, backend_class, fold_tokens
+from cirlab.index.backends import ExactBackend, backend_class, calibrate, fold_tokens
 from cirlab.index.filters import check_filter, matches
 from cirlab.types import SearchHit
 
@@ -143,7 +143,9 @@ class ImageIndex:
 
     def _load(self, manifest: dict) -> Snapshot:
         files = manifest["files"]
-        vectors = np.load(self.folder / files["vectors"]) if files else \
+        # memory-mapped: backends that keep their own copy (exact, flat, HNSW) read it whole, the quantised ones
+        # only codes, rescoring from this file
+        vectors = np.load(self.folder / files["vectors"], mmap_mode="r") if files else \
             np.zeros((0, manifest["tokens"], manifest["dim"]), np.float32)
         rows = []
         if files:
@@ -225,9 +227,9 @@ class ImageIndex:
     # ----------------------------------------------------------------- tuning
     def tune(self, target_recall: float, queries: np.ndarray | None = None, n_queries: int = 200, k: int = 10,
              seed: int = 0) -> dict:
-        """Calibrate a FAISS IVF index's nprobe (or HNSW's efSearch) to the smallest value in a doubling sweep
-        whose recall@k against exact search reaches `target_recall`, on `queries` (B, D) or else on `n_queries`
-        indexed vectors with Gaussian noise (0.1 / sqrt(D) a dimension, then L2-normalised). The value and the
+        """Calibrate a FAISS IVF index's nprobe (or HNSW's efSearch) to the smallest value (doubled, then
+        bisected: `backends.calibrate`) whose recall@k against exact search reaches `target_recall`, on `queries`
+        (B, D) or else on `n_queries` indexed vectors with Gaussian noise (0.1 / sqrt(D) a dimension, then L2-normalised). The value and the
         recall measured go to the manifest (`params` and `tuned`), so every later open searches with them; items
         added later are not re-measured (tune again). Returns `tuned`."""
         from cirlab.index.backends import FaissBackend
@@ -240,7 +242,7 @@ class ImageIndex:
         if knob is None:
             raise CirlabError(f"nothing to tune: a {self.manifest['backend']} index of kind "
                               f"{self.manifest['params'].get('kind', '-')} searches exactly or on its own terms; "
-                              "--target-recall applies to FAISS ivf and hnsw")
+                              "--target-recall applies to FAISS ivf, ivf_sq8, ivf_pq and hnsw")
         flat = snap.vectors.reshape(-1, snap.vectors.shape[2])
         tokens = snap.vectors.shape[1]
         if queries is None:
@@ -250,15 +252,8 @@ class ImageIndex:
             queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         queries = np.asarray(queries, np.float32)
         _, truth = fold_tokens(*ExactBackend(flat).search(queries, k * tokens), tokens, k)
-        limit = backend.index.nlist if knob == "nprobe" else 4096
-        value, recall = 1 if knob == "nprobe" else 8, 0.0
-        while True:
-            backend.set_search(**{knob: value})
-            _, got = fold_tokens(*backend.search(queries, k * tokens), tokens, k)
-            recall = float(np.mean([len(set(g) & set(t)) / max(len(t), 1) for g, t in zip(got, truth)]))
-            if recall >= target_recall or value >= limit:
-                break
-            value = min(value * 2, limit)
+        found = calibrate(backend, queries, truth, target_recall, k, tokens)
+        knob, value, recall = found["knob"], found["value"], found["recall"]
         tuned = {"target_recall": target_recall, f"recall@{k}": round(recall, 4), knob: value,
                  "queries": len(queries), "reached": recall >= target_recall}
         with self._lock, _exclusive(self.folder):
