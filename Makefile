@@ -11,32 +11,27 @@ setup: $(STAMP)
 
 # torch==2.13.0 first (a CPU build lies on this machine's disk; an unpinned torch would pull a CUDA build),
 # then the package with its dev extra. uv installs them (about 25 s here, where pip took over 4 minutes); it takes
-# the torch file straight from the disk where it lies there, else pip finds torch==2.13.0 as before. Then the
-# modules the suite's processes import are compiled to bytecode (about 25 s): this machine's environment sets
-# PYTHONDONTWRITEBYTECODE, so without it each of the suite's many processes compiled torch and transformers again
-# on import (18 s against 9 s an import).
+# the torch file straight from the disk where it lies there, else pip finds torch==2.13.0 as before, and compiles
+# torch to bytecode. This machine's environment sets PYTHONDONTWRITEBYTECODE, so without bytecode each of the
+# suite's many processes compiled torch and transformers again on import (18 s against 9 s an import); `make test`
+# lets the suite's processes write the bytecode of what they import (the first import of a module compiles it,
+# the later ones read it), which replaced compiling whole packages up front (21 s of the install: transformers
+# alone has thousands of model files the suite never imports).
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 UV := $(BIN)/uv pip install --quiet --python $(BIN)/python
-PRECOMPILE := transformers sympy mpmath scipy numpy huggingface_hub PIL safetensors tokenizers tqdm filelock regex \
-  yaml packaging jinja2 markupsafe anyio httpx httpcore httpx2 httpcore2 h11 idna charset_normalizer fastapi \
-  starlette pydantic pydantic_core uvicorn diffusers ray  # those missing here are skipped
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv
 	$(if $(TORCH_WHEEL),$(UV) --compile-bytecode "$(TORCH_WHEEL)",$(BIN)/pip install --quiet torch==2.13.0)
 	$(UV) -e ".[dev]"
-	$(BIN)/python -c 'import compileall, importlib.util as u, os, sys; \
-	  specs = [u.find_spec(p) for p in sys.argv[1:]]; \
-	  [compileall.compile_dir(os.path.dirname(s.origin), quiet=2, workers=0) for s in specs if s and s.origin]' \
-	  $(PRECOMPILE)
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/cirlab demo --out $(DEMO_OUT) --seed 0
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/cirlab demo --out $(DEMO_OUT) --seed 0
 
 demo-quick: setup
-	$(BIN)/cirlab demo --quick --out $(DEMO_OUT)-quick --seed 0
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/cirlab demo --quick --out $(DEMO_OUT)-quick --seed 0
 
 # The browser test drives Debian's chromium through Playwright; install it when missing (root with apt-get).
 browser:
@@ -48,7 +43,7 @@ browser:
 # Two pytest-xdist workers, one per core, each test file on one worker (its module fixtures built once), files in
 # the order tests/conftest.py gives them (xdist would otherwise start with the files that hold the most tests).
 test: setup browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+	env -u PYTHONDONTWRITEBYTECODE HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-quick

@@ -16,13 +16,11 @@ SEED = 3
 
 # Run order (pytest-xdist keeps it with --no-loadscope-reorder, as `make test` runs it): the quick demo (four lane
 # processes, the longest file) first; then the files that use none of the session's built fixtures, which the other
-# worker runs while the first builds the world and the backbones; then the rest by name. The Ray tests go third:
-# xdist hands each worker its first file and then, since neither holds more than two tests, one more, so the third
-# file waits on the demo's worker and starts when the demo has ended (Ray gives its raylet a fixed 30 s to
-# register, which it missed while the demo's lanes held both cores, and ran 2.5 times slower beside them), and a
-# long file at the end no longer leaves the other worker idle.
-FIRST = ("test_demo.py",)
-THIRD = "test_ray.py"
+# worker runs while the first builds the world and the backbones; the Ray tests last: Ray gives its raylet a fixed
+# 30 s to register, which it missed once while the demo's lanes held both cores, and its two actors need both
+# cores: run third (after the demo, beside other tests) or after csmcir's, its test took 128-134 s against 50 s
+# alone, and the suite 9-10 minutes against under 8 with Ray last.
+FIRST, LAST = ("test_demo.py",), ("test_ray.py",)
 NO_FIXTURES = ("test_backbones.py", "test_benchmarks.py", "test_compare.py", "test_layout.py", "test_memory_bank.py",
                "test_metrics.py", "test_tokenizer.py")
 
@@ -30,15 +28,8 @@ NO_FIXTURES = ("test_backbones.py", "test_benchmarks.py", "test_compare.py", "te
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
-        return 0 if name in FIRST else 1 if name in NO_FIXTURES else 2
-
+        return 0 if name in FIRST else 1 if name in NO_FIXTURES else 3 if name in LAST else 2
     items.sort(key=rank)
-    files = list(dict.fromkeys(item.path.name for item in items))
-    if THIRD in files and len(files) > 3:
-        files.remove(THIRD)
-        files.insert(2, THIRD)
-        where = {name: n for n, name in enumerate(files)}
-        items.sort(key=lambda item: where[item.path.name])
 
 
 def _built_once(tmp_path_factory, name: str, build):

@@ -352,7 +352,6 @@ def test_filtered_search_on_every_backend_agrees_with_filtered_brute_force(backe
     index.remove(ids[::50])
     index = ImageIndex(tmp_path / "ix")
     exact_match = backend == "exact" and not params or params.get("kind") == "flat"
-    atol = 2e-3 if params.get("dtype") == "float16" else 1e-4
     filters = [{"colour": "red"}, {"year": {"gte": 2010, "lt": 2013}, "colour": {"in": ["green", "blue"]}},
                {"or": [{"rare": True}, {"year": 2023, "colour": "blue"}]}, {"rare": True}, {"colour": "purple"}]
     for spec in filters:

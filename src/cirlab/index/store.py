@@ -229,9 +229,9 @@ class ImageIndex:
              seed: int = 0) -> dict:
         """Calibrate a FAISS IVF index's nprobe (or HNSW's efSearch) to the smallest value (doubled, then
         bisected: `backends.calibrate`) whose recall@k against exact search reaches `target_recall`, on `queries`
-        (B, D) or else on `n_queries` indexed vectors with Gaussian noise (0.1 / sqrt(D) a dimension, then L2-normalised). The value and the
-        recall measured go to the manifest (`params` and `tuned`), so every later open searches with them; items
-        added later are not re-measured (tune again). Returns `tuned`."""
+        (B, D) or else on `n_queries` indexed vectors with Gaussian noise (0.1 / sqrt(D) a dimension, then
+        L2-normalised). The value and the recall measured go to the manifest (`params` and `tuned`), so every later
+        open searches with them; items added later are not re-measured (tune again). Returns `tuned`."""
         from cirlab.index.backends import FaissBackend
 
         if not 0.0 < target_recall <= 1.0:
