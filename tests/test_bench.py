@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cirlab.experiments.bench import bank_overhead, cache_speedup, markdown, matmul_peak_gflops, measure_method, \
-    step_flops
+from cirlab.experiments.bench import bank_overhead, cache_speedup, index_build_throughput, markdown, \
+    matmul_peak_gflops, measure_method, step_flops
 
 TINY = {"steps": 2, "warmup": 1, "batch": 8, "eval_images": 16, "bank_capacity": 16}
 
@@ -27,6 +27,10 @@ def test_bench_rows_have_the_documented_fields(world, tmp_path):
     text = markdown({"device": "cpu", "quick": True, "batch_size": 8, "threads": 1, "seconds": 1.0, "peak_gflops": 9.0,
                      "methods": rows | {"csmcir": csmcir}})
     assert "| mapcompose |" in text and "cache speedup" in text
+    build = index_build_throughput(str(world), str(tmp_path / "ib"), 12, ray=False)  # Ray: tests/test_ray.py
+    from cirlab.index import ImageIndex
+
+    assert build["index_build_images_per_s"] > 0 and len(ImageIndex(tmp_path / "ib" / "ix-local")) == 12
 
 
 def test_step_flops_counts_a_known_step_and_the_peak_is_measured():

@@ -6,6 +6,8 @@ Per method (`methods`), each measured in a fresh process so that its peak reside
   backward and an AdamW step, after warm-up steps; frozen image stages pre-computed in memory, as training does;
 - `eval_images_per_s`: gallery images per second through `encode_target` (decoded and resized beforehand);
 - `peak_rss_mb`: the process's peak resident memory;
+- `index_build`: images per second through `cirlab index build`'s code (sum on the bench's CLIP) in one process
+  and with Ray at 2 actors;
 - `train_gflops`: the training step's floating-point work (forward and backward, counted once by torch's
   FlopCounterMode: matrix products and convolutions, 2 FLOPs a multiply-add; the optimizer and element-wise work are
   not counted) times steps per second, in GFLOP/s, and `of_peak_pct` that over the machine's measured peak.
@@ -26,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-SIZES = {"quick": {"steps": 20, "warmup": 3, "batch": 32, "eval_images": 512},
-         "full": {"steps": 50, "warmup": 5, "batch": 64, "eval_images": 2048}}
+SIZES = {"quick": {"steps": 20, "warmup": 3, "batch": 32, "eval_images": 512, "index_images": 1024},
+         "full": {"steps": 50, "warmup": 5, "batch": 64, "eval_images": 2048, "index_images": 4096}}
 CLIP = {"patch_size": 16, "width": 128, "layers": 4, "dim": 128}
 BLIP2 = {"vision_width": 128, "vision_layers": 4, "qformer_width": 128, "qformer_layers": 2, "dim": 128}
 # the cache-speedup backbone: a ViT of 12 layers of width 256 (9.7 M parameters) against a Q-Former of 2 layers of
@@ -194,6 +196,49 @@ def cache_speedup(data_root: str, cache_dir: str, size: dict, device: str = "cpu
             "qformer_params_m": round(qformer / 1e6, 2), "vision_to_qformer": round(vit / qformer, 2)}
 
 
+def index_build_throughput(data_root: str, out: str, images: int, actors: int = 2, ray: bool = True) -> dict:
+    """Images per second through `build_index` (decode, preprocess, `encode_target`, write the index) for the
+    `sum` method on the bench's CLIP: in this process, and with the Ray engine at `actors` actors (Ray started
+    before the clock, its actors' start-up inside it: what a user's build pays). Without Ray, that figure is None."""
+    import shutil
+
+    from cirlab.backbones import tiny_backbone
+    from cirlab.data.readers import read_split
+    from cirlab.serving.engine import build_index
+    from cirlab.training.train import save_zero_shot
+
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    gallery = out / "gallery"
+    gallery.mkdir(parents=True)
+    for name, path in sorted(read_split("synth", data_root, "test1").gallery.items())[:images]:
+        (gallery / Path(path).name).symlink_to(Path(path).resolve())
+    torch.manual_seed(0)
+    tiny_backbone("clip", **CLIP).save_pretrained(out / "clip")
+    ckpt = save_zero_shot("sum", out / "clip", out / "sum")
+    row = {"index_images": images}
+    t = time.perf_counter()
+    build_index(ckpt, gallery, out / "ix-local", progress=False)
+    row["index_build_images_per_s"] = round(images / (time.perf_counter() - t), 1)
+    try:
+        import ray as ray_module
+    except ImportError:
+        ray = False
+    if not ray:
+        row["index_build_images_per_s_ray"] = None
+        return row
+    ray = ray_module
+    ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False)
+    try:
+        t = time.perf_counter()
+        build_index(ckpt, gallery, out / "ix-ray", progress=False, engine="ray", concurrency=actors)
+        row["index_build_images_per_s_ray"] = round(images / (time.perf_counter() - t), 1)
+        row["ray_actors"] = actors
+    finally:
+        ray.shutdown()
+    return row
+
+
 def _in_process(fn, *args) -> dict:
     """fn(*args) in a fresh spawned process (its own peak memory, no state shared with the others)."""
     import multiprocessing as mp
@@ -227,6 +272,9 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
     log(f"[{time.time() - t0:6.1f}s] csmcir bank overhead: {doc['methods']['csmcir']['bank_overhead_pct']}%")
     doc["methods"]["csmcir"] |= _in_process(cache_speedup, str(data), str(out / "feature_cache"), size, device)
     log(f"[{time.time() - t0:6.1f}s] csmcir cache speedup: {doc['methods']['csmcir']['cache_speedup']}x")
+    doc["index_build"] = _in_process(index_build_throughput, str(data), str(out / "index_build"),
+                                     size["index_images"], 2)
+    log(f"[{time.time() - t0:6.1f}s] index build: {doc['index_build']}")
     doc["seconds"] = round(time.time() - t0, 1)
     (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(doc))
@@ -251,5 +299,12 @@ def markdown(doc: dict) -> str:
               f"csmcir frozen-feature cache speedup: {cs['cache_speedup']}x (samples/s "
               f"{cs['train_samples_per_s_uncached']} recomputing the ViT, {cs['train_samples_per_s_cached']} from "
               f"the cache; ViT {cs['vision_params_m']} M parameters, Q-Former {cs['qformer_params_m']} M: "
-              f"{cs['vision_to_qformer']} to 1)", f"Wall time {doc['seconds']} s.", ""]
+              f"{cs['vision_to_qformer']} to 1)"]
+    if "index_build" in doc:
+        ib = doc["index_build"]
+        ray = "not measured with Ray" if ib["index_build_images_per_s_ray"] is None else \
+            f"{ib['index_build_images_per_s_ray']} with Ray at {ib['ray_actors']} actors"
+        lines.append(f"index build (sum, {ib['index_images']} images): {ib['index_build_images_per_s']} images/s "
+                     f"in one process, {ray}")
+    lines += [f"Wall time {doc['seconds']} s.", ""]
     return "\n".join(lines)
