@@ -70,6 +70,20 @@ def build(kind: str, x: np.ndarray, **params) -> tuple:
     return backend, time.perf_counter() - t
 
 
+def make_data(args) -> tuple:
+    """(path, rows, tuning queries, evaluation queries): the rows written to a temporary .npy and memory-mapped
+    back (the float rows on disk, as the index store keeps them), the queries drawn apart."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
+    path = Path(tempfile.mkdtemp(prefix="cirlab-bench-")) / "vectors.npy"
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(args.n, args.dim))
+    sample(centres, args.n, rng, args.spread, out=x)
+    x.flush()
+    del x
+    return (path, np.load(path, mmap_mode="r"), sample(centres, args.queries, rng, args.spread),
+            sample(centres, args.queries, rng, args.spread))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -88,17 +102,7 @@ def main(argv=None) -> int:
     targets = [float(t) for t in args.targets.split(",")]
     rescore = dict(item.split(":") for item in args.rescore.split(","))
     skip = set(filter(None, args.skip.split(",")))
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
-    tmp = Path(tempfile.mkdtemp(prefix="cirlab-bench-"))
-    path = tmp / "vectors.npy"
-    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(args.n, args.dim))
-    sample(centres, args.n, rng, args.spread, out=x)
-    x.flush()
-    del x
-    x = np.load(path, mmap_mode="r")  # the float rows on disk, as the index store keeps them
-    tune_q = sample(centres, args.queries, rng, args.spread)
-    eval_q = sample(centres, args.queries, rng, args.spread)
+    path, x, tune_q, eval_q = make_data(args)
     rows = []
 
     def report(row: dict) -> None:
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     path.unlink()
-    tmp.rmdir()
+    path.parent.rmdir()
     return 0
 
 

@@ -72,26 +72,7 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
             response.headers.setdefault(name, value)
         return response
 
-    @app.exception_handler(ServiceError)
-    async def service_error(_request: Request, exc: ServiceError):
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
-        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(Exception)
-    async def internal(_request: Request, exc: Exception):  # logged by the server; the client gets one JSON line
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log has the details"},
-                            status_code=500)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
-                 for e in exc.errors()]
-        return JSONResponse({"error": "; ".join(parts)}, status_code=422)
-
+    _add_error_handlers(app)
     _add_body_limits(app, service)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -131,6 +112,30 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
         return service.remove(item_id)
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error a JSON `{"error": ...}`: the service's own with its status (503s with Retry-After), HTTP and
+    validation errors, and anything else a 500 that names only the exception's type."""
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, exc: ServiceError):
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception):  # logged by the server; the client gets one JSON line
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log has the details"},
+                            status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+                 for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(parts)}, status_code=422)
 
 
 def _add_body_limits(app: FastAPI, service: SearchService) -> None:

@@ -143,6 +143,17 @@ def _read_state(path: Path, device) -> dict:
     return state
 
 
+def _resume(path: Path, module, opt, sched, run: dict, cfg: TrainConfig, device) -> tuple:
+    """Load the saved state into the module, optimizer and schedule (after checking it is the same run);
+    returns (epoch, step, losses) to continue from."""
+    state = _read_state(path, device)
+    _check_same_run(state, run, cfg, path)
+    module.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state["epoch"], state["step"], state["losses"]
+
+
 def _check_same_run(state: dict, run: dict, cfg: TrainConfig, path: Path) -> None:
     """Refuse (one line naming the first difference) to resume a run whose method, model settings, schedule or
     process count differ from the saved one's, unless `cfg.force_resume`."""
@@ -220,12 +231,7 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
     run = _run_identity(module, cfg, rank)
     resumed = resume and state_path.exists()
     if resumed:
-        state = _read_state(state_path, device)
-        _check_same_run(state, run, cfg, state_path)
-        module.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, step, losses = state["epoch"], state["step"], state["losses"]
+        start_epoch, step, losses = _resume(state_path, module, opt, sched, run, cfg, device)
     logger = _Logger(out, step if resumed else None) if rank.main else None
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
