@@ -37,9 +37,13 @@ def test_faiss_backends_agree_with_exact_search():
     flat_scores, flat = make_backend("faiss", x, "flat").search(q, 10)
     assert (flat == exact).mean() > 0.99 and np.allclose(flat_scores, exact_scores, atol=1e-5)
     for kind, params in (("ivf", {"nprobe": 8}), ("hnsw", {})):
-        _, approx = make_backend("faiss", x, kind, **params).search(q, 10)
+        backend = make_backend("faiss", x, kind, **params)
+        approx_scores, approx = backend.search(q, 10)
         recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
         assert recall > 0.8, (kind, recall)
+        one = [backend.search(q[i:i + 1], 10) for i in range(len(q))]  # IVF: threads over cells, not queries
+        assert np.array_equal(np.concatenate([r for _, r in one]), approx)
+        assert np.allclose(np.concatenate([s for s, _ in one]), approx_scores, atol=1e-6)
     with pytest.raises(CirlabError, match="unknown faiss"):
         make_backend("faiss", x, "lsh")
 
@@ -235,7 +239,7 @@ def cli(capsys):
     return call
 
 
-def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpoint, gallery, tmp_path, cli):
+def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpoint, gallery, world, tmp_path, cli):
     import cirlab
     from cirlab.data.images import open_image
 
@@ -265,6 +269,14 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
                              "make the circle red", "-k", "5", "--json").stdout)
         assert [h["id"] for h in out["hits"]] == expected
         assert np.allclose([h["score"] for h in out["hits"]], scores.sort(descending=True).values[:5], atol=1e-4)
+    # `cirlab eval` writes its results and gallery cache into the checkpoint folder; the index built from that
+    # checkpoint still searches (its identity covers the checkpoint's own files only: issue 20)
+    cli("eval", "--checkpoint", sum_checkpoint, "--data-root", world, "--split", "val", "--limit", "5",
+        "--no-progress")
+    assert (sum_checkpoint / "eval-synth-val.json").exists()
+    again = json.loads(cli("search", "--index", tmp_path / "ix", "--image-id", ids[3], "--text",
+                           "make the circle red", "-k", "5", "--json").stdout)
+    assert [h["id"] for h in again["hits"]] == expected
     queries = tmp_path / "queries.jsonl"
     queries.write_text(json.dumps({"image_id": ids[3], "text": "make the circle red", "k": 5}) + "\n\n"
                        + json.dumps({"image": str(paths[3]), "text": "make the circle red", "k": 1}) + "\n")
