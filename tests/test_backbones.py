@@ -45,3 +45,32 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_backbone("clip", tmp_path / "nope")
     with pytest.raises(CirlabError, match="unknown backbone"):
         load_backbone("resnet", tmp_path)
+
+
+def test_packed_text_matches_the_padded_forward():
+    """The unpadded text tower gives transformers' padded forward's pooled and token features and gradients, on
+    texts of very different lengths (most of the batch is padding for the short ones), in train mode."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("clip", image_size=32, patch_size=8, width=32, layers=2, dim=16).train()
+    texts = TEXTS + ["red", "remove the star and paint the circle cyan"]
+    tok = bb.tokenize(texts)
+    mask = tok["attention_mask"].bool()
+    assert (~mask).sum() > 10  # the batch really carries padding
+
+    def run(packed: bool) -> tuple:
+        bb.packed_text = packed
+        bb.zero_grad()
+        pooled, (tokens, _) = bb.encode_text(tok), bb.text_tokens(tok)
+        (pooled.pow(2).sum() + tokens[mask].sin().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+        return pooled.detach(), tokens[mask].detach(), grads
+
+    try:
+        padded, packed = run(False), run(True)
+    finally:
+        bb.packed_text = True
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
+    assert packed[2].keys() == padded[2].keys() and any("token_embedding" in n for n in packed[2])
+    for name, g in padded[2].items():  # (key biases get gradients of float noise only: softmax ignores them)
+        torch.testing.assert_close(packed[2][name], g, atol=1e-5, rtol=1e-4, msg=name)

@@ -1,7 +1,17 @@
-"""CLIP (transformers CLIPModel): pooled and token-level image and text features in the joint space."""
+"""CLIP (transformers CLIPModel): pooled and token-level image and text features in the joint space.
+
+Text runs unpadded ("packed"): the linear layers, layer norms and MLPs of the text tower see only the real tokens of
+a batch (N rows, not B x L), and only attention goes back to the padded (B, L) layout, where a causal mask keeps
+every real token from seeing the right padding. What a real token computes is what transformers' padded forward
+computes for it (the causal mask there hides the padding too), so pooled features and token features agree with
+`CLIPTextModel` up to float rounding (tests/test_backbones.py); the work drops with the padding: modification texts
+of the synthetic world average 11 tokens in batches padded to 22. `packed_text = False` on an instance runs
+transformers' own forward instead.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cirlab.backbones.base import Backbone
 
@@ -10,6 +20,7 @@ class ClipBackbone(Backbone):
     kind = "clip"
     processor_type = "CLIPImageProcessor"
     hf_class = "CLIPModel"
+    packed_text = True
 
     @property
     def dim(self) -> int:
@@ -30,15 +41,23 @@ class ClipBackbone(Backbone):
         return self.model.visual_projection(pooled)
 
     def text_tokens(self, tokens: dict) -> tuple:
-        """Projected text tokens (B, L, D) and the index of each sequence's pooled (EOS) token (B,)."""
-        out = self.model.text_model(**tokens)
-        hidden = self.model.text_projection(out.last_hidden_state)  # (B, L, D)
+        """Projected text tokens (B, L, D) and the index of each sequence's pooled (EOS) token (B,); padding
+        positions hold zeros (packed) or what the padded forward computed there (`packed_text = False`)."""
         eos = tokens["attention_mask"].sum(1) - 1  # right padding: the last real token is EOS
-        return hidden, eos
+        if not self.packed_text:
+            out = self.model.text_model(**tokens)
+            return self.model.text_projection(out.last_hidden_state), eos  # (B, L, D)
+        hidden, rows = self._packed_text(tokens)
+        projected = self.model.text_projection(hidden)  # (N, D)
+        b, length = tokens["input_ids"].shape
+        full = projected.new_zeros(b * length, projected.shape[-1]).index_copy(0, rows, projected)
+        return full.view(b, length, -1), eos
 
     def encode_text(self, tokens: dict) -> torch.Tensor:
         """Pooled text feature, not normalised: (B, D)."""
-        return self.model.text_projection(self.model.text_model(**tokens).pooler_output)
+        if not self.packed_text:
+            return self.model.text_projection(self.model.text_model(**tokens).pooler_output)
+        return self.encode_text_from(tokens)
 
     def word_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token table's rows for `input_ids`: (B, L, Dt)."""
@@ -47,21 +66,45 @@ class ClipBackbone(Backbone):
     def encode_text_from(self, tokens: dict, embeds: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
         """Pooled projected text feature (B, D), not normalised, run layer by layer: `embeds` (B, L, Dt) replace
         the token table's word embeddings (a pseudo-word in a template), and `after_layer(i, hidden) -> hidden`
-        runs after encoder layer i (injected modules, adapters). Without either it equals `encode_text`."""
-        from transformers.masking_utils import create_causal_mask
+        runs after encoder layer i on the padded (B, L, Dt) stream (injected modules, adapters; what they return
+        at padding positions is dropped). Without either it equals `encode_text`."""
+        hidden, rows = self._packed_text(tokens, embeds, after_layer)
+        last = tokens["attention_mask"].sum(1).cumsum(0) - 1  # each sequence's EOS among the packed rows
+        return self.model.text_projection(hidden[last])
 
+    def _packed_text(self, tokens: dict, embeds: torch.Tensor | None = None, after_layer=None) -> tuple:
+        """The text tower on the real tokens only: final-layer-normed hidden states (N, Dt) of the N real tokens
+        in batch-major order, and their rows in the flattened (B * L) padded layout."""
         tm = self.model.text_model
-        ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        hidden = tm.embeddings(inputs_embeds=self.word_embeddings(ids) if embeds is None else embeds)
-        causal = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=mask, cache=None)
+        ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        b, length = ids.shape
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+        positions = torch.arange(length, device=ids.device).repeat(b)[rows]
+        words = self.word_embeddings(ids.reshape(-1)[rows]) if embeds is None \
+            else embeds.reshape(b * length, -1)[rows]
+        hidden = words + tm.embeddings.position_embedding(positions)  # (N, Dt)
         for i, layer in enumerate(tm.encoder.layers):
-            hidden = layer(hidden, causal, is_causal=True)
+            hidden = _packed_layer(layer, hidden, rows, b, length)
             if after_layer is not None:
-                hidden = after_layer(i, hidden)
-        hidden = tm.final_layer_norm(hidden)
-        eos = mask.sum(1) - 1  # right padding: the last real token is EOS
-        return self.model.text_projection(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos])
+                padded = hidden.new_zeros(b * length, hidden.shape[-1]).index_copy(0, rows, hidden)
+                hidden = after_layer(i, padded.view(b, length, -1)).reshape(b * length, -1)[rows]
+        return tm.final_layer_norm(hidden), rows
 
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale
+
+
+def _packed_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    """One CLIPEncoderLayer on packed tokens (N, W): pre-norm causal self-attention (in the padded layout), then
+    the pre-norm MLP, each with its residual."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=1)  # (N, 3W)
+    padded = qkv.new_zeros(b * length, qkv.shape[1]).index_copy(0, rows, qkv)
+    q, k, v = padded.view(b, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(b * length, -1)[rows]  # (N, W)
+    hidden = hidden + attn.out_proj(out)
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
