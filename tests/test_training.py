@@ -92,3 +92,25 @@ def test_pretrained_clip_beats_chance_at_image_text_matching(world, clip_dir):
         txt = torch.nn.functional.normalize(bb.encode_text(bb.tokenize([split.captions[n] for n in names])), dim=-1)
     top1 = (txt @ img.t()).argmax(1) == torch.arange(64)
     assert top1.float().mean() > 0.2
+
+
+def test_combiner_with_a_frozen_image_tower_trains_from_cached_features_with_the_same_loss(world, clip_dir):
+    """finetune="text": pooled image features come from the frozen-stage cache; loss and targets equal the pixel
+    path's, and a combiner that fine-tunes its image tower has no frozen stage."""
+    from cirlab.data.images import PixelStore
+    from cirlab.methods import build_model
+    from cirlab.training.data import FrozenFeatureStore, TripletSource
+
+    model = build_model("combiner", load_backbone("clip", clip_dir), {"finetune": "text"})
+    frozen = model.frozen_image_stage()
+    assert frozen is not None and build_model("combiner", load_backbone("clip", clip_dir)).frozen_image_stage() is None
+    split = read_split("synth", world, "train")
+    store = PixelStore(split.gallery, model.preprocess)
+    pixel_batch = TripletSource(split, store).batch(list(range(8)))
+    cached_batch = TripletSource(split, FrozenFeatureStore(store, frozen)).batch(list(range(8)))
+    assert cached_batch.ref_pixels.shape == (8, 1, model.backbone.dim)
+    model.eval()
+    with torch.no_grad():
+        a, b = model.loss(pixel_batch).loss, model.loss(cached_batch).loss
+        ta, tb = model.encode_target(pixel_batch.tgt_pixels), model.encode_target(cached_batch.tgt_pixels)
+    assert torch.allclose(ta, tb, atol=1e-5) and abs(a.item() - b.item()) < 1e-4

@@ -5,7 +5,9 @@
 - `sum`: the normalised sum of both (zero-shot).
 - `combiner`: CLIP4Cir (Baldrati et al. 2022), a Combiner network trained contrastively on triplets; the CLIP
   towers are fine-tuned too (`finetune`, default "both"), as in CLIP4Cir's two-stage training, done here in one
-  stage with a lower backbone learning rate set by the training config.
+  stage with a lower backbone learning rate set by the training config. With `finetune` "text" (CLIP4Cir's
+  second stage trains on frozen image features) the image tower is a frozen stage: training reads each image's
+  pooled feature from the feature cache instead of running the tower again (`frozen_image_stage`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,15 @@ class ClipFeatures(CIRModel):
     """Pooled CLIP features; targets are images."""
 
     def image_feature(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 3:  # cached by frozen_image_stage: (B, 1, D)
+            return self.normalise(images[:, 0].to(self.backbone.device))
         return self.normalise(self.backbone.encode_image(self.pixels(images)))  # (B, D)
+
+    def frozen_image_stage(self):
+        """Pooled image features (B, 1, D), not normalised, when no image-tower parameter trains."""
+        if any(p.requires_grad for p in self._tower(text=False).parameters()):
+            return None
+        return self._eval_stage(self.backbone.model.vision_model, lambda px: self.backbone.encode_image(px)[:, None])
 
     def text_feature(self, texts) -> torch.Tensor:
         tokens = self.backbone.tokenize(texts, self.backbone.device)

@@ -30,13 +30,24 @@ def current() -> Rank:
 
 
 def average_gradients(module: torch.nn.Module) -> None:
+    """Average every gradient across ranks in one all-reduce of one flat buffer per dtype and device: on 2 CPU
+    cores a gloo collective per parameter (a tiny CLIP has ~140) made a two-process pretraining step nearly twice
+    as slow as the same step on one process with two threads; one buffer made them equal."""
     world = current().world
     if world == 1:
         return
+    groups: dict = {}
     for p in module.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def mean_across_ranks(value: float) -> float:
