@@ -40,6 +40,8 @@ def test_quick_demo(quick_demo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     assert doc["dataset"] == "synth" and doc["split"] == "test1" and doc["seed"] == SEED
+    assert doc["seconds"]["wall"] > 0 and doc["seconds"]["workers"] >= 1  # the time it took, beside the figures
+    assert {"pretrain clip", "combiner", "stage 1 tmcir"} <= set(doc["seconds"]["steps"])
     for kind in ("world", "backbone clip", "backbone blip2"):  # started from the session's, as it should
         assert f"{kind}: reusing" in proc.stdout + proc.stderr, kind
     assert set(doc["methods"]) == set(DEMO_METHODS) and set(DEMO_METHODS) <= set(REGISTRY)

@@ -273,7 +273,8 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
            "per_query": {n: f"per_query/{n}.jsonl" for n in methods},
            "versus_closest_baseline": intervals,
            "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},
-           "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}}
+           "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1},
+           "seconds": {"wall": round(wall, 1), "workers": workers, "steps": timings}}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     from cirlab.experiments.report import write_report
 
