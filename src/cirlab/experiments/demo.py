@@ -220,11 +220,11 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     backbone (CLIP methods; BLIP-2 pretraining then csmcir) and one per method with a stage 1 of its own (tmcir:
     pseudo-targets, intent alignment, then stage 2), in `workers` processes side by side (default: one per lane;
     each gets cores // workers threads, at least one). The tiny models' small matrix products keep two cores
-    only ~1.2x busier than one, so one-thread lanes side by side finish sooner than the same work on two threads
-    in turn (measured on a combiner step). Each lane's figures depend on its thread count only through float
+    only 1.2-1.7x busier than one (measured on combiner and CLIP pretraining steps), while two one-thread
+    processes run at twice one's rate, so one-thread lanes side by side finish sooner than the same work on two
+    threads in turn. Each lane's figures depend on its thread count only through float
     summation order: with the same `workers` on the same machine a run repeats exactly.
     """
-    from cirlab.experiments.report import format_table
     from cirlab.methods import REGISTRY
 
     t0 = time.time()
@@ -265,21 +265,29 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
             timings[k] = timings.get(k, 0.0) + v
     results = {n: results[n] for n in methods}
     wall = time.time() - t0
+    doc = _write_results(out, methods, results, profile, seed, {"wall": round(wall, 1), "workers": workers,
+                                                                  "steps": timings}, quick)
+    log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
+    return doc
+
+
+def _write_results(out: Path, methods: list, results: dict, profile: DemoProfile, seed: int, seconds: dict,
+                   quick: bool) -> dict:
+    """Print the table, then write results.json (figures, variants, per-query files, intervals against the
+    closest baselines, settings, seconds) and report.md; returns the results document."""
+    from cirlab.experiments.report import format_table, write_report
+    from cirlab.methods import REGISTRY
+
     names = {n: variant_name(n, REGISTRY[n], profile) for n in methods}
     table = format_table({names[n]: results[n] for n in methods}, METRIC_COLUMNS)
     print(table)
-    intervals = closest_intervals(out / "per_query", methods, profile.closest)
     doc = {"dataset": "synth", "split": "test1", "seed": seed, "methods": results, "variants": names,
            "per_query": {n: f"per_query/{n}.jsonl" for n in methods},
-           "versus_closest_baseline": intervals,
+           "versus_closest_baseline": closest_intervals(out / "per_query", methods, profile.closest),
            "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},
-           "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1},
-           "seconds": {"wall": round(wall, 1), "workers": workers, "steps": timings}}
+           "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}, "seconds": seconds}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    from cirlab.experiments.report import write_report
-
-    write_report(out / "report.md", table, doc, timings, wall, quick, workers)
-    log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
+    write_report(out / "report.md", table, doc, seconds["steps"], seconds["wall"], quick, seconds["workers"])
     return doc
 
 
