@@ -6,6 +6,9 @@ from pathlib import Path
 
 from cirlab.errors import CirlabError
 
+DATASETS = ("synth", "synth-circo", "cirr", "circo", "fashioniq", "shoes")  # what --dataset accepts
+JOINS = ("and", "reversed", "both")  # FashionIQ's ways of joining a query's two captions
+
 
 def json_arg(text: str | None, what: str) -> dict:
     """A JSON object given inline or as a file path; {} when not given."""
