@@ -324,20 +324,9 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
            "backbone": backbone, "val": val, "test": test, "stores": stores, "queries": queries,
            "progress": progress, "log": log, "stage1_done": {}}
     for i, change in enumerate(grid):
-        config, pipeline, shown = _variant(method, change)
-        log(f"row {i + 1}/{len(grid)}: {shown}" + (f" (seeds {seeds})" if len(seeds) > 1 else ""))
-        per_seed, row_records = [], []
-        for s in seeds:
-            tag = f"-s{s}" if len(seeds) > 1 else ""
-            row, recs = _row_seed(env, i, change, config, pipeline, names[i], s, tag)
-            per_seed.append({"seed": s, **row})
-            row_records.append(recs)
-            log(f"  seed {s}: test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 "
-                f"by epoch {row['val_curve']}; {row['train_seconds']:.0f} s")
+        row, row_records = _row_over_seeds(env, i, len(grid), change, names[i], seeds)
+        results.append(row)
         records.append(row_records)
-        results.append({"name": names[i], "variant": shown, "config": config,
-                        **({"pipeline": pipeline} if pipeline else {}), **_mean_row(per_seed), "per_seed": per_seed,
-                        "per_query": f"per_query/{names[i]}"})
     ref = _reference_index(names, grid, reference)
     from cirlab.evaluation.compare import compare_records
 
@@ -346,14 +335,37 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
         row["reference"] = i == ref
     doc = {"method": method, "world": profile.world, "seed": seed, "seeds": seeds, "reference_row": names[ref],
            "train": {k: v for k, v in base.items()}, "rows": results, "seconds": round(time.time() - t0, 1)}
-    table = _write(out, doc)
-    print(table)
+    _write_outputs(out, method, doc, log)
+    return doc
+
+
+def _row_over_seeds(env: dict, i: int, rows: int, change: dict, name: str, seeds: list) -> tuple:
+    """Row `i` (of `rows`) trained once per seed: (its entry in the table, with `per_seed` figures and their mean;
+    each seed's per-query records)."""
+    config, pipeline, shown = _variant(env["method"], change)
+    env["log"](f"row {i + 1}/{rows}: {shown}" + (f" (seeds {seeds})" if len(seeds) > 1 else ""))
+    per_seed, row_records = [], []
+    for s in seeds:
+        tag = f"-s{s}" if len(seeds) > 1 else ""
+        row, recs = _row_seed(env, i, change, config, pipeline, name, s, tag)
+        per_seed.append({"seed": s, **row})
+        row_records.append(recs)
+        env["log"](f"  seed {s}: test1 R@1 {row['metrics']['R@1']:.2f}  R@10 {row['metrics']['R@10']:.2f}; val R@1 "
+                   f"by epoch {row['val_curve']}; {row['train_seconds']:.0f} s")
+    entry = {"name": name, "variant": shown, "config": config, **({"pipeline": pipeline} if pipeline else {}),
+             **_mean_row(per_seed), "per_seed": per_seed, "per_query": f"per_query/{name}"}
+    return entry, row_records
+
+
+def _write_outputs(out: Path, method: str, doc: dict, log) -> None:
+    """ablation.json and ablation.md (the table, also printed), and the method's sweep figure when its rows vary
+    the swept field."""
+    print(_write(out, doc))
     written = [out / "ablation.json", out / "ablation.md"]
-    if method in SWEEPS and len({r["variant"][SWEEPS[method][0]] for r in results}) > 1:
+    if method in SWEEPS and len({r["variant"][SWEEPS[method][0]] for r in doc["rows"]}) > 1:
         plot_sweep(doc, out / SWEEPS[method][1])
         written.append(out / SWEEPS[method][1])
     log(f"done: {', '.join(map(str, written))}")
-    return doc
 
 
 def _row_seed(env: dict, i: int, change: dict, config: dict, pipeline: dict, name: str, s: int, tag: str) -> tuple:
