@@ -138,6 +138,23 @@ def add_research_parsers(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_bench)
 
+    _add_viz_parsers(sub)
+
+    p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="the small world and short schedules (about 2.5 minutes)")
+    p.add_argument("--with", dest="with_methods", metavar="METHODS",
+                   help="comma-separated registered methods to run besides the default ones")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that train the lanes (one per backbone, and one per method with a stage 1 of its "
+                        "own) side by side; default: one per lane")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_viz_parsers(sub) -> None:
+    """viz tsne and viz bank: figures of a checkpoint's embedding space and of csmcir's bank."""
     p = sub.add_parser("viz", help="figures of a checkpoint's embedding space")
     viz_sub = p.add_subparsers(dest="viz_command", required=True)
     p = viz_sub.add_parser("tsne", help="t-SNE of queries, target images and target captions (PNG + JSON figures)")
@@ -161,15 +178,3 @@ def add_research_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the figures as JSON")
     p.set_defaults(func=cmd_viz_bank)
-
-    p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="the small world and short schedules (about 2.5 minutes)")
-    p.add_argument("--with", dest="with_methods", metavar="METHODS",
-                   help="comma-separated registered methods to run besides the default ones")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes that train the lanes (one per backbone, and one per method with a stage 1 of its "
-                        "own) side by side; default: one per lane")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_demo)
