@@ -48,10 +48,8 @@ class ClipBackbone(Backbone):
             out = self.model.text_model(**tokens)
             return self.model.text_projection(out.last_hidden_state), eos  # (B, L, D)
         hidden, rows = self._packed_text(tokens)
-        projected = self.model.text_projection(hidden)  # (N, D)
         b, length = tokens["input_ids"].shape
-        full = projected.new_zeros(b * length, projected.shape[-1]).index_copy(0, rows, projected)
-        return full.view(b, length, -1), eos
+        return _unpack(self.model.text_projection(hidden), rows, b, length).view(b, length, -1), eos
 
     def encode_text(self, tokens: dict) -> torch.Tensor:
         """Pooled text feature, not normalised: (B, D)."""
@@ -86,13 +84,18 @@ class ClipBackbone(Backbone):
         for i, layer in enumerate(tm.encoder.layers):
             hidden = _packed_layer(layer, hidden, rows, b, length)
             if after_layer is not None:
-                padded = hidden.new_zeros(b * length, hidden.shape[-1]).index_copy(0, rows, hidden)
-                hidden = after_layer(i, padded.view(b, length, -1)).reshape(b * length, -1)[rows]
+                padded = _unpack(hidden, rows, b, length).view(b, length, -1)
+                hidden = after_layer(i, padded).reshape(b * length, -1)[rows]
         return tm.final_layer_norm(hidden), rows
 
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale
+
+
+def _unpack(packed: torch.Tensor, rows: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    """Packed rows (N, C) back in the flattened padded layout (B * L, C), zeros at the padding."""
+    return packed.new_zeros(b * length, packed.shape[-1]).index_copy(0, rows, packed)
 
 
 def _packed_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, b: int, length: int) -> torch.Tensor:
@@ -101,8 +104,8 @@ def _packed_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, b: int, lengt
     attn = layer.self_attn
     x = layer.layer_norm1(hidden)
     qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=1)  # (N, 3W)
-    padded = qkv.new_zeros(b * length, qkv.shape[1]).index_copy(0, rows, qkv)
-    q, k, v = padded.view(b, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
+    heads = _unpack(qkv, rows, b, length).view(b, length, 3, attn.num_heads, attn.head_dim)
+    q, k, v = heads.permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
     dropout = attn.dropout if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=attn.scale)
     out = out.transpose(1, 2).reshape(b * length, -1)[rows]  # (N, W)

@@ -29,9 +29,12 @@ class ClipFeatures(CIRModel):
             return self.normalise(images[:, 0].to(self.backbone.device))
         return self.normalise(self.backbone.encode_image(self.pixels(images)))  # (B, D)
 
+    def image_tower_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self._tower(text=False).parameters())
+
     def frozen_image_stage(self):
         """Pooled image features (B, 1, D), not normalised, when no image-tower parameter trains."""
-        if any(p.requires_grad for p in self._tower(text=False).parameters()):
+        if not self.image_tower_frozen():
             return None
         return self._eval_stage(self.backbone.model.vision_model, lambda px: self.backbone.encode_image(px)[:, None])
 

@@ -78,7 +78,7 @@ class Tmcir(ClipFeatures):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     def frozen_image_stage(self):
-        if any(p.requires_grad for p in self._tower(text=False).parameters()):
+        if not self.image_tower_frozen():
             return None
         return self._eval_stage(self.backbone.model.vision_model, self.backbone.image_tokens)
 
