@@ -184,6 +184,7 @@ def test_the_hf_composer_runs_a_local_causal_lm_and_counts_what_failed(tmp_path)
 
     folder = build_tiny_lm(tmp_path / "tiny-llama")
     composer = HFComposer(str(folder), max_new_tokens=12)
+    assert not getattr(composer.model, "use_kernels", False)  # no Hub kernels (see backbones/base.py)
     items = [ComposeItem(f"img{i}", "a red circle", t) for i, t in enumerate(["make it blue", "add a square",
                                                                                "remove it"])]
     stats = ComposeStats()

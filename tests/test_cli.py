@@ -142,6 +142,15 @@ def test_argument_errors_exit_non_zero(args, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
+def test_demo_refuses_a_device_it_cannot_train_on_before_writing_anything(tmp_path):
+    import torch
+
+    devices = ["mps"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        _one_line_error(cirlab("demo", "--quick", "--out", tmp_path / "d", "--device", device), f"--device {device}")
+    assert not (tmp_path / "d" / "data").exists()
+
+
 def test_the_gallery_cache_misses_when_an_image_changes_and_names_a_missing_one(clip_dir, world, tmp_path):
     """Shuffled, replaced or missing gallery images since the features were cached: recomputed or refused, never
     the stale features (issue 20)."""

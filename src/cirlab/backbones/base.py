@@ -13,6 +13,13 @@ from cirlab.errors import CirlabError
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
+# transformers >= 5.2x loads with use_kernels=True whenever the `kernels` package is installed (transformers 5.25
+# depends on it): on CUDA every train()/eval() then swaps layers for kernels fetched from the Hugging Face Hub at run
+# time, which fails offline ("Version 1 of 'kernels-community/activation' is not available in the local cache",
+# seen on an H200) and would otherwise run downloaded code. cirlab keeps the models' own torch layers.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def read_preprocess(folder: Path, default_size: int, source: str | None = None) -> Preprocess:
     """Read the image size, mean and std from a Hugging Face preprocessor_config.json (CLIP/BLIP style).
 
@@ -61,7 +68,7 @@ class Backbone(nn.Module):
         import transformers
 
         src = resolve_source(source)
-        model = getattr(transformers, cls.hf_class).from_pretrained(src)
+        model = getattr(transformers, cls.hf_class).from_pretrained(src, **NO_HUB_KERNELS)
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
         local = Path(src).exists()
         pre = read_preprocess(Path(src) if local else Path(), model.config.vision_config.image_size,

@@ -79,9 +79,11 @@ class HFBackend:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from cirlab.backbones.base import NO_HUB_KERNELS
+
         try:
             self.processor = AutoProcessor.from_pretrained(model)
-            kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+            kwargs = dict(NO_HUB_KERNELS) | ({} if dtype == "auto" else {"dtype": getattr(torch, dtype)})
             self.model = AutoModelForImageTextToText.from_pretrained(model, **kwargs).to(device).eval()
         except (OSError, ValueError) as e:
             raise CirlabError(f"cannot load image-text-to-text model {model!r}: {e}") from None

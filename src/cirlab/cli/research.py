@@ -102,7 +102,7 @@ def cmd_demo(args) -> None:
     if args.workers is not None and args.workers < 1:
         raise CirlabError(f"--workers must be at least 1, got {args.workers}")
     run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress, extra=extra,
-             workers=args.workers)
+             workers=args.workers, device=args.device)
 
 
 def add_research_parsers(sub) -> None:
@@ -149,6 +149,8 @@ def add_research_parsers(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes that train the lanes (one per backbone, and one per method with a stage 1 of its "
                         "own) side by side; default: one per lane")
+    p.add_argument("--device", default="cpu", help="torch device every lane trains and evaluates on (cuda: bf16 "
+                   "autocast, as training does there)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

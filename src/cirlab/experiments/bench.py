@@ -117,7 +117,7 @@ def measure_method(name: str, data_root: str, size: dict, device: str = "cpu") -
     spec = CLIP if cls.backbone_kind == "clip" else BLIP2
     zero_shot = cls.training is TrainingKind.ZERO_SHOT
     config = {"stage": "mapping"} if zero_shot else None
-    model = build_model(name, _backbone(cls.backbone_kind, spec, device), config)
+    model = build_model(name, _backbone(cls.backbone_kind, spec, device), config).to(device)
     data = read_split("synth", data_root, "train")
     row = {"train_samples_per_s": None, "train_gflops": None}
     if cls.training is not TrainingKind.NONE:
@@ -156,7 +156,7 @@ def bank_overhead(data_root: str, size: dict, device: str = "cpu", rounds: int =
         bank = {"mode": mode, "warmup_steps": 0, "num_negatives": 64}
         if "bank_capacity" in size:  # tests shrink the bank; the benchmark keeps csmcir's default capacity
             bank["capacity"] = size["bank_capacity"]
-        model = build_model("csmcir", _backbone("blip2", BLIP2, device), {"memory_bank": bank})
+        model = build_model("csmcir", _backbone("blip2", BLIP2, device), {"memory_bank": bank}).to(device)
         source = _source(model, data, False)
         if mode == "entropy":  # fill the bank first: the overhead of a full bank is the one that lasts
             with torch.no_grad():
@@ -181,7 +181,8 @@ def cache_speedup(data_root: str, cache_dir: str, size: dict, device: str = "cpu
     from cirlab.training.data import FrozenFeatureStore, TripletSource, frozen_feature_cache
 
     data = read_split("synth", data_root, "train")
-    model = build_model("csmcir", _backbone("blip2", BIG_VIT, device), {"memory_bank": {"mode": "off"}})
+    model = build_model("csmcir", _backbone("blip2", BIG_VIT, device),
+                        {"memory_bank": {"mode": "off"}}).to(device)
     vit = sum(p.numel() for p in model.backbone.model.vision_model.parameters())
     qformer = sum(p.numel() for n, p in model.backbone.model.named_parameters() if not n.startswith("vision_model"))
     pixels = PixelStore(data.gallery, model.preprocess)

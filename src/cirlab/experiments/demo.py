@@ -32,7 +32,7 @@ def ensure_world(data: Path, seed: int, size: str, progress: bool, log) -> None:
 
 
 def ensure_backbone(kind: str, ckpts: Path, data: Path, profile: DemoProfile, seed: int, progress: bool,
-                    log) -> Path:
+                    log, device: str = "cpu") -> Path:
     """Pretrain the tiny `kind` backbone into `ckpts/backbone-<kind>`, or reuse it when seed, config and world
     are unchanged. A spec with `init_from` (blip2 from clip) ensures that backbone first and starts from it."""
     from cirlab.training.loop import TrainConfig
@@ -40,12 +40,12 @@ def ensure_backbone(kind: str, ckpts: Path, data: Path, profile: DemoProfile, se
 
     spec = profile.backbones[kind]
     folder = ckpts / f"backbone-{kind}"
-    cfg = TrainConfig(seed=seed, progress=progress, **spec["pretrain"])
+    cfg = TrainConfig(seed=seed, progress=progress, device=device, **spec["pretrain"])
     init = None
     key = {"kind": kind, "train": dataclasses.asdict(cfg) | {"progress": None}, "overrides": spec["config"],
            "world": json.loads((data / "synth" / "world.json").read_text())}
     if spec.get("init_from"):
-        init = ensure_backbone(spec["init_from"], ckpts, data, profile, seed, progress, log)
+        init = ensure_backbone(spec["init_from"], ckpts, data, profile, seed, progress, log, device)
         key["init_from"] = json.loads((init / "demo_key.json").read_text())
     key_file = folder / "demo_key.json"
     if key_file.exists() and (folder / DONE_FILE).exists() and json.loads(key_file.read_text()) == key:
@@ -62,7 +62,7 @@ def ensure_backbone(kind: str, ckpts: Path, data: Path, profile: DemoProfile, se
 
 
 def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, seed: int, progress: bool,
-                           log) -> Path:
+                           log, device: str = "cpu") -> Path:
     """TMCIR's stage 1 on the synthetic world: the oracle editor's pseudo-targets into `folder/pseudo`, then
     intent alignment of the CLIP at `clip` into `folder/clip`, which is returned. A finished folder with the same
     CLIP, spec and seed is reused; an unfinished one with the same key resumes (both steps are resumable); any
@@ -88,7 +88,7 @@ def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, see
     editor = OracleEditor(data, imperfection=spec["imperfection"], seed=seed, failures=spec.get("failures"))
     stats = edit_split("synth", data, "train", editor, folder / "pseudo", n=spec["n"], progress=progress,
                        limit=spec.get("limit"))
-    cfg = TrainConfig(seed=seed, progress=progress, **spec["train"])
+    cfg = TrainConfig(seed=seed, progress=progress, device=device, **spec["train"])
     log(f"stage 1: {stats.images} oracle pseudo-targets (imperfection {spec['imperfection']}, {stats.made} made "
         f"now) in {time.time() - t:.0f} s; intent alignment ({cfg.epochs} epoch(s), unfreeze {spec['unfreeze']})")
     align_intent(data, clip, folder / "pseudo", aligned, cfg, unfreeze=spec["unfreeze"], resume=same)
@@ -111,7 +111,7 @@ def _lanes(methods: list, registry, profile: DemoProfile) -> list:
 
 
 def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0: float, threads: int,
-              grid: str) -> dict:
+              grid: str, device: str = "cpu") -> dict:
     """Ensure the lane's backbone, then train (or save) and evaluate each of its methods on test1.
 
     Runs in the demo's process or in a worker process (then `threads` sets torch's intra-op threads).
@@ -135,20 +135,20 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     data, ckpts = out / "data", out / "checkpoints"
     results, timings = {}, {}
     t = time.time()
-    backbone = ensure_backbone(lane["kind"], ckpts, data, profile, seed, progress, log)
+    backbone = ensure_backbone(lane["kind"], ckpts, data, profile, seed, progress, log, device)
     timings[f"pretrain {lane['kind']}"] = round(time.time() - t, 1)
     if lane.get("stage1"):
         t = time.time()
         name = lane["stage1"]
         backbone = ensure_intent_backbone(backbone, ckpts / f"{name}-stage1", data, profile.stage1[name], seed,
-                                          progress, log)
+                                          progress, log, device)
         timings[f"stage 1 {name}"] = round(time.time() - t, 1)
     test = read_split("synth", data, "test1")
     queries = [q for q in test.queries if q.targets]
     for name in lane["methods"]:
         t = time.time()
         metrics, ranking = _train_and_evaluate(name, data, backbone, ckpts / name, profile, seed, progress, test,
-                                               log)
+                                               log, device)
         write_records(out / "per_query" / f"{name}.jsonl", ranking.records(queries))
         results[name] = {k: round(v, 2) for k, v in metrics.items()}
         timings[name] = round(time.time() - t, 1)
@@ -161,7 +161,7 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
 
 
 def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, profile: DemoProfile, seed: int,
-                        progress: bool, test, log) -> tuple:
+                        progress: bool, test, log, device: str = "cpu") -> tuple:
     """Train `name` on the world's train split with the profile's schedule (or save it, if zero-shot), then
     evaluate it on test1: (metrics, ranking)."""
     from cirlab.evaluation.protocols import evaluate
@@ -171,11 +171,12 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
     from cirlab.training.train import train
 
     kind, config = REGISTRY[name].training, profile.method_config.get(name)
-    cfg = TrainConfig(seed=seed, progress=progress, **(profile.train | profile.method_train.get(name, {})))
+    common = {"seed": seed, "progress": progress, "device": device}
+    cfg = TrainConfig(**common, **(profile.train | profile.method_train.get(name, {})))
     if kind is TrainingKind.ZERO_SHOT:
         spec = profile.zero_shot[name]
-        train(name, data, backbone, folder, TrainConfig(seed=seed, progress=progress, **spec["stage1"]), config,
-              {"stage2": TrainConfig(seed=seed, progress=progress, **spec["stage2"]), "triplets": spec["triplets"],
+        train(name, data, backbone, folder, TrainConfig(**common, **spec["stage1"]), config,
+              {"stage2": TrainConfig(**common, **spec["stage2"]), "triplets": spec["triplets"],
                "seed": seed, "log": log})
     elif kind is TrainingKind.TRIPLETS:
         log(f"{name}: training ({cfg.epochs} epochs)")
@@ -188,8 +189,8 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
         train(name, data, backbone, folder, cfg, config, on_epoch=on_epoch)
     else:
         train(name, data, backbone, folder, cfg, config)
-    return evaluate(load_model(folder), test, cache_dir=folder / "cache", model_id=checkpoint_identity(folder),
-                    progress=progress)
+    return evaluate(load_model(folder, device), test, cache_dir=folder / "cache",
+                    model_id=checkpoint_identity(folder), progress=progress)
 
 
 def _die_with_parent() -> None:
@@ -206,6 +207,17 @@ def _die_with_parent() -> None:
             pass
 
 
+def check_device(device: str) -> None:
+    """Refuse, in one line, a device this machine's torch cannot train on."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CirlabError(f"--device {device}: this torch sees no CUDA device (torch {torch.__version__}); "
+                          "use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise CirlabError(f"--device {device}: the demo trains on cpu or cuda")
+
+
 def default_workers() -> int:
     import os
 
@@ -213,7 +225,7 @@ def default_workers() -> int:
 
 
 def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, extra: tuple = (),
-             workers: int | None = None) -> dict:
+             workers: int | None = None, device: str = "cpu") -> dict:
     """The demo; `extra` names registered methods to run besides the profile's `methods`.
 
     After the world and the backbones other backbones start from (CLIP), the methods run in lanes, one per
@@ -235,6 +247,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
+    check_device(device)
     data, ckpts = out / "data", out / "checkpoints"
     ensure_world(data, seed, profile.world, progress, log)
     unknown = [n for n in extra if n not in REGISTRY]
@@ -246,18 +259,18 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     roots = sorted({profile.backbones[k].get("init_from") for k in (lane["kind"] for lane in lanes)} - {None})
     for kind in roots:  # backbones other lanes start from are pretrained first, with every core
         t = time.time()
-        ensure_backbone(kind, ckpts, data, profile, seed, progress, log)
+        ensure_backbone(kind, ckpts, data, profile, seed, progress, log, device)
         timings[f"pretrain {kind}"] = round(time.time() - t, 1)
     cores = default_workers()
     workers = max(1, min(workers or len(lanes), len(lanes)))
     grid = _grid_method(REGISTRY)
     if workers == 1:
-        done = [_run_lane(lane, out, seed, quick, progress, t0, 0, grid) for lane in lanes]
+        done = [_run_lane(lane, out, seed, quick, progress, t0, 0, grid, device) for lane in lanes]
     else:
         threads = max(1, cores // workers)
         log(f"{len(lanes)} lanes ({', '.join('+'.join(lane['methods']) for lane in lanes)}) in {workers} "
             f"processes, {threads} thread(s) each")
-        done = _run_lanes_in_processes(lanes, workers, (out, seed, quick, False, t0, threads, grid))
+        done = _run_lanes_in_processes(lanes, workers, (out, seed, quick, False, t0, threads, grid, device))
     results = {}
     for lane in done:
         results.update(lane["results"])
@@ -266,13 +279,13 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     results = {n: results[n] for n in methods}
     wall = time.time() - t0
     doc = _write_results(out, methods, results, profile, seed, {"wall": round(wall, 1), "workers": workers,
-                                                                  "steps": timings}, quick)
+                                                                  "steps": timings}, quick, device)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
 
 
 def _write_results(out: Path, methods: list, results: dict, profile: DemoProfile, seed: int, seconds: dict,
-                   quick: bool) -> dict:
+                   quick: bool, device: str = "cpu") -> dict:
     """Print the table, then write results.json (figures, variants, per-query files, intervals against the
     closest baselines, settings, seconds) and report.md; returns the results document."""
     from cirlab.experiments.report import format_table, write_report
@@ -281,7 +294,7 @@ def _write_results(out: Path, methods: list, results: dict, profile: DemoProfile
     names = {n: variant_name(n, REGISTRY[n], profile) for n in methods}
     table = format_table({names[n]: results[n] for n in methods}, METRIC_COLUMNS)
     print(table)
-    doc = {"dataset": "synth", "split": "test1", "seed": seed, "methods": results, "variants": names,
+    doc = {"dataset": "synth", "split": "test1", "seed": seed, "device": device, "methods": results, "variants": names,
            "per_query": {n: f"per_query/{n}.jsonl" for n in methods},
            "versus_closest_baseline": closest_intervals(out / "per_query", methods, profile.closest),
            "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},

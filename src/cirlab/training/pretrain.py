@@ -78,7 +78,7 @@ def pretrain(kind: str, data_root, out, cfg: TrainConfig, backbone_overrides: di
         store = PixelStore(split.gallery, clip.preprocess)
         backbone, info["vit_fold"] = _blip2_from_clip(clip, store, names, backbone_overrides or {})
         vit = backbone.model.vision_model.eval()
-        store = FrozenFeatureStore(store, lambda px: vit(pixel_values=px).last_hidden_state)
+        store = FrozenFeatureStore(store, lambda px: vit(pixel_values=px.to(vit.device)).last_hidden_state)
     else:
         backbone = tiny_backbone(kind, **(backbone_overrides or {}))
         store = PixelStore(split.gallery, backbone.preprocess)

@@ -147,9 +147,11 @@ class HFComposer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from cirlab.backbones.base import NO_HUB_KERNELS
+
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForCausalLM.from_pretrained(model).to(device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(model, **NO_HUB_KERNELS).to(device).eval()
         except (OSError, ValueError) as e:
             raise CirlabError(f"cannot load causal LM {model!r}: {e}") from None
         self.tokenizer.padding_side = "left"

@@ -227,7 +227,7 @@ class MapCompose(CIRModel):
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
         special = torch.zeros_like(mask)
         special[:, 0] = True
-        special[torch.arange(len(ids)), mask.sum(1) - 1] = True  # BOS and EOS
+        special[torch.arange(len(ids), device=ids.device), mask.sum(1) - 1] = True  # BOS and EOS
         content = mask & ~special & ~torch.isin(ids, torch.tensor(self.stop_ids or [-1], device=ids.device))
         if not bool(content.any(1).all()):
             content = mask & ~special  # a caption of stop words only: use all its words
