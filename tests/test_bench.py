@@ -19,9 +19,12 @@ def test_bench_rows_have_the_documented_fields(world, tmp_path):
         expected = rows[name]["step_gflop"] * rows[name]["train_samples_per_s"] / TINY["batch"]
         assert abs(rows[name]["train_gflops"] - expected) <= 0.01 + 0.01 * expected
     assert all(r["eval_images_per_s"] > 0 and r["peak_rss_mb"] > 50 for r in rows.values())
-    csmcir = measure_method("csmcir", str(world), TINY) | bank_overhead(str(world), TINY) | \
+    csmcir = measure_method("csmcir", str(world), TINY) | bank_overhead(str(world), TINY, rounds=3) | \
         cache_speedup(str(world), str(tmp_path / "cache"), TINY)
     assert {"bank_overhead_pct", "cache_speedup", "vision_to_qformer"} <= csmcir.keys()
+    rounds = csmcir["bank_overhead_pct_rounds"]  # the overhead is the median of the paired rounds
+    assert len(rounds) == 3 and abs(csmcir["bank_overhead_pct"] - sorted(rounds)[1]) <= 0.11
+    assert csmcir["bank_share_pct"] > 0  # the full bank hands out negatives, which takes time
     assert 4 < csmcir["vision_to_qformer"] < 6  # the ViT-g to Q-Former proportion the issue asks for
     assert any((tmp_path / "cache").rglob("shard-*.npy"))  # the cached run read from disk
     text = markdown({"device": "cpu", "quick": True, "batch_size": 8, "threads": 1, "seconds": 1.0, "peak_gflops": 9.0,

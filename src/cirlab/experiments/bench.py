@@ -14,9 +14,12 @@ Per method (`methods`), each measured in a fresh process so that its peak reside
 The machine's `peak_gflops`: fp32 matrix products of 2048 x 2048 on every thread torch uses, the best of five timed
 runs: what the cores can do on the kernel training spends its time in.
 csmcir's `bank_overhead_pct`: step time with the entropy memory bank (full) over the step without, minus one, in
-percent. `cache_speedup`: csmcir's training samples per second with the frozen ViT's outputs read from the on-disk
-cache (training/feature_cache.py) over recomputing the ViT every step, on a BLIP-2 whose frozen ViT has about five
-times the Q-Former's parameters (BLIP-2 ViT-g: 1.0 B against 0.19 B). Backbones are built from configs with random
+percent: the median over seven rounds that time both, in alternating order (`bank_overhead_pct_rounds`); and
+`bank_share_pct`, the time spent inside the bank's calls over the rest of the same steps (drift-free, see
+_bank_share).
+`cache_speedup`: csmcir's training samples per second with the frozen ViT's outputs read from the on-disk cache
+(training/feature_cache.py) over recomputing the ViT every step, on a BLIP-2 whose frozen ViT has about five times
+the Q-Former's parameters (BLIP-2 ViT-g: 1.0 B against 0.19 B). Backbones are built from configs with random
 weights: speed does not depend on them. On a GPU (`--device cuda`) the same figures are taken there.
 """
 from __future__ import annotations
@@ -143,33 +146,70 @@ def measure_method(name: str, data_root: str, size: dict, device: str = "cpu") -
     return row
 
 
-def bank_overhead(data_root: str, size: dict, device: str = "cpu", rounds: int = 3) -> dict:
-    """csmcir steps per second without the memory bank and with the entropy bank once it is full: both models
-    built first, then timed in `rounds` alternating rounds, the best round of each kept (a machine whose speed
-    drifts during the run would otherwise charge the drift to one of them)."""
+def bank_overhead(data_root: str, size: dict, device: str = "cpu", rounds: int = 7) -> dict:
+    """csmcir steps per second with the entropy memory bank, full, handing out negatives, against the same model
+    with the bank switched off: one model (its bank filled first), timed in `rounds` rounds of one timing of each,
+    the order alternating between rounds. The overhead is the median over rounds of the round's off/on rate ratio,
+    minus one: a paired estimate, robust to a machine whose speed drifts or a neighbour that takes a core for a
+    while. Two separately built models differ by more than the bank costs on a 2-core machine (measured: one
+    instance ran 10-20% slower than another in every round, either way), hence one model. Samples/s reported:
+    each mode's best round."""
+    import dataclasses
+    import statistics
+
     from cirlab.data.readers import read_split
     from cirlab.methods import build_model
 
     data = read_split("synth", data_root, "train")
-    models = {}
-    for mode in ("off", "entropy"):
-        bank = {"mode": mode, "warmup_steps": 0, "num_negatives": 64}
-        if "bank_capacity" in size:  # tests shrink the bank; the benchmark keeps csmcir's default capacity
-            bank["capacity"] = size["bank_capacity"]
-        model = build_model("csmcir", _backbone("blip2", BLIP2, device), {"memory_bank": bank}).to(device)
-        source = _source(model, data, False)
-        if mode == "entropy":  # fill the bank first: the overhead of a full bank is the one that lasts
-            with torch.no_grad():
-                for i in range(model.bank.config.capacity // size["batch"] + 1):
-                    model.loss(source.batch(list(range(i * size["batch"], (i + 1) * size["batch"]))).to(device))
-        models[mode] = (model, source)
-    rates = {mode: 0.0 for mode in models}
-    for _ in range(rounds):
-        for mode, (model, source) in models.items():
-            rates[mode] = max(rates[mode], _steps_per_s(model, source, size, device))
-    return {"bank_overhead_pct": round(100 * (rates["off"] / rates["entropy"] - 1), 1),
-            "train_samples_per_s_bank_off": round(rates["off"], 1),
-            "train_samples_per_s_bank_entropy": round(rates["entropy"], 1)}
+    bank = {"mode": "entropy", "warmup_steps": 0, "num_negatives": 64}
+    if "bank_capacity" in size:  # tests shrink the bank; the benchmark keeps csmcir's default capacity
+        bank["capacity"] = size["bank_capacity"]
+    model = build_model("csmcir", _backbone("blip2", BLIP2, device), {"memory_bank": bank}).to(device)
+    source = _source(model, data, False)
+    with torch.no_grad():  # fill the bank first: the overhead of a full bank is the one that lasts
+        for i in range(model.bank.config.capacity // size["batch"] + 1):
+            model.loss(source.batch(list(range(i * size["batch"], (i + 1) * size["batch"]))).to(device))
+    on = model.bank.config
+    modes = {"entropy": on, "off": dataclasses.replace(on, mode="off")}  # off: no negatives, nothing stored
+    ratios, best = [], {mode: 0.0 for mode in modes}
+    for r in range(rounds):
+        rate = {}
+        for mode in (("off", "entropy") if r % 2 == 0 else ("entropy", "off")):
+            model.bank.config = modes[mode]
+            rate[mode] = _steps_per_s(model, source, size, device)
+            best[mode] = max(best[mode], rate[mode])
+        ratios.append(rate["off"] / rate["entropy"])
+    model.bank.config = on
+    return {"bank_overhead_pct": round(100 * (statistics.median(ratios) - 1), 1),
+            "bank_overhead_pct_rounds": [round(100 * (x - 1), 1) for x in ratios],
+            "bank_share_pct": _bank_share(model, source, size, device),
+            "train_samples_per_s_bank_off": round(best["off"], 1),
+            "train_samples_per_s_bank_entropy": round(best["entropy"], 1)}
+
+
+def _bank_share(model, source, size: dict, device: str) -> float:
+    """Percent of a step's time, besides the bank, spent inside the bank's calls (choosing the negatives, storing
+    the batch), timed in the same steps: a drift-free reading of the bank's cost, which leaves out the negatives'
+    logits and their backward (a (B, n, K, D) product, small next to the Q-Former)."""
+    bank, spent = model.bank, [0.0]
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[0] += time.perf_counter() - t
+            return out
+        return run
+
+    bank.negatives, bank.push = timed(bank.negatives), timed(bank.push)
+    try:
+        steps = size["warmup"] + size["steps"]
+        t = time.perf_counter()
+        _steps_per_s(model, source, size | {"warmup": 0, "steps": steps}, device)
+        total = time.perf_counter() - t
+    finally:
+        del bank.negatives, bank.push  # the class's methods again
+    return round(100 * spent[0] / (total - spent[0]), 1)
 
 
 def cache_speedup(data_root: str, cache_dir: str, size: dict, device: str = "cpu") -> dict:
@@ -294,7 +334,9 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {train} | {gflops} | {share} | {row['eval_images_per_s']:.1f} | "
                      f"{row['peak_rss_mb']:.0f} |")
     cs = doc["methods"]["csmcir"]
-    lines += ["", f"csmcir memory bank overhead: {cs['bank_overhead_pct']}% (samples/s "
+    per_round = ", ".join(f"{x:+.1f}" for x in cs.get("bank_overhead_pct_rounds", []))
+    lines += ["", f"csmcir memory bank overhead: {cs['bank_overhead_pct']}% (median of rounds {per_round}; time in "
+              f"the bank's calls: {cs.get('bank_share_pct')}% of the rest of the step; samples/s "
               f"{cs['train_samples_per_s_bank_off']} without, {cs['train_samples_per_s_bank_entropy']} with the "
               "entropy bank, full)",
               f"csmcir frozen-feature cache speedup: {cs['cache_speedup']}x (samples/s "
