@@ -77,3 +77,37 @@ def test_packed_text_matches_the_padded_forward():
     assert packed[2].keys() == padded[2].keys() and any("token_embedding" in n for n in packed[2])
     for name, g in padded[2].items():  # (key biases get gradients of float noise only: softmax ignores them)
         torch.testing.assert_close(packed[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_qformer_matches_the_padded_forward():
+    """The Q-Former with unpadded text gives transformers' padded forward's text-only and joint (query tokens with
+    text, cross-attending to patches) hidden states at every real position, and the same gradients, in eval mode
+    (dropout off: in training the packed rows draw other random masks)."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("blip2", image_size=32, patch_size=8, vision_width=32, vision_layers=1, qformer_width=32,
+                       qformer_layers=2, num_query_tokens=4, dim=16).eval()
+    texts = TEXTS + ["red", "remove the star and paint the circle cyan"]
+    tok = bb.tokenize(texts)
+    mask = tok["attention_mask"].bool()
+    assert (~mask).sum() > 10  # the batch really carries padding
+    patches = torch.randn(len(texts), 17, 32)
+    joint_mask = torch.cat([torch.ones(len(texts), 4, dtype=torch.bool), mask], dim=1)
+
+    def run(packed: bool) -> tuple:
+        bb.packed_text = packed
+        bb.zero_grad()
+        text, joint = bb.encode_text(tok), bb.joint(patches, tok)
+        (text.pow(2).sum() + joint[joint_mask].sin().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+        return text.detach(), joint[joint_mask].detach(), grads
+
+    try:
+        padded, packed = run(False), run(True)
+    finally:
+        bb.packed_text = True
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
+    assert packed[2].keys() == padded[2].keys()
+    assert any("crossattention" in n for n in packed[2]) and any("word_embeddings" in n for n in packed[2])
+    for name, g in padded[2].items():
+        torch.testing.assert_close(packed[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
