@@ -50,23 +50,16 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_backbone("resnet", tmp_path)
 
 
-def test_packed_text_matches_the_padded_forward():
-    """The unpadded text tower gives transformers' padded forward's pooled and token features and gradients, on
-    texts of very different lengths (most of the batch is padding for the short ones), in train mode."""
-    torch.manual_seed(0)
-    bb = tiny_backbone("clip", image_size=32, patch_size=8, width=32, layers=2, dim=16).train()
-    texts = TEXTS + ["red", "remove the star and paint the circle cyan"]
-    tok = bb.tokenize(texts)
-    mask = tok["attention_mask"].bool()
-    assert (~mask).sum() > 10  # the batch really carries padding
-
+def _packed_against_padded(bb, forward) -> dict:
+    """Run `forward()` (pooled features, token features at the real positions) with `packed_text` off, then on;
+    assert both outputs and every parameter's gradient agree; returns the packed run's gradients by name."""
     def run(packed: bool) -> tuple:
         bb.packed_text = packed
         bb.zero_grad()
-        pooled, (tokens, _) = bb.encode_text(tok), bb.text_tokens(tok)
-        (pooled.pow(2).sum() + tokens[mask].sin().sum()).backward()
+        pooled, tokens = forward()
+        (pooled.pow(2).sum() + tokens.sin().sum()).backward()
         grads = {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
-        return pooled.detach(), tokens[mask].detach(), grads
+        return pooled.detach(), tokens.detach(), grads
 
     try:
         padded, packed = run(False), run(True)
@@ -74,9 +67,27 @@ def test_packed_text_matches_the_padded_forward():
         bb.packed_text = True
     torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
-    assert packed[2].keys() == padded[2].keys() and any("token_embedding" in n for n in packed[2])
+    assert packed[2].keys() == padded[2].keys()
     for name, g in padded[2].items():  # (key biases get gradients of float noise only: softmax ignores them)
         torch.testing.assert_close(packed[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    return packed[2]
+
+
+def _padded_batch(bb) -> tuple:
+    tok = bb.tokenize(TEXTS + ["red", "remove the star and paint the circle cyan"])
+    mask = tok["attention_mask"].bool()
+    assert (~mask).sum() > 10  # the batch really carries padding
+    return tok, mask
+
+
+def test_packed_text_matches_the_padded_forward():
+    """The unpadded text tower gives transformers' padded forward's pooled and token features and gradients, on
+    texts of very different lengths (most of the batch is padding for the short ones), in train mode."""
+    torch.manual_seed(0)
+    bb = tiny_backbone("clip", image_size=32, patch_size=8, width=32, layers=2, dim=16).train()
+    tok, mask = _padded_batch(bb)
+    grads = _packed_against_padded(bb, lambda: (bb.encode_text(tok), bb.text_tokens(tok)[0][mask]))
+    assert any("token_embedding" in n for n in grads)
 
 
 def test_packed_qformer_matches_the_padded_forward():
@@ -86,28 +97,8 @@ def test_packed_qformer_matches_the_padded_forward():
     torch.manual_seed(0)
     bb = tiny_backbone("blip2", image_size=32, patch_size=8, vision_width=32, vision_layers=1, qformer_width=32,
                        qformer_layers=2, num_query_tokens=4, dim=16).eval()
-    texts = TEXTS + ["red", "remove the star and paint the circle cyan"]
-    tok = bb.tokenize(texts)
-    mask = tok["attention_mask"].bool()
-    assert (~mask).sum() > 10  # the batch really carries padding
-    patches = torch.randn(len(texts), 17, 32)
-    joint_mask = torch.cat([torch.ones(len(texts), 4, dtype=torch.bool), mask], dim=1)
-
-    def run(packed: bool) -> tuple:
-        bb.packed_text = packed
-        bb.zero_grad()
-        text, joint = bb.encode_text(tok), bb.joint(patches, tok)
-        (text.pow(2).sum() + joint[joint_mask].sin().sum()).backward()
-        grads = {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
-        return text.detach(), joint[joint_mask].detach(), grads
-
-    try:
-        padded, packed = run(False), run(True)
-    finally:
-        bb.packed_text = True
-    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
-    assert packed[2].keys() == padded[2].keys()
-    assert any("crossattention" in n for n in packed[2]) and any("word_embeddings" in n for n in packed[2])
-    for name, g in padded[2].items():
-        torch.testing.assert_close(packed[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    tok, mask = _padded_batch(bb)
+    patches = torch.randn(mask.shape[0], 17, 32)
+    joint_mask = torch.cat([torch.ones(mask.shape[0], 4, dtype=torch.bool), mask], dim=1)
+    grads = _packed_against_padded(bb, lambda: (bb.encode_text(tok), bb.joint(patches, tok)[joint_mask]))
+    assert any("crossattention" in n for n in grads) and any("word_embeddings" in n for n in grads)
