@@ -345,7 +345,10 @@ def _add_benchmark_parsers(sub) -> None:
     p.add_argument("--dataset", choices=("cirr", "circo", "fashioniq", "shoes", "synth"), required=True)
     p.add_argument("--data-root", required=True)
     p.set_defaults(func=cmd_data_check)
+    _add_caption_parser(sub)
 
+
+def _add_caption_parser(sub) -> None:
     p = sub.add_parser("caption", help="multi-level chain-of-thought captions of a split's images, cached")
     p.add_argument("--data-root", required=True)
     p.add_argument("--dataset", choices=("synth", "synth-circo", "cirr", "circo", "fashioniq", "shoes"),
