@@ -283,12 +283,8 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
 
     Each row gains `per_seed` (each seed's figures), the mean over seeds as `metrics`, and `ci`: the interval of its
     difference to the reference row (the first row with no change), paired over queries and seeds."""
-    from cirlab.backbones import load_backbone
-    from cirlab.data.images import PixelStore
-    from cirlab.data.readers import read_split
-    from cirlab.experiments.demo import PROFILES, ensure_backbone, ensure_world
+    from cirlab.experiments.demo import PROFILES
     from cirlab.errors import CirlabError
-    from cirlab.methods import method_class
 
     if method not in ROWS:
         raise CirlabError(f"no ablation grid for {method!r}; grids exist for {', '.join(ROWS)}")
@@ -303,16 +299,6 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     profile = profile or (_quick_profile() if quick else PROFILES["default"])
-    if data is None:
-        data = out / "data"
-        ensure_world(data, seed, profile.world, progress, log)
-    data = Path(data)
-    kind = method_class(method).backbone_kind
-    backbone = ensure_backbone(kind, out / "checkpoints", data, profile, seed, progress, log)
-    val, test = read_split("synth", data, "val"), read_split("synth", data, "test1")
-    queries = [q for q in test.queries if q.targets]
-    pre = load_backbone(kind, backbone).preprocess  # every row shares the backbone, so decoded images are shared
-    stores = {"val": PixelStore(val.gallery, pre), "test": PixelStore(test.gallery, pre)}
     base = profile.train | profile.method_train.get(method, {})
     grid = ROWS[method] if rows is None else rows
     names = [row_name(c) for c in grid]
@@ -320,9 +306,8 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
         raise CirlabError(f"two ablation rows make the same change: {names}")
     _reference_index(names, grid, reference)  # a bad name fails before any training
     results, records = [], []
-    env = {"method": method, "out": out, "base": base, "seed": seed, "profile": profile, "data": data,
-           "backbone": backbone, "val": val, "test": test, "stores": stores, "queries": queries,
-           "progress": progress, "log": log, "stage1_done": {}}
+    env = {"method": method, "out": out, "base": base, "seed": seed, "profile": profile, "progress": progress,
+           "log": log, "stage1_done": {}} | _shared_inputs(method, out, profile, data, seed, progress, log)
     for i, change in enumerate(grid):
         row, row_records = _row_over_seeds(env, i, len(grid), change, names[i], seeds)
         results.append(row)
@@ -337,6 +322,28 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
            "train": {k: v for k, v in base.items()}, "rows": results, "seconds": round(time.time() - t0, 1)}
     _write_outputs(out, method, doc, log)
     return doc
+
+
+def _shared_inputs(method: str, out: Path, profile, data, seed: int, progress: bool, log) -> dict:
+    """What every row shares: the world (written into `out/data` unless `data` names one), the backbone pretrained
+    with `seed`, the val and test1 splits, their decoded images and test1's queries with a target."""
+    from cirlab.backbones import load_backbone
+    from cirlab.data.images import PixelStore
+    from cirlab.data.readers import read_split
+    from cirlab.experiments.demo import ensure_backbone, ensure_world
+    from cirlab.methods import method_class
+
+    if data is None:
+        data = out / "data"
+        ensure_world(data, seed, profile.world, progress, log)
+    data = Path(data)
+    kind = method_class(method).backbone_kind
+    backbone = ensure_backbone(kind, out / "checkpoints", data, profile, seed, progress, log)
+    val, test = read_split("synth", data, "val"), read_split("synth", data, "test1")
+    pre = load_backbone(kind, backbone).preprocess  # every row shares the backbone, so decoded images are shared
+    return {"data": data, "backbone": backbone, "val": val, "test": test,
+            "stores": {"val": PixelStore(val.gallery, pre), "test": PixelStore(test.gallery, pre)},
+            "queries": [q for q in test.queries if q.targets]}
 
 
 def _row_over_seeds(env: dict, i: int, rows: int, change: dict, name: str, seeds: list) -> tuple:
