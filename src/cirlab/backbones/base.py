@@ -20,6 +20,13 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    """Packed rows (N, C) (the real tokens of a batch, as the unpadded text towers run them) back in the
+    flattened padded layout (B * L, C) at `rows`, zeros at the padding."""
+    return packed.new_zeros(b * length, packed.shape[-1]).index_copy(0, rows, packed)
+
+
 def read_preprocess(folder: Path, default_size: int, source: str | None = None) -> Preprocess:
     """Read the image size, mean and std from a Hugging Face preprocessor_config.json (CLIP/BLIP style).
 

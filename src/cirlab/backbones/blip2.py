@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cirlab.backbones.base import Backbone
-from cirlab.backbones.clip import _unpack
+from cirlab.backbones.base import Backbone, unpack_rows
 
 
 class Blip2Backbone(Backbone):
@@ -147,7 +146,7 @@ def _packed_qformer(qformer, embeds: torch.Tensor, mask: torch.Tensor, queries: 
                 xq = cross.output(_cross_attention(cross.attention, xq.view(b, q, -1), patches), xq)
             xq = layer.feed_forward_chunk_query(xq)
         x = torch.cat([xq, layer.feed_forward_chunk(xt)]) if q else layer.feed_forward_chunk(xt)
-    return _unpack(x, rows, b, total).view(b, total, -1)
+    return unpack_rows(x, rows, b, total).view(b, total, -1)
 
 
 def _heads(t: torch.Tensor, b: int, n: int, att) -> torch.Tensor:
@@ -156,17 +155,20 @@ def _heads(t: torch.Tensor, b: int, n: int, att) -> torch.Tensor:
 
 def _packed_attention(att, x: torch.Tensor, rows: torch.Tensor, b: int, total: int, keys: torch.Tensor):
     """Blip2QFormerMultiHeadAttention (self) on packed rows: projections on the rows, attention padded."""
-    q, k, v = (_heads(_unpack(f(x), rows, b, total), b, total, att) for f in (att.query, att.key, att.value))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=att.scaling,
-                                         dropout_p=att.attention_dropout if att.training else 0.0)
-    return out.transpose(1, 2).reshape(b * total, -1).index_select(0, rows)
+    q, k, v = (_heads(unpack_rows(f(x), rows, b, total), b, total, att) for f in (att.query, att.key, att.value))
+    return _attend(att, q, k, v, keys).index_select(0, rows)
 
 
 def _cross_attention(att, xq: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """Blip2QFormerMultiHeadAttention (cross) of the query tokens (B, Q, Dq) to every patch: (B * Q, Dq)."""
     b, q, p = xq.shape[0], xq.shape[1], patches.shape[1]
     patches = patches.to(xq.dtype)
-    out = F.scaled_dot_product_attention(_heads(att.query(xq), b, q, att), _heads(att.key(patches), b, p, att),
-                                         _heads(att.value(patches), b, p, att), scale=att.scaling,
+    return _attend(att, _heads(att.query(xq), b, q, att), _heads(att.key(patches), b, p, att),
+                   _heads(att.value(patches), b, p, att))
+
+
+def _attend(att, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None = None):
+    """`att`'s scaled dot-product attention (its dropout in training) over heads (B, H, N, d): (B * N, H * d)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=att.scaling,
                                          dropout_p=att.attention_dropout if att.training else 0.0)
-    return out.transpose(1, 2).reshape(b * q, -1)
+    return out.transpose(1, 2).reshape(q.shape[0] * q.shape[2], -1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cirlab.backbones.base import Backbone
+from cirlab.backbones.base import Backbone, unpack_rows
 
 
 class ClipBackbone(Backbone):
@@ -49,7 +49,7 @@ class ClipBackbone(Backbone):
             return self.model.text_projection(out.last_hidden_state), eos  # (B, L, D)
         hidden, rows = self._packed_text(tokens)
         b, length = tokens["input_ids"].shape
-        return _unpack(self.model.text_projection(hidden), rows, b, length).view(b, length, -1), eos
+        return unpack_rows(self.model.text_projection(hidden), rows, b, length).view(b, length, -1), eos
 
     def encode_text(self, tokens: dict) -> torch.Tensor:
         """Pooled text feature, not normalised: (B, D)."""
@@ -84,7 +84,7 @@ class ClipBackbone(Backbone):
         for i, layer in enumerate(tm.encoder.layers):
             hidden = _packed_layer(layer, hidden, rows, b, length)
             if after_layer is not None:
-                padded = _unpack(hidden, rows, b, length).view(b, length, -1)
+                padded = unpack_rows(hidden, rows, b, length).view(b, length, -1)
                 hidden = after_layer(i, padded).reshape(b * length, -1)[rows]
         return tm.final_layer_norm(hidden), rows
 
@@ -93,18 +93,13 @@ class ClipBackbone(Backbone):
         return self.model.logit_scale
 
 
-def _unpack(packed: torch.Tensor, rows: torch.Tensor, b: int, length: int) -> torch.Tensor:
-    """Packed rows (N, C) back in the flattened padded layout (B * L, C), zeros at the padding."""
-    return packed.new_zeros(b * length, packed.shape[-1]).index_copy(0, rows, packed)
-
-
 def _packed_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, b: int, length: int) -> torch.Tensor:
     """One CLIPEncoderLayer on packed tokens (N, W): pre-norm causal self-attention (in the padded layout), then
     the pre-norm MLP, each with its residual."""
     attn = layer.self_attn
     x = layer.layer_norm1(hidden)
     qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=1)  # (N, 3W)
-    heads = _unpack(qkv, rows, b, length).view(b, length, 3, attn.num_heads, attn.head_dim)
+    heads = unpack_rows(qkv, rows, b, length).view(b, length, 3, attn.num_heads, attn.head_dim)
     q, k, v = heads.permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
     dropout = attn.dropout if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=attn.scale)

@@ -40,15 +40,17 @@ BLIP2 = {"vision_width": 128, "vision_layers": 4, "qformer_width": 128, "qformer
 BIG_VIT = {"vision_width": 256, "vision_layers": 12, "qformer_width": 36, "qformer_layers": 2, "dim": 128}
 
 
-def _backbone(kind: str, spec: dict, device: str):
+def _model(name: str, spec: dict, config: dict | None, device: str):
+    """Method `name` on a tiny backbone built from `spec` with seed 0, the whole model (heads too) on `device`."""
     from cirlab.backbones import tiny_backbone
+    from cirlab.methods import build_model, method_class
 
+    kind = method_class(name).backbone_kind
     torch.manual_seed(0)
     bb = tiny_backbone(kind, **spec)
     if kind == "blip2":
         bb.model.vision_model.requires_grad_(False)  # csmcir's default: the ViT is frozen
-    bb.model.to(device)
-    return bb
+    return build_model(name, bb, config).to(device)
 
 
 def _source(model, data, zero_shot: bool):
@@ -114,13 +116,13 @@ def measure_method(name: str, data_root: str, size: dict, device: str = "cpu") -
     """One method's row (run it in a process of its own for a meaningful peak_rss_mb)."""
     from cirlab.data.images import PixelStore
     from cirlab.data.readers import read_split
-    from cirlab.methods import TrainingKind, build_model, method_class
+    from cirlab.methods import TrainingKind, method_class
 
     cls = method_class(name)
     spec = CLIP if cls.backbone_kind == "clip" else BLIP2
     zero_shot = cls.training is TrainingKind.ZERO_SHOT
     config = {"stage": "mapping"} if zero_shot else None
-    model = build_model(name, _backbone(cls.backbone_kind, spec, device), config).to(device)
+    model = _model(name, spec, config, device)
     data = read_split("synth", data_root, "train")
     row = {"train_samples_per_s": None, "train_gflops": None}
     if cls.training is not TrainingKind.NONE:
@@ -158,13 +160,12 @@ def bank_overhead(data_root: str, size: dict, device: str = "cpu", rounds: int =
     import statistics
 
     from cirlab.data.readers import read_split
-    from cirlab.methods import build_model
 
     data = read_split("synth", data_root, "train")
     bank = {"mode": "entropy", "warmup_steps": 0, "num_negatives": 64}
     if "bank_capacity" in size:  # tests shrink the bank; the benchmark keeps csmcir's default capacity
         bank["capacity"] = size["bank_capacity"]
-    model = build_model("csmcir", _backbone("blip2", BLIP2, device), {"memory_bank": bank}).to(device)
+    model = _model("csmcir", BLIP2, {"memory_bank": bank}, device)
     source = _source(model, data, False)
     with torch.no_grad():  # fill the bank first: the overhead of a full bank is the one that lasts
         for i in range(model.bank.config.capacity // size["batch"] + 1):
@@ -217,12 +218,10 @@ def cache_speedup(data_root: str, cache_dir: str, size: dict, device: str = "cpu
     outputs from the on-disk feature cache."""
     from cirlab.data.images import PixelStore
     from cirlab.data.readers import read_split
-    from cirlab.methods import build_model
     from cirlab.training.data import FrozenFeatureStore, TripletSource, frozen_feature_cache
 
     data = read_split("synth", data_root, "train")
-    model = build_model("csmcir", _backbone("blip2", BIG_VIT, device),
-                        {"memory_bank": {"mode": "off"}}).to(device)
+    model = _model("csmcir", BIG_VIT, {"memory_bank": {"mode": "off"}}, device)
     vit = sum(p.numel() for p in model.backbone.model.vision_model.parameters())
     qformer = sum(p.numel() for n, p in model.backbone.model.named_parameters() if not n.startswith("vision_model"))
     pixels = PixelStore(data.gallery, model.preprocess)
