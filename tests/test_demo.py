@@ -9,6 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
+from cirlab import allocator
 from cirlab.experiments.profiles import DEMO_METHODS
 from cirlab.methods import REGISTRY
 
@@ -42,6 +43,8 @@ def test_quick_demo(quick_demo):
     assert doc["dataset"] == "synth" and doc["split"] == "test1" and doc["seed"] == SEED
     assert doc["seconds"]["wall"] > 0 and doc["seconds"]["workers"] >= 1  # the time it took, beside the figures
     assert {"pretrain clip", "combiner", "stage 1 tmcir"} <= set(doc["seconds"]["steps"])
+    malloc = "tcmalloc" if allocator.tcmalloc_library() else "glibc (tuned)"  # cirlab/allocator.py
+    assert doc["seconds"]["allocator"] == {"main": malloc, "lanes": [malloc]}
     for kind in ("world", "backbone clip", "backbone blip2"):  # started from the session's, as it should
         assert f"{kind}: reusing" in proc.stdout + proc.stderr, kind
     assert set(doc["methods"]) == set(DEMO_METHODS) and set(DEMO_METHODS) <= set(REGISTRY)

@@ -2,7 +2,7 @@
 functions included), imports only from its own package or from packages to its right in
 
     cli, experiments, serving, training, evaluation, methods, {captioning, editing}, backbones,
-    {layers, losses, data, index}, {atomic, jsonl, batches}, {types, errors}
+    {layers, losses, data, index}, {atomic, jsonl, batches, allocator}, {types, errors}
 
 (packages in one brace import none of each other), and no two modules import each other in a cycle (a module
 importing its own package, as `methods.base` does to register the built-in methods, is not one)."""
@@ -15,7 +15,8 @@ import cirlab
 
 ROOT = Path(cirlab.__file__).parent
 LAYERS = [{"cli"}, {"experiments"}, {"serving"}, {"training"}, {"evaluation"}, {"methods"}, {"captioning", "editing"},
-          {"backbones"}, {"layers", "losses", "data", "index"}, {"atomic", "jsonl", "batches"}, {"types", "errors"}]
+          {"backbones"}, {"layers", "losses", "data", "index"},
+          {"atomic", "jsonl", "batches", "allocator"}, {"types", "errors"}]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 

@@ -494,10 +494,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands whose steps allocate and free large tensors over and over (cirlab/allocator.py)
+TRAINING_COMMANDS = {"demo", "train", "pretrain", "align-intent", "ablate", "bench"}
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if args.command in TRAINING_COMMANDS:
+            from cirlab import allocator
+
+            if argv is None:  # the program itself, not a caller's process: start again under tcmalloc
+                allocator.reexec()
+            allocator.prepare()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading bars would bury our own progress and errors

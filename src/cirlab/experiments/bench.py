@@ -280,12 +280,21 @@ def index_build_throughput(data_root: str, out: str, images: int, actors: int = 
 
 
 def _in_process(fn, *args) -> dict:
-    """fn(*args) in a fresh spawned process (its own peak memory, no state shared with the others)."""
+    """fn(*args) in a fresh spawned process (its own peak memory, no state shared with the others), under the
+    allocator the demo's lanes get (cirlab/allocator.py)."""
     import multiprocessing as mp
 
+    from cirlab import allocator
+
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    with allocator.for_children(), ctx.Pool(1, initializer=allocator.prepare) as pool:
         return pool.apply(fn, args)
+
+
+def _allocator() -> str:
+    from cirlab import allocator
+
+    return allocator.describe()
 
 
 def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=print) -> dict:
@@ -299,7 +308,8 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
     t0 = time.time()
     ensure_world(data, seed, "small", False, log)
     doc = {"device": device, "quick": quick, "batch_size": size["batch"], "steps": size["steps"],
-           "threads": torch.get_num_threads(), "peak_gflops": _in_process(matmul_peak_gflops, 2048, 5, device),
+           "threads": torch.get_num_threads(), "allocator": _in_process(_allocator),
+           "peak_gflops": _in_process(matmul_peak_gflops, 2048, 5, device),
            "methods": {}}
     log(f"[{time.time() - t0:6.1f}s] fp32 matmul peak: {doc['peak_gflops']} GFLOP/s")
     for name in sorted(REGISTRY):
@@ -323,7 +333,8 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
 
 def markdown(doc: dict) -> str:
     lines = [f"# cirlab bench ({doc['device']}, {'quick' if doc['quick'] else 'full'}, batch {doc['batch_size']}, "
-             f"{doc['threads']} threads)", "", f"fp32 matmul peak of this machine: {doc['peak_gflops']} GFLOP/s", "",
+             f"{doc['threads']} threads, {doc.get('allocator', 'glibc')} malloc)", "",
+             f"fp32 matmul peak of this machine: {doc['peak_gflops']} GFLOP/s", "",
              "| method | train samples/s | train GFLOP/s | of peak | eval images/s | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, row in doc["methods"].items():

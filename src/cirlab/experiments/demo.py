@@ -118,9 +118,11 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     """
     import torch
 
+    from cirlab import allocator
     from cirlab.data.readers import read_split
     from cirlab.evaluation.per_query import write_records
 
+    malloc = allocator.prepare()
     if threads:
         torch.set_num_threads(threads)
     if not progress:
@@ -157,7 +159,7 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
             from cirlab.experiments.report import retrieval_grid
 
             retrieval_grid(test, ranking, out / "retrievals.png", title=name)
-    return {"results": results, "timings": timings}
+    return {"results": results, "timings": timings, "allocator": malloc}
 
 
 def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, profile: DemoProfile, seed: int,
@@ -248,6 +250,9 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     check_device(device)
+    from cirlab import allocator
+
+    malloc = {"main": allocator.prepare()}
     data, ckpts = out / "data", out / "checkpoints"
     ensure_world(data, seed, profile.world, progress, log)
     unknown = [n for n in extra if n not in REGISTRY]
@@ -272,6 +277,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
             f"processes, {threads} thread(s) each")
         done = _run_lanes_in_processes(lanes, workers, (out, seed, quick, False, t0, threads, grid, device))
     results = {}
+    malloc["lanes"] = sorted({lane["allocator"] for lane in done})
     for lane in done:
         results.update(lane["results"])
         for k, v in lane["timings"].items():
@@ -279,7 +285,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     results = {n: results[n] for n in methods}
     wall = time.time() - t0
     doc = _write_results(out, methods, results, profile, seed, {"wall": round(wall, 1), "workers": workers,
-                                                                  "steps": timings}, quick, device)
+                                                                  "steps": timings, "allocator": malloc}, quick, device)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
 
@@ -353,10 +359,13 @@ def _run_lanes_in_processes(lanes: list, workers: int, args: tuple) -> list:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from cirlab import allocator
+
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_die_with_parent)
     try:
-        futures = [pool.submit(_run_lane, lane, *args) for lane in lanes]
+        with allocator.for_children():  # the pool spawns a worker at each submit
+            futures = [pool.submit(_run_lane, lane, *args) for lane in lanes]
         done = [f.result() for f in futures]
     except BaseException:
         for proc in list(getattr(pool, "_processes", {}).values()):
