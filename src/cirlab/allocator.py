@@ -4,14 +4,16 @@ A training step frees and allocates the same large buffers again and again: each
 gradient of every word table (49,408 x 128 floats, 25 MB, for the tiny backbones' CLIP vocabulary, in both the
 CLIP and the Q-Former). glibc's malloc serves blocks that large with mmap and hands them back to the system when
 they are freed, so each step page-faults them in again: in a csmcir step of 95 ms, 20 ms went to zero-filling two
-such gradients. tcmalloc keeps freed memory for the next allocation. Step times, one process, median of five
-alternating runs (docs/results/allocator_steps.json): csmcir ~94 -> ~67 ms with tcmalloc (~72 with glibc tuned as
-below), the combiner ~283 -> ~251, CLIP pretraining (2 threads) ~330 -> ~270; tmcir, mapcompose, pic2word and
-Q-Former pretraining, whose word-table gradients are a smaller share of a step, within noise. The arithmetic is
-the same, so results are too.
+such gradients. tcmalloc keeps freed memory for the next allocation. Step times of
+the demo's lanes on its checkpoints, one process each, median of three alternating rounds (glibc as started /
+tuned / tcmalloc, docs/results/allocator_steps.json): csmcir 86 / 66 / 69 ms, tmcir 335 / 294 / 267, mapcompose
+142 / 136 / 124, Q-Former pretraining 260 / 219 / 244, CLIP pretraining (2 threads) 296 / 273 / 280, the combiner
+and pic2word within noise (this host's runs differ by 10-20%). The whole default demo, four lanes on two cores:
+757 s under glibc, 666-671 s under tcmalloc (docs/results/demo_default_*tcmalloc*.json). The arithmetic is the
+same, so results are too: every per-query file of the demo is byte for byte the same.
 
 `CIRLAB_ALLOCATOR` chooses:
-- "auto" (default): tcmalloc when its library is installed (Debian: libtcmalloc-minimal4, which `make setup`
+- "auto" (default): tcmalloc when its library is installed (Debian: libtcmalloc-minimal4, which `make malloc`
   installs where it can), else glibc tuned;
 - "tcmalloc": tcmalloc, an error when its library is missing;
 - "glibc": glibc with blocks up to 32 MiB (its largest mmap threshold) served from the heap, and the heap never
