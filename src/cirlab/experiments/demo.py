@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from cirlab import allocator
 from cirlab.errors import CirlabError
 from cirlab.experiments.profiles import (CLOSEST_BASELINE, PROFILES, QUICK_ZERO_SHOT,  # noqa: F401
                                          ZERO_SHOT, DemoProfile)
@@ -118,7 +119,6 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     """
     import torch
 
-    from cirlab import allocator
     from cirlab.data.readers import read_split
     from cirlab.evaluation.per_query import write_records
 
@@ -250,8 +250,6 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     check_device(device)
-    from cirlab import allocator
-
     malloc = {"main": allocator.prepare()}
     data, ckpts = out / "data", out / "checkpoints"
     ensure_world(data, seed, profile.world, progress, log)
@@ -276,8 +274,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         log(f"{len(lanes)} lanes ({', '.join('+'.join(lane['methods']) for lane in lanes)}) in {workers} "
             f"processes, {threads} thread(s) each")
         done = _run_lanes_in_processes(lanes, workers, (out, seed, quick, False, t0, threads, grid, device))
-    results = {}
-    malloc["lanes"] = sorted({lane["allocator"] for lane in done})
+    results, malloc["lanes"] = {}, sorted({lane["allocator"] for lane in done})
     for lane in done:
         results.update(lane["results"])
         for k, v in lane["timings"].items():
@@ -358,8 +355,6 @@ def _run_lanes_in_processes(lanes: list, workers: int, args: tuple) -> list:
     a failed lane or Ctrl-C stops the others too, then the error is raised."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-
-    from cirlab import allocator
 
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_die_with_parent)
