@@ -28,29 +28,20 @@ def _source(lane: str, root: str):
     """(model with a .loss, list of 17 batches) for one lane, built from the demo's folder."""
     import torch
 
-    from cirlab.backbones import load_backbone, tiny_backbone
-    from cirlab.data.images import PixelStore
+    from cirlab.backbones import load_backbone
     from cirlab.data.readers import read_split
     from cirlab.experiments.bench import _source as method_source
     from cirlab.experiments.profiles import PROFILES
-    from cirlab.training.data import FrozenFeatureStore, PairSource
-    from cirlab.training.pretrain import ContrastivePretrainer, _blip2_from_clip
+    from cirlab.training.pretrain import ContrastivePretrainer, backbone_and_pairs
 
     batch, _ = LANES[lane]
     data = read_split("synth", f"{root}/data", "train")
     torch.manual_seed(0)
     if lane.startswith("pretrain-"):
-        names = sorted(data.gallery)
-        if lane == "pretrain-clip":
-            bb = tiny_backbone("clip", **PROFILES["default"].backbones["clip"]["config"])
-            store = PixelStore(data.gallery, bb.preprocess)
-        else:
-            clip = load_backbone("clip", f"{root}/checkpoints/backbone-clip").eval()
-            store = PixelStore(data.gallery, clip.preprocess)
-            bb, _ = _blip2_from_clip(clip, store, names, {})
-            vit = bb.model.vision_model.eval()
-            store = FrozenFeatureStore(store, lambda px: vit(pixel_values=px).last_hidden_state)
-        model, source = ContrastivePretrainer(bb), PairSource(names, data.captions, store)
+        kind = lane.removeprefix("pretrain-")
+        bb, source, _ = backbone_and_pairs(kind, data, PROFILES["default"].backbones[kind]["config"],
+                                           f"{root}/checkpoints/backbone-clip" if kind == "blip2" else None)
+        model = ContrastivePretrainer(bb)
     else:
         from cirlab.methods import build_model
 

@@ -40,6 +40,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's largest on 64-bit systems; a larger value is refused
 _NEVER_TRIM = 2 ** 31 - 1  # mallopt takes an int: 2 GiB free at the heap's top before it is trimmed
 _tuned = False
+_LARGE_ALLOC_VAR = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
 
 
 def choice() -> str:
@@ -86,7 +87,7 @@ def preload_env(env: dict | None = None) -> dict:
     if not any("tcmalloc" in p for p in preload):
         env["LD_PRELOAD"] = " ".join([lib, *preload])
     # tcmalloc reports every allocation above 1 GiB on stderr; the index and search benches make such
-    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2 ** 40))
+    env.setdefault(_LARGE_ALLOC_VAR, str(2 ** 40))
     return env
 
 
@@ -94,7 +95,7 @@ def preload_env(env: dict | None = None) -> dict:
 def for_children():
     """Within the block, processes this one starts (spawned workers) preload tcmalloc when `preload_env` would."""
     env = preload_env()
-    keys = ("LD_PRELOAD", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")
+    keys = ("LD_PRELOAD", _LARGE_ALLOC_VAR)
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: env[k] for k in keys if k in env})
     try:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from cirlab import allocator
+
 SIZES = {"quick": {"steps": 20, "warmup": 3, "batch": 32, "eval_images": 512, "index_images": 1024},
          "full": {"steps": 50, "warmup": 5, "batch": 64, "eval_images": 2048, "index_images": 4096}}
 CLIP = {"patch_size": 16, "width": 128, "layers": 4, "dim": 128}
@@ -279,22 +281,14 @@ def index_build_throughput(data_root: str, out: str, images: int, actors: int = 
     return row
 
 
-def _in_process(fn, *args) -> dict:
+def _in_process(fn, *args):
     """fn(*args) in a fresh spawned process (its own peak memory, no state shared with the others), under the
     allocator the demo's lanes get (cirlab/allocator.py)."""
     import multiprocessing as mp
 
-    from cirlab import allocator
-
     ctx = mp.get_context("spawn")
     with allocator.for_children(), ctx.Pool(1, initializer=allocator.prepare) as pool:
         return pool.apply(fn, args)
-
-
-def _allocator() -> str:
-    from cirlab import allocator
-
-    return allocator.describe()
 
 
 def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=print) -> dict:
@@ -308,7 +302,7 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
     t0 = time.time()
     ensure_world(data, seed, "small", False, log)
     doc = {"device": device, "quick": quick, "batch_size": size["batch"], "steps": size["steps"],
-           "threads": torch.get_num_threads(), "allocator": _in_process(_allocator),
+           "threads": torch.get_num_threads(), "allocator": _in_process(allocator.describe),
            "peak_gflops": _in_process(matmul_peak_gflops, 2048, 5, device),
            "methods": {}}
     log(f"[{time.time() - t0:6.1f}s] fp32 matmul peak: {doc['peak_gflops']} GFLOP/s")

@@ -58,15 +58,9 @@ def _blip2_from_clip(clip, store: PixelStore, names: list, overrides: dict):
     return backbone, fold_error(clip, backbone, calib)
 
 
-def pretrain(kind: str, data_root, out, cfg: TrainConfig, backbone_overrides: dict | None = None,
-             resume: bool = False, init_from=None) -> Path:
-    """Build a tiny backbone of `kind`, pretrain it on the train split's images and captions, save it in `out`."""
-    out = Path(out)
-    split = read_split("synth", data_root, "train")
-    if not split.captions:
-        raise CirlabError(f"no captions for the train images of {data_root}: pretraining reads "
-                          "synth/captions.jsonl, which `cirlab synth` writes")
-    torch.manual_seed(cfg.seed)
+def backbone_and_pairs(kind: str, split, backbone_overrides: dict | None = None, init_from=None) -> tuple:
+    """(a fresh tiny backbone of `kind`, or BLIP-2 from the CLIP in `init_from`; the split's (image, caption)
+    PairSource, frozen ViT outputs in place of pixels for the latter; info to record)."""
     names = sorted(split.gallery)
     info = {}
     if init_from is not None:
@@ -83,6 +77,19 @@ def pretrain(kind: str, data_root, out, cfg: TrainConfig, backbone_overrides: di
         backbone = tiny_backbone(kind, **(backbone_overrides or {}))
         store = PixelStore(split.gallery, backbone.preprocess)
     source = PairSource(names, split.captions, store)
+    return backbone, source, info
+
+
+def pretrain(kind: str, data_root, out, cfg: TrainConfig, backbone_overrides: dict | None = None,
+             resume: bool = False, init_from=None) -> Path:
+    """Build a tiny backbone of `kind`, pretrain it on the train split's images and captions, save it in `out`."""
+    out = Path(out)
+    split = read_split("synth", data_root, "train")
+    if not split.captions:
+        raise CirlabError(f"no captions for the train images of {data_root}: pretraining reads "
+                          "synth/captions.jsonl, which `cirlab synth` writes")
+    torch.manual_seed(cfg.seed)
+    backbone, source, info = backbone_and_pairs(kind, split, backbone_overrides, init_from)
     trainer = ContrastivePretrainer(backbone)
     work = out.with_name(out.name + ".work")
     result = fit(trainer, source, cfg, work, resume=resume, desc=f"pretrain {kind}")
