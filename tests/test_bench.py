@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cirlab.experiments import machine
 from cirlab.experiments.bench import bank_overhead, cache_speedup, index_build_throughput, markdown, \
     matmul_peak_gflops, measure_method, step_flops
 
@@ -27,9 +28,11 @@ def test_bench_rows_have_the_documented_fields(world, tmp_path):
     assert csmcir["bank_share_pct"] > 0  # the full bank hands out negatives, which takes time
     assert 4 < csmcir["vision_to_qformer"] < 6  # the ViT-g to Q-Former proportion the issue asks for
     assert any((tmp_path / "cache").rglob("shard-*.npy"))  # the cached run read from disk
+    where = machine.describe() | {"mkl_cbwr": "AVX2"}
     text = markdown({"device": "cpu", "quick": True, "batch_size": 8, "threads": 1, "seconds": 1.0, "peak_gflops": 9.0,
-                     "methods": rows | {"csmcir": csmcir}})
+                     "methods": rows | {"csmcir": csmcir}, "machine": where})
     assert "| mapcompose |" in text and "cache speedup" in text
+    assert f"Machine: {where['cpu']}, {where['cores']} cores" in text and "MKL_CBWR=AVX2" in text
     build = index_build_throughput(str(world), str(tmp_path / "ib"), 12, ray=False)  # Ray: tests/test_ray.py
     from cirlab.index import ImageIndex
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from cirlab import allocator
@@ -45,6 +46,8 @@ def test_quick_demo(quick_demo):
     assert {"pretrain clip", "combiner", "stage 1 tmcir"} <= set(doc["seconds"]["steps"])
     malloc = "tcmalloc" if allocator.tcmalloc_library() else "glibc (tuned)"  # cirlab/allocator.py
     assert doc["seconds"]["allocator"] == {"main": malloc, "lanes": [malloc]}
+    assert doc["machine"]["cores"] == len(os.sched_getaffinity(0)) and doc["machine"]["cpu"]  # where it ran
+    assert doc["machine"]["torch"] == torch.__version__
     for kind in ("world", "backbone clip", "backbone blip2"):  # started from the session's, as it should
         assert f"{kind}: reusing" in proc.stdout + proc.stderr, kind
     assert set(doc["methods"]) == set(DEMO_METHODS) and set(DEMO_METHODS) <= set(REGISTRY)

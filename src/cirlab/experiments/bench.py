@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from cirlab import allocator
+from cirlab.experiments import machine
 
 SIZES = {"quick": {"steps": 20, "warmup": 3, "batch": 32, "eval_images": 512, "index_images": 1024},
          "full": {"steps": 50, "warmup": 5, "batch": 64, "eval_images": 2048, "index_images": 4096}}
@@ -303,6 +304,7 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
     ensure_world(data, seed, "small", False, log)
     doc = {"device": device, "quick": quick, "batch_size": size["batch"], "steps": size["steps"],
            "threads": torch.get_num_threads(), "allocator": _in_process(allocator.describe),
+           "machine": machine.describe(),
            "peak_gflops": _in_process(matmul_peak_gflops, 2048, 5, device),
            "methods": {}}
     log(f"[{time.time() - t0:6.1f}s] fp32 matmul peak: {doc['peak_gflops']} GFLOP/s")
@@ -328,6 +330,7 @@ def run_bench(out, quick: bool = False, device: str = "cpu", seed: int = 0, log=
 def markdown(doc: dict) -> str:
     lines = [f"# cirlab bench ({doc['device']}, {'quick' if doc['quick'] else 'full'}, batch {doc['batch_size']}, "
              f"{doc['threads']} threads, {doc.get('allocator', 'glibc')} malloc)", "",
+             *([f"Machine: {machine.one_line(doc['machine'])}", ""] if doc.get("machine") else []),
              f"fp32 matmul peak of this machine: {doc['peak_gflops']} GFLOP/s", "",
              "| method | train samples/s | train GFLOP/s | of peak | eval images/s | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|"]

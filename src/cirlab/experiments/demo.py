@@ -291,6 +291,7 @@ def _write_results(out: Path, methods: list, results: dict, profile: DemoProfile
                    quick: bool, device: str = "cpu") -> dict:
     """Print the table, then write results.json (figures, variants, per-query files, intervals against the
     closest baselines, settings, seconds) and report.md; returns the results document."""
+    from cirlab.experiments import machine
     from cirlab.experiments.report import format_table, write_report
     from cirlab.methods import REGISTRY
 
@@ -301,7 +302,8 @@ def _write_results(out: Path, methods: list, results: dict, profile: DemoProfile
            "per_query": {n: f"per_query/{n}.jsonl" for n in methods},
            "versus_closest_baseline": closest_intervals(out / "per_query", methods, profile.closest),
            "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},
-           "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}, "seconds": seconds}
+           "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}, "seconds": seconds,
+           "machine": machine.describe()}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_report(out / "report.md", table, doc, seconds["steps"], seconds["wall"], quick, seconds["workers"])
     return doc

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from cirlab.data.images import open_image
+from cirlab.experiments.machine import one_line as machine_line
 
 CELL = 96
 TEXT_W = 200
@@ -61,6 +62,8 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
         "",
         f"Wall time: {wall:.0f} s ({workers} lane process{'es' if workers > 1 else ''} side by side, so the steps "
         "above overlap). Retrievals: retrievals.png. Checkpoints: checkpoints/<method>/.",
+        *([f"Machine: {machine_line(results['machine'])}; another CPU rounds the matrix products in another order "
+           "and trains to other figures."] if results.get("machine") else []),
         "",
     ]
     path = Path(path)
