@@ -20,6 +20,66 @@ import time
 from pathlib import Path
 
 
+def quality(test, queries, first_ck: Path, second_ck: Path, names: tuple, ks: list, per_query: Path) -> list:
+    """One row per ranking (the first stage alone, the second over the whole gallery, the cascade at each K): its
+    test1 metrics, its per-query file, and (cascades) its paired intervals against each stage alone."""
+    import cirlab
+    from cirlab.evaluation.compare import compare_records
+    from cirlab.evaluation.per_query import write_records
+    from cirlab.evaluation.protocols import evaluate
+    from cirlab.methods import checkpoint_identity
+
+    first, second = cirlab.load(first_ck), cirlab.load(second_ck)
+    rerank = (second, 0, second_ck / "cache", checkpoint_identity(second_ck))
+    per_query.mkdir(parents=True, exist_ok=True)
+    rows, records = [], {}
+
+    def run(name, model, ck, k=None):
+        m, ranking = evaluate(model, test, ck / "cache", checkpoint_identity(ck), progress=False,
+                              rerank=None if k is None else rerank[:1] + (k,) + rerank[2:])
+        records[name] = ranking.records(queries)
+        write_records(per_query / f"{name.replace(' ', '_')}.jsonl", records[name])
+        rows.append({"name": name, "k": k, "metrics": m})
+
+    run(names[0], first, first_ck)
+    run(f"{names[1]} (whole gallery)", second, second_ck)
+    for k in ks:
+        run(f"cascade top {k}", first, first_ck, k)
+    for row in rows[2:]:
+        row["vs_first"] = compare_records([records[rows[0]["name"]]], [records[row["name"]]])
+        row["vs_second"] = compare_records([records[rows[1]["name"]]], [records[row["name"]]])
+    return rows
+
+
+def latency(engine, timed: list) -> dict:
+    """p50 and p90 of `engine.search` over the (reference id, text) pairs, one at a time, after one warm-up."""
+    engine.search(*timed[0], k=10)
+    times = []
+    for ref, text in timed:
+        t0 = time.perf_counter()
+        engine.search(ref, text, k=10)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"p50_ms": round(1000 * times[len(times) // 2], 1), "p90_ms": round(1000 * times[int(.9 * len(times))], 1)}
+
+
+def add_latencies(rows: list, data: Path, first_ck: Path, second_ck: Path, timed: list) -> None:
+    """Each row's latency over an index of test1 built with its first model (the cascade's: the first stage's,
+    re-ranked by the second)."""
+    from cirlab.serving.engine import Engine, build_index
+
+    work = Path(tempfile.mkdtemp(prefix="rerank-"))
+    try:
+        for name, ck in (("first", first_ck), ("second", second_ck)):
+            build_index(ck, data / "test1", work / name, captions=data / "synth" / "captions.jsonl", progress=False)
+        rows[0]["latency"] = latency(Engine(work / "first"), timed)
+        rows[1]["latency"] = latency(Engine(work / "second"), timed)
+        for row in rows[2:]:
+            row["latency"] = latency(Engine(work / "first", rerank=second_ck, rerank_k=row["k"]), timed)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo", required=True, help="a demo's output folder (data/ and checkpoints/)")
@@ -31,64 +91,17 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    import cirlab
     from cirlab.data.readers import read_split
-    from cirlab.evaluation.compare import compare_records
-    from cirlab.evaluation.per_query import write_records
-    from cirlab.evaluation.protocols import evaluate
-    from cirlab.methods import checkpoint_identity
-    from cirlab.serving.engine import Engine, build_index
 
     demo, out = Path(args.demo), Path(args.out)
     data, ckpts = demo / "data", demo / "checkpoints"
     first_ck, second_ck = ckpts / args.first, ckpts / args.second
-    ks = [int(k) for k in args.ks.split(",")]
     test = read_split("synth", data, "test1")
     queries = [q for q in test.queries if q.targets]
-    first, second = cirlab.load(first_ck), cirlab.load(second_ck)
-    rerank = (second, 0, second_ck / "cache", checkpoint_identity(second_ck))
-    per_query = out.with_suffix("")
-    per_query.mkdir(parents=True, exist_ok=True)
-    rows, records = [], {}
-
-    def run(name, model, ck, k=None):
-        m, ranking = evaluate(model, test, ck / "cache", checkpoint_identity(ck), progress=False,
-                              rerank=None if k is None else rerank[:1] + (k,) + rerank[2:])
-        records[name] = ranking.records(queries)
-        write_records(per_query / f"{name.replace(' ', '_')}.jsonl", records[name])
-        rows.append({"name": name, "k": k, "metrics": m})
-
-    run(args.first, first, first_ck)
-    run(f"{args.second} (whole gallery)", second, second_ck)
-    for k in ks:
-        run(f"cascade top {k}", first, first_ck, k)
-    for row in rows[2:]:
-        row["vs_first"] = compare_records([records[rows[0]["name"]]], [records[row["name"]]])
-        row["vs_second"] = compare_records([records[rows[1]["name"]]], [records[row["name"]]])
-
-    work = Path(tempfile.mkdtemp(prefix="rerank-"))
-    try:
-        captions = data / "synth" / "captions.jsonl"
-        for name, ck in ((args.first, first_ck), (args.second, second_ck)):
-            build_index(ck, data / "test1", work / name, captions=captions, progress=False)
-        timed = [(q.reference, q.text) for q in queries[:args.queries]]
-
-        def latency(engine):
-            engine.search(*timed[0], k=10)  # warm up
-            times = []
-            for ref, text in timed:
-                t0 = time.perf_counter()
-                engine.search(ref, text, k=10)
-                times.append(time.perf_counter() - t0)
-            times.sort()
-            return {"p50_ms": round(1000 * times[len(times) // 2], 1),
-                    "p90_ms": round(1000 * times[int(.9 * len(times))], 1)}
-        rows[0]["latency"] = latency(Engine(work / args.first))
-        rows[1]["latency"] = latency(Engine(work / args.second))
-        for row in rows[2:]:
-            row["latency"] = latency(Engine(work / args.first, rerank=second_ck, rerank_k=row["k"]))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    rows = quality(test, queries, first_ck, second_ck, (args.first, args.second),
+                   [int(k) for k in args.ks.split(",")], out.with_suffix(""))
+    timed = [(q.reference, q.text) for q in queries[:args.queries]]
+    add_latencies(rows, data, first_ck, second_ck, timed)
     doc = {"world": str(data), "split": "test1", "queries": len(queries), "timed_queries": len(timed),
            "first": args.first, "second": args.second, "threads": torch.get_num_threads(), "rows": rows}
     out.write_text(json.dumps(doc, indent=1) + "\n")

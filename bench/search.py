@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cirlab.experiments import machine
 from cirlab.index.backends import ExactBackend, FaissBackend, calibrate
 
 
@@ -84,7 +85,7 @@ def make_data(args) -> tuple:
             sample(centres, args.queries, rng, args.spread))
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=256)
@@ -98,7 +99,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rescore", default="sq8:4,pq:16", help="candidates per result rescored, per quantised kind")
     ap.add_argument("--skip", default="", help="comma-separated kinds to leave out (e.g. hnsw: 5 min to build)")
     ap.add_argument("--out", help="write the rows as JSON here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     targets = [float(t) for t in args.targets.split(",")]
     rescore = dict(item.split(":") for item in args.rescore.split(","))
     skip = set(filter(None, args.skip.split(",")))
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
         del backend
     if args.out:
         doc = {"n": args.n, "dim": args.dim, "queries": args.queries, "clusters": args.clusters,
-               "spread": args.spread, "threads": os.cpu_count(), "rows": rows}
+               "spread": args.spread, "threads": os.cpu_count(), "machine": machine.describe(), "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     path.unlink()
