@@ -18,6 +18,7 @@ KEYS = {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
 
 
 SEED = 3  # the seed of the session's world (tests/conftest.py)
+LANES = (["combiner", "image_only", "sum", "text_only"], ["csmcir"], ["mapcompose", "pic2word"], ["tmcir"])
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,9 @@ def test_quick_demo(quick_demo):
     assert doc["seconds"]["allocator"] == {"main": malloc, "lanes": [malloc]}
     assert doc["machine"]["cores"] == len(os.sched_getaffinity(0)) and doc["machine"]["cpu"]  # where it ran
     assert doc["machine"]["torch"] == torch.__version__
+    cpu = doc["seconds"]["cpu"]  # where the cores' time went: before the lanes, then each lane
+    assert set(cpu["lanes"]) == {"+".join(lane) for lane in LANES} and min(cpu["lanes"].values()) > 0
+    assert cpu["total"] == pytest.approx(cpu["before_lanes"] + sum(cpu["lanes"].values()), abs=0.2)
     for kind in ("world", "backbone clip", "backbone blip2"):  # started from the session's, as it should
         assert f"{kind}: reusing" in proc.stdout + proc.stderr, kind
     assert set(doc["methods"]) == set(DEMO_METHODS) and set(DEMO_METHODS) <= set(REGISTRY)

@@ -122,6 +122,7 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
     from cirlab.data.readers import read_split
     from cirlab.evaluation.per_query import write_records
 
+    cpu0 = cpu_seconds()
     malloc = allocator.prepare()
     if threads:
         torch.set_num_threads(threads)
@@ -159,7 +160,7 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
             from cirlab.experiments.report import retrieval_grid
 
             retrieval_grid(test, ranking, out / "retrievals.png", title=name)
-    return {"results": results, "timings": timings, "allocator": malloc}
+    return {"results": results, "timings": timings, "allocator": malloc, "cpu": round(cpu_seconds() - cpu0, 1)}
 
 
 def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, profile: DemoProfile, seed: int,
@@ -193,6 +194,23 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
         train(name, data, backbone, folder, cfg, config)
     return evaluate(load_model(folder, device), test, cache_dir=folder / "cache",
                     model_id=checkpoint_identity(folder), progress=progress)
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process so far, all its threads together."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_record(before_lanes: float, lanes: list, done: list, wall: float, cores: int) -> dict:
+    """Where the cores' time went: the CPU seconds before the lanes (world, shared backbones), each lane's, and
+    their sum as a share of wall time x cores."""
+    per_lane = {"+".join(lane["methods"]): ran["cpu"] for lane, ran in zip(lanes, done)}
+    total = before_lanes + sum(per_lane.values())
+    return {"before_lanes": round(before_lanes, 1), "lanes": per_lane, "total": round(total, 1), "cores": cores,
+            "busy_pct": round(100 * total / (wall * cores), 1)}
 
 
 def _die_with_parent() -> None:
@@ -264,7 +282,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         t = time.time()
         ensure_backbone(kind, ckpts, data, profile, seed, progress, log, device)
         timings[f"pretrain {kind}"] = round(time.time() - t, 1)
-    cores = default_workers()
+    cores, before_lanes = default_workers(), cpu_seconds()
     workers = max(1, min(workers or len(lanes), len(lanes)))
     grid = _grid_method(REGISTRY)
     if workers == 1:
@@ -281,8 +299,9 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
             timings[k] = timings.get(k, 0.0) + v
     results = {n: results[n] for n in methods}
     wall = time.time() - t0
-    doc = _write_results(out, methods, results, profile, seed, {"wall": round(wall, 1), "workers": workers,
-                                                                  "steps": timings, "allocator": malloc}, quick, device)
+    seconds = {"wall": round(wall, 1), "workers": workers, "steps": timings, "allocator": malloc,
+               "cpu": _cpu_record(before_lanes, lanes, done, wall, cores)}
+    doc = _write_results(out, methods, results, profile, seed, seconds, quick, device)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
 

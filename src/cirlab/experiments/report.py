@@ -64,11 +64,21 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
         "above overlap). Retrievals: retrievals.png. Checkpoints: checkpoints/<method>/.",
         *([f"Machine: {machine_line(results['machine'])}; another CPU rounds the matrix products in another order "
            "and trains to other figures."] if results.get("machine") else []),
+        *_cpu_lines(results.get("seconds", {}).get("cpu")),
         "",
     ]
     path = Path(path)
     path.write_text("\n".join(lines))
     return path
+
+
+def _cpu_lines(cpu: dict | None) -> list:
+    """The CPU seconds of the run: in all, as a share of wall time x cores, before the lanes and per lane."""
+    if not cpu:
+        return []
+    lanes = "; ".join(f"{name} {v:.0f}" for name, v in cpu["lanes"].items())
+    return [f"CPU: {cpu['total']:.0f} core-seconds, {cpu['busy_pct']:.0f}% of wall time x {cpu['cores']} cores "
+            f"({cpu['before_lanes']:.0f} before the lanes; {lanes})."]
 
 
 def _interval_lines(intervals: dict, names: dict) -> list:
