@@ -55,23 +55,7 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
     work = work or BoundedWork()
     app = FastAPI(title="cirlab", description="Composed image retrieval: a reference image plus a text that says "
                                               "what to change.", version="1")
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization"])
-    if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
-
+    _add_middleware(app, cors_origins, allowed_hosts)
     _add_error_handlers(app)
     _add_body_limits(app, service)
 
@@ -91,7 +75,33 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
         return await work.run(service.search, text, data, image_id or None, k, filter, more, less)
 
     _add_session_routes(app, service, work)
+    _add_item_routes(app, service, work)
+    return app
 
+
+def _add_middleware(app: FastAPI, cors_origins: tuple, allowed_hosts: tuple) -> None:
+    """CORS for the listed origins only, the Host check when hosts are listed, and the security headers on every
+    answer."""
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization"])
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+
+def _add_item_routes(app: FastAPI, service: SearchService, work: BoundedWork) -> None:
+    """The gallery: its images, a page of its items, and (with the token) adding and removing one."""
     @app.get("/images/{item_id}")
     def get_image(item_id: str):
         return FileResponse(service.image_path(item_id))
@@ -110,8 +120,6 @@ def create_app(service: SearchService, cors_origins: tuple = (), allowed_hosts: 
     def delete_item(item_id: str, authorization: str | None = Header(None)):
         service.authorise(authorization)
         return service.remove(item_id)
-
-    return app
 
 
 def _add_error_handlers(app: FastAPI) -> None:
