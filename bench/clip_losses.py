@@ -24,7 +24,7 @@ def replay(root: str, steps: int) -> list:
     from cirlab import allocator
     from cirlab.data.readers import read_split
     from cirlab.experiments.profiles import PROFILES
-    from cirlab.training.loop import TrainConfig, _optimizer
+    from cirlab.training.loop import TrainConfig, _optimizer, epoch_order
     from cirlab.training.pretrain import ContrastivePretrainer, backbone_and_pairs
 
     allocator.prepare()
@@ -36,9 +36,7 @@ def replay(root: str, steps: int) -> list:
     model = ContrastivePretrainer(backbone)
     opt, sched = _optimizer(model, cfg, len(source) // cfg.batch_size * cfg.epochs)
     model.train()
-    gen = torch.Generator().manual_seed(cfg.seed * 100003)
-    torch.manual_seed(cfg.seed * 100003)
-    order = torch.randperm(len(source), generator=gen).tolist()
+    order = epoch_order(len(source), cfg.seed, 0)
     losses = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)

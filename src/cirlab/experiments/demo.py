@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from cirlab import allocator
+from cirlab.experiments import machine
 from cirlab.errors import CirlabError
 from cirlab.experiments.profiles import (CLOSEST_BASELINE, PROFILES, QUICK_ZERO_SHOT,  # noqa: F401
                                          ZERO_SHOT, DemoProfile)
@@ -238,12 +239,6 @@ def check_device(device: str) -> None:
         raise CirlabError(f"--device {device}: the demo trains on cpu or cuda")
 
 
-def default_workers() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, extra: tuple = (),
              workers: int | None = None, device: str = "cpu") -> dict:
     """The demo; `extra` names registered methods to run besides the profile's `methods`.
@@ -282,7 +277,7 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
         t = time.time()
         ensure_backbone(kind, ckpts, data, profile, seed, progress, log, device)
         timings[f"pretrain {kind}"] = round(time.time() - t, 1)
-    cores, before_lanes = default_workers(), cpu_seconds()
+    cores, before_lanes = machine.cores(), cpu_seconds()
     workers = max(1, min(workers or len(lanes), len(lanes)))
     grid = _grid_method(REGISTRY)
     if workers == 1:
@@ -310,7 +305,6 @@ def _write_results(out: Path, methods: list, results: dict, profile: DemoProfile
                    quick: bool, device: str = "cpu") -> dict:
     """Print the table, then write results.json (figures, variants, per-query files, intervals against the
     closest baselines, settings, seconds) and report.md; returns the results document."""
-    from cirlab.experiments import machine
     from cirlab.experiments.report import format_table, write_report
     from cirlab.methods import REGISTRY
 

@@ -27,6 +27,11 @@ def _cpuinfo() -> dict:
     return fields
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def describe() -> dict:
     """{"cpu", "cores", "flags", "torch", "kernels", "mkl_cbwr"}: the CPU's model name, the cores this process
     may use, the recorded flags it has, torch's version and CPU capability, and MKL_CBWR where it is set."""
@@ -36,8 +41,7 @@ def describe() -> dict:
 
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": info.get("model name") or platform.processor() or platform.machine(), "cores": cores,
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(), "cores": cores(),
             "flags": [f for f in _FLAGS if f in flags], "torch": torch.__version__,
             "kernels": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR")}
 

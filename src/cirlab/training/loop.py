@@ -208,6 +208,14 @@ def _accumulate(module, data: BatchSource, order: list, step_in_epoch: int, cfg:
     return loss, parts
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """The order of the `n` examples in `epoch`, drawn from seed and epoch; torch's global generator is seeded
+    from them too (dropout and any sampling inside the model), so a resumed run or a replay repeats the epoch."""
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    torch.manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
 def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path, resume: bool = False,
         export: Callable[[Path], None] | None = None, desc: str = "train") -> TrainResult:
     """Train `module` (anything with `loss(batch) -> LossOutput`) on `data`; returns per-epoch mean losses.
@@ -236,9 +244,7 @@ def fit(module: torch.nn.Module, data: BatchSource, cfg: TrainConfig, out: Path,
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         module.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout and any sampling inside the model
-        order = torch.randperm(len(data), generator=gen).tolist()
+        order = epoch_order(len(data), cfg.seed, epoch)
         epoch_loss = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress or not rank.main, mininterval=1.0)
