@@ -39,7 +39,7 @@ def _source(lane: str, root: str):
     torch.manual_seed(0)
     if lane.startswith("pretrain-"):
         kind = lane.removeprefix("pretrain-")
-        bb, source, _ = backbone_and_pairs(kind, data, PROFILES["default"].backbones[kind]["config"],
+        bb, source, _ = backbone_and_pairs(kind, data, PROFILES["full"].backbones[kind]["config"],
                                            f"{root}/checkpoints/backbone-clip" if kind == "blip2" else None)
         model = ContrastivePretrainer(bb)
     else:

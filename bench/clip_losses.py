@@ -28,7 +28,7 @@ def replay(root: str, steps: int) -> list:
     from cirlab.training.pretrain import ContrastivePretrainer, backbone_and_pairs
 
     allocator.prepare()
-    spec = PROFILES["default"].backbones["clip"]
+    spec = PROFILES["full"].backbones["clip"]
     cfg = TrainConfig(seed=0, progress=False, **spec["pretrain"])
     split = read_split("synth", f"{root}/data", "train")
     torch.manual_seed(cfg.seed)  # as pretrain() does, then fit() for its first epoch

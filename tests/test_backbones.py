@@ -102,3 +102,38 @@ def test_packed_qformer_matches_the_padded_forward():
     joint_mask = torch.cat([torch.ones(mask.shape[0], 4, dtype=torch.bool), mask], dim=1)
     grads = _packed_against_padded(bb, lambda: (bb.encode_text(tok), bb.joint(patches, tok)[joint_mask]))
     assert any("crossattention" in n for n in grads) and any("word_embeddings" in n for n in grads)
+
+
+def test_fast_layers_match_transformers_layers(tmp_path):
+    """CLIP's quick_gelu as silu and its patch convolution as a matrix product: the image and text features and
+    every parameter's gradient equal those of transformers' own layers (the same weights, loaded into a model
+    without the swap), and a saved and reloaded backbone runs them too."""
+    from cirlab.backbones.clip import ClipBackbone, PatchConv, QuickGelu
+
+    torch.manual_seed(0)
+    bb = tiny_backbone("clip", image_size=32, patch_size=8, width=32, layers=2, dim=16).train()
+    bb.save_pretrained(tmp_path / "clip")
+    ClipBackbone.fast_layers = False
+    try:
+        plain = load_backbone("clip", tmp_path / "clip").train()
+    finally:
+        ClipBackbone.fast_layers = True
+    fast = load_backbone("clip", tmp_path / "clip").train()
+    assert type(plain.model.vision_model.embeddings.patch_embedding) is torch.nn.Conv2d
+    for model in (bb, fast):
+        assert type(model.model.vision_model.embeddings.patch_embedding) is PatchConv
+        assert all(isinstance(m.mlp.activation_fn, QuickGelu) for m in model.model.vision_model.encoder.layers)
+        assert all(isinstance(m.mlp.activation_fn, QuickGelu) for m in model.model.text_model.encoder.layers)
+    px, tok = torch.randn(3, 3, 32, 32), fast.tokenize(TEXTS + ["red"])
+
+    def run(model) -> tuple:
+        img, txt = model.encode_image(px), model.encode_text(tok)
+        (img.pow(2).sum() + txt.sin().sum()).backward()
+        return img.detach(), txt.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (img, txt, grads), (img0, txt0, grads0) = run(fast), run(plain)
+    torch.testing.assert_close(img, img0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt, txt0, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads0.keys() and any("patch_embedding" in n for n in grads)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)

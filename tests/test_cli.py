@@ -148,6 +148,7 @@ def test_demo_refuses_a_device_it_cannot_train_on_before_writing_anything(tmp_pa
     devices = ["mps"] + ([] if torch.cuda.is_available() else ["cuda"])
     for device in devices:
         _one_line_error(cirlab("demo", "--quick", "--out", tmp_path / "d", "--device", device), f"--device {device}")
+    _one_line_error(cirlab("demo", "--quick", "--profile", "full", "--out", tmp_path / "d"), "--profile full")
     assert not (tmp_path / "d" / "data").exists()
 
 

@@ -18,7 +18,8 @@ KEYS = {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
 
 
 SEED = 3  # the seed of the session's world (tests/conftest.py)
-LANES = (["combiner", "image_only", "sum", "text_only"], ["csmcir"], ["mapcompose", "pic2word"], ["tmcir"])
+# longest first: tmcir's stage 1 and stage 2, BLIP-2 pretraining then csmcir, then one lane per CLIP method
+LANES = (["tmcir"], ["csmcir"], ["combiner"], ["mapcompose"], ["pic2word"], ["image_only"], ["sum"], ["text_only"])
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_quick_demo(quick_demo):
     out, proc = quick_demo
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
-    assert doc["dataset"] == "synth" and doc["split"] == "test1" and doc["seed"] == SEED
+    assert doc["dataset"] == "synth" and doc["split"] == "test1" and doc["seed"] == SEED and doc["profile"] == "quick"
     assert doc["seconds"]["wall"] > 0 and doc["seconds"]["workers"] >= 1  # the time it took, beside the figures
     assert {"pretrain clip", "combiner", "stage 1 tmcir"} <= set(doc["seconds"]["steps"])
     malloc = "tcmalloc" if allocator.tcmalloc_library() else "glibc (tuned)"  # cirlab/allocator.py
@@ -52,6 +53,8 @@ def test_quick_demo(quick_demo):
     cpu = doc["seconds"]["cpu"]  # where the cores' time went: before the lanes, then each lane
     assert set(cpu["lanes"]) == {"+".join(lane) for lane in LANES} and min(cpu["lanes"].values()) > 0
     assert cpu["total"] == pytest.approx(cpu["before_lanes"] + sum(cpu["lanes"].values()), abs=0.2)
+    speed = doc["seconds"]["core_gflops"]  # the host's one-core rate before and after: runs compared at like speeds
+    assert set(speed) == {"before", "after"} and min(speed.values()) > 0
     for kind in ("world", "backbone clip", "backbone blip2"):  # started from the session's, as it should
         assert f"{kind}: reusing" in proc.stdout + proc.stderr, kind
     assert set(doc["methods"]) == set(DEMO_METHODS) and set(DEMO_METHODS) <= set(REGISTRY)
@@ -63,6 +66,7 @@ def test_quick_demo(quick_demo):
     assert_above_chance(doc["methods"], out)
     assert_per_query_files_match(doc, out)
     report = (out / "report.md").read_text()
+    assert report.startswith(f"# cirlab demo (quick profile, seed {SEED})") and "GFLOP/s before the run" in report
     assert "| combiner |" in report and "| tmcir (oracle stage 1, imperfection 0.1) |" in report  # variants named
     assert doc["variants"]["csmcir"] == "csmcir" and doc["variants"]["mapcompose"] == "mapcompose (zero-shot)"
     for name, base in (("csmcir", "combiner"), ("tmcir", "combiner"), ("mapcompose", "pic2word")):

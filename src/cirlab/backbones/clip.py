@@ -7,11 +7,20 @@ computes for it (the causal mask there hides the padding too), so pooled feature
 `CLIPTextModel` up to float rounding (tests/test_backbones.py); the work drops with the padding: modification texts
 of the synthetic world average 11 tokens in batches padded to 22. `packed_text = False` on an instance runs
 transformers' own forward instead.
+
+Two layers run in other kernels than transformers gives them, the same functions up to float rounding (`fast_layers`,
+on by default; the weights, their names and the saved checkpoint are unchanged):
+- quick_gelu, x * sigmoid(1.702 x), as silu(1.702 x) / 1.702: torch's fused silu and its backward instead of three
+  element-wise products and their gradients (one thread, (1088, 512) activations: 2.0 against 3.0 ms forward and
+  backward);
+- the patch convolution (kernel = stride, no padding) as one matrix product over the image's patches (64 images of
+  64 x 64 pixels, 16-pixel patches: 3.6 against 5.7 ms forward and backward).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cirlab.backbones.base import Backbone, unpack_rows
 
@@ -21,6 +30,12 @@ class ClipBackbone(Backbone):
     processor_type = "CLIPImageProcessor"
     hf_class = "CLIPModel"
     packed_text = True
+    fast_layers = True
+
+    def __init__(self, model, tokenizer, preprocess, source: str = ""):
+        super().__init__(model, tokenizer, preprocess, source)
+        if self.fast_layers:
+            use_fast_layers(model)
 
     @property
     def dim(self) -> int:
@@ -106,3 +121,38 @@ def _packed_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, b: int, lengt
     out = out.transpose(1, 2).reshape(b * length, -1)[rows]  # (N, W)
     hidden = hidden + attn.out_proj(out)
     return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+
+class QuickGelu(nn.Module):
+    """CLIP's quick_gelu, x * sigmoid(1.702 x), computed as silu(1.702 x) / 1.702 (fused kernels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(1.702 * x) / 1.702
+
+
+class PatchConv(nn.Conv2d):
+    """A patch convolution (kernel = stride, no padding, no groups) as one product of the (B * h * w, C * p * p)
+    patches with the (out, C * p * p) kernel: (B, out, h, w), a view of a (B, h, w, out) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        p, q = self.kernel_size
+        h, w = height // p, width // q
+        patches = x[:, :, :h * p, :w * q].reshape(b, c, h, p, w, q).permute(0, 2, 4, 1, 3, 5).reshape(b * h * w, -1)
+        out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def use_fast_layers(model) -> None:
+    """Swap a CLIPModel's quick_gelu activations and its patch convolution for `QuickGelu` and `PatchConv` in place
+    (the same parameters, so state dicts and checkpoints are unchanged)."""
+    from transformers.activations import QuickGELUActivation
+
+    for module in list(model.modules()):
+        mlp = getattr(module, "mlp", None)
+        if mlp is not None and isinstance(getattr(mlp, "activation_fn", None), QuickGELUActivation):
+            mlp.activation_fn = QuickGelu()
+    conv = model.vision_model.embeddings.patch_embedding
+    if (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
+        conv.__class__ = PatchConv

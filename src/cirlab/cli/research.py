@@ -101,8 +101,10 @@ def cmd_demo(args) -> None:
     extra = tuple(m for m in (args.with_methods or "").split(",") if m)
     if args.workers is not None and args.workers < 1:
         raise CirlabError(f"--workers must be at least 1, got {args.workers}")
-    run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress, extra=extra,
-             workers=args.workers, device=args.device)
+    if args.quick and args.profile not in (None, "quick"):
+        raise CirlabError(f"--quick is --profile quick; it cannot be combined with --profile {args.profile}")
+    run_demo(args.out, seed=args.seed, profile_name="quick" if args.quick else args.profile or "default",
+             progress=not args.no_progress, extra=extra, workers=args.workers, device=args.device)
 
 
 def add_research_parsers(sub) -> None:
@@ -143,7 +145,11 @@ def add_research_parsers(sub) -> None:
     p = sub.add_parser("demo", help="synth, pretrain, train and evaluate every method; write a report")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="the small world and short schedules (about 2.5 minutes)")
+    p.add_argument("--profile", choices=("default", "full", "quick"), default=None,
+                   help="default: 8 minutes on 2 cores; full: the longer shared stages (CLIP pretraining 3 epochs, "
+                        "the Q-Former's 2, zero-shot stage I 2: about 9-11 minutes); quick: a smoke test")
+    p.add_argument("--quick", action="store_true", help="--profile quick: the small world and short schedules "
+                                                        "(about 2.5 minutes)")
     p.add_argument("--with", dest="with_methods", metavar="METHODS",
                    help="comma-separated registered methods to run besides the default ones")
     p.add_argument("--workers", type=int, default=None,

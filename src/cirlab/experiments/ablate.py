@@ -16,7 +16,7 @@ alignment) share one stage I, trained by the first of them (whose `train_seconds
 
 Each method's grid (its rows, the fields its table shows, its pipeline fields) is a table beside its config, in
 `methods/<name>/ablation.py`. Every row starts from the method's config defaults (not the demo's variant) and uses
-the default demo's backbone (pretrained once, shared) and the method's demo schedule on the default world, or with
+the full demo profile's backbone (pretrained once, shared) and the method's demo schedule on the default world, or with
 `quick` on the small world
 (`_quick_profile`), and is evaluated on val after each epoch (`epochs_to_best` is the epoch of the best val R@1,
 the training-efficiency figure) and on test1 after the last epoch (`metrics`).
@@ -42,12 +42,12 @@ EDITOR_FAILURES = _tmcir.EDITOR_FAILURES
 
 
 def _quick_profile():
-    """The small world with the default demo's backbone sizes: the quick demo's narrower CLIP (2 epochs) left
+    """The small world with the full demo profile's backbone sizes: the quick demo's narrower CLIP (2 epochs) left
     csmcir near chance (test1 R@1 0.0 to 2.5 in every row), too weak for rows to differ by more than noise.
     tmcir's ten rows train 2 epochs each: with 3, the quick grid took 10 min 24 s on 2 cores, with 2 7 min 37 s."""
     from cirlab.experiments.demo import PROFILES, DemoProfile
 
-    base = PROFILES["default"]
+    base = PROFILES["full"]
     return DemoProfile(
         world="small",
         backbones={"clip": base.backbones["clip"] | {"pretrain": base.backbones["clip"]["pretrain"] | {"epochs": 4}},
@@ -298,7 +298,7 @@ def run_ablation(method: str, out, quick: bool = False, seed: int = 0, progress:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    profile = profile or (_quick_profile() if quick else PROFILES["default"])
+    profile = profile or (_quick_profile() if quick else PROFILES["full"])
     base = profile.train | profile.method_train.get(method, {})
     grid = ROWS[method] if rows is None else rows
     names = [row_name(c) for c in grid]

@@ -97,22 +97,33 @@ def ensure_intent_backbone(clip: Path, folder: Path, data: Path, spec: dict, see
     return aligned
 
 
+def shared_backbones(methods: list, registry, profile: DemoProfile) -> list:
+    """The backbone kinds other kinds start from (CLIP, under BLIP-2's Q-Former): pretrained before the lanes."""
+    kinds = {registry[n].backbone_kind for n in methods}
+    return sorted({profile.backbones[k].get("init_from") for k in kinds} - {None})
+
+
 def _lanes(methods: list, registry, profile: DemoProfile) -> list:
-    """Methods grouped by backbone kind, one lane per backbone, run in order inside it; the zero-shot methods
-    share a lane, and a method with a stage 1 of its own gets a lane of its own."""
+    """The methods in lanes, the longest first, as the lane workers take them: a method with a stage 1 of its own
+    (tmcir: pseudo-targets, intent alignment, stage 2), then one lane per backbone pretrained inside it (BLIP-2:
+    Q-Former pretraining, then csmcir), then the methods on a backbone pretrained before the lanes (CLIP), one
+    lane each: those trained on triplets, then the zero-shot ones, then those with no training. With as many
+    workers as cores (two lanes at a time on 2 cores) the longest lanes start first and the short ones fill in.
+    """
     from cirlab.methods import TrainingKind
 
-    own = [n for n in methods if n in profile.stage1]
-    zero_shot = [n for n in methods if registry[n].training is TrainingKind.ZERO_SHOT and n not in own]
-    rest = [n for n in methods if n not in own and n not in zero_shot]
-    kinds = sorted({registry[n].backbone_kind for n in rest})
-    lanes = [{"kind": k, "methods": [n for n in rest if registry[n].backbone_kind == k]} for k in kinds]
-    if zero_shot:
-        lanes.append({"kind": registry[zero_shot[0]].backbone_kind, "methods": zero_shot})
-    return lanes + [{"kind": registry[n].backbone_kind, "methods": [n], "stage1": n} for n in own]
+    shared = set(shared_backbones(methods, registry, profile))
+    own = [{"kind": registry[n].backbone_kind, "methods": [n], "stage1": n} for n in methods if n in profile.stage1]
+    rest = [n for n in methods if n not in profile.stage1]
+    grouped = sorted({registry[n].backbone_kind for n in rest} - shared)
+    lanes = own + [{"kind": k, "methods": [n for n in rest if registry[n].backbone_kind == k]} for k in grouped]
+    order = (TrainingKind.TRIPLETS, TrainingKind.ZERO_SHOT)
+    single = [n for n in rest if registry[n].backbone_kind in shared]
+    single.sort(key=lambda n: order.index(registry[n].training) if registry[n].training in order else len(order))
+    return lanes + [{"kind": registry[n].backbone_kind, "methods": [n]} for n in single]
 
 
-def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0: float, threads: int,
+def _run_lane(lane: dict, out: Path, seed: int, profile_name: str, progress: bool, t0: float, threads: int,
               grid: str, device: str = "cpu") -> dict:
     """Ensure the lane's backbone, then train (or save) and evaluate each of its methods on test1.
 
@@ -131,7 +142,7 @@ def _run_lane(lane: dict, out: Path, seed: int, quick: bool, progress: bool, t0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    profile = PROFILES["quick" if quick else "default"]
+    profile = PROFILES[profile_name]
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
@@ -239,23 +250,27 @@ def check_device(device: str) -> None:
         raise CirlabError(f"--device {device}: the demo trains on cpu or cuda")
 
 
-def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, extra: tuple = (),
+def run_demo(out, seed: int = 0, profile_name: str = "default", progress: bool = True, extra: tuple = (),
              workers: int | None = None, device: str = "cpu") -> dict:
     """The demo; `extra` names registered methods to run besides the profile's `methods`.
 
-    After the world and the backbones other backbones start from (CLIP), the methods run in lanes, one per
-    backbone (CLIP methods; BLIP-2 pretraining then csmcir) and one per method with a stage 1 of its own (tmcir:
-    pseudo-targets, intent alignment, then stage 2), in `workers` processes side by side (default: one per lane;
-    each gets cores // workers threads, at least one). The tiny models' small matrix products keep two cores
-    only 1.2-1.7x busier than one (measured on combiner and CLIP pretraining steps), while two one-thread
+    After the world and the backbones other backbones start from (CLIP), the methods run in lanes (`_lanes`), in
+    `workers` processes side by side (default: one per core, at most one per lane; each gets cores // workers
+    threads, at least one), each taking the next lane when its own ends. The tiny models' small matrix products keep
+    two cores only 1.2-1.7x busier than one (measured on combiner and CLIP pretraining steps), while two one-thread
     processes run at twice one's rate, so one-thread lanes side by side finish sooner than the same work on two
-    threads in turn. Each lane's figures depend on its thread count only through float
-    summation order: with the same `workers` on the same machine a run repeats exactly.
+    threads in turn; and two processes on one core each spent 8.6% more CPU time a combiner step than one alone
+    (one thread, batch 64: 268 against 247 ms; each evicts the other's data from the core's caches), so on 2 cores
+    two workers beat one per lane. Each lane's figures depend on its thread count only through float summation
+    order: with the same threads per lane on the same machine a run repeats exactly, however many workers.
     """
     from cirlab.methods import REGISTRY
 
+    speed = {"before": machine.core_gflops()}  # the host's speed, outside the timed run
     t0 = time.time()
-    profile = PROFILES["quick" if quick else "default"]
+    if profile_name not in PROFILES:
+        raise CirlabError(f"unknown demo profile {profile_name!r}; choose one of {', '.join(PROFILES)}")
+    profile = PROFILES[profile_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -272,21 +287,20 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
     methods = sorted(set(profile.methods) | set(extra))
     lanes = _lanes(methods, REGISTRY, profile)
     timings = {}
-    roots = sorted({profile.backbones[k].get("init_from") for k in (lane["kind"] for lane in lanes)} - {None})
-    for kind in roots:  # backbones other lanes start from are pretrained first, with every core
+    for kind in shared_backbones(methods, REGISTRY, profile):  # pretrained first, with every core
         t = time.time()
         ensure_backbone(kind, ckpts, data, profile, seed, progress, log, device)
         timings[f"pretrain {kind}"] = round(time.time() - t, 1)
     cores, before_lanes = machine.cores(), cpu_seconds()
-    workers = max(1, min(workers or len(lanes), len(lanes)))
+    workers = max(1, min(workers or cores, len(lanes)))
     grid = _grid_method(REGISTRY)
     if workers == 1:
-        done = [_run_lane(lane, out, seed, quick, progress, t0, 0, grid, device) for lane in lanes]
+        done = [_run_lane(lane, out, seed, profile_name, progress, t0, 0, grid, device) for lane in lanes]
     else:
         threads = max(1, cores // workers)
         log(f"{len(lanes)} lanes ({', '.join('+'.join(lane['methods']) for lane in lanes)}) in {workers} "
             f"processes, {threads} thread(s) each")
-        done = _run_lanes_in_processes(lanes, workers, (out, seed, quick, False, t0, threads, grid, device))
+        done = _run_lanes_in_processes(lanes, workers, (out, seed, profile_name, False, t0, threads, grid, device))
     results, malloc["lanes"] = {}, sorted({lane["allocator"] for lane in done})
     for lane in done:
         results.update(lane["results"])
@@ -294,31 +308,34 @@ def run_demo(out, seed: int = 0, quick: bool = False, progress: bool = True, ext
             timings[k] = timings.get(k, 0.0) + v
     results = {n: results[n] for n in methods}
     wall = time.time() - t0
+    speed["after"] = machine.core_gflops()
     seconds = {"wall": round(wall, 1), "workers": workers, "steps": timings, "allocator": malloc,
-               "cpu": _cpu_record(before_lanes, lanes, done, wall, cores)}
-    doc = _write_results(out, methods, results, profile, seed, seconds, quick, device)
+               "cpu": _cpu_record(before_lanes, lanes, done, wall, cores), "core_gflops": speed}
+    doc = _write_results(out, methods, results, profile_name, seed, seconds, device)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
 
 
-def _write_results(out: Path, methods: list, results: dict, profile: DemoProfile, seed: int, seconds: dict,
-                   quick: bool, device: str = "cpu") -> dict:
+def _write_results(out: Path, methods: list, results: dict, profile_name: str, seed: int, seconds: dict,
+                   device: str = "cpu") -> dict:
     """Print the table, then write results.json (figures, variants, per-query files, intervals against the
     closest baselines, settings, seconds) and report.md; returns the results document."""
     from cirlab.experiments.report import format_table, write_report
     from cirlab.methods import REGISTRY
 
+    profile = PROFILES[profile_name]
     names = {n: variant_name(n, REGISTRY[n], profile) for n in methods}
     table = format_table({names[n]: results[n] for n in methods}, METRIC_COLUMNS)
     print(table)
-    doc = {"dataset": "synth", "split": "test1", "seed": seed, "device": device, "methods": results, "variants": names,
+    doc = {"dataset": "synth", "split": "test1", "profile": profile_name, "seed": seed, "device": device,
+           "methods": results, "variants": names,
            "per_query": {n: f"per_query/{n}.jsonl" for n in methods},
            "versus_closest_baseline": closest_intervals(out / "per_query", methods, profile.closest),
            "method_config": {n: profile.method_config[n] for n in methods if n in profile.method_config},
            "stage1": {n: profile.stage1[n] for n in methods if n in profile.stage1}, "seconds": seconds,
            "machine": machine.describe()}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    write_report(out / "report.md", table, doc, seconds["steps"], seconds["wall"], quick, seconds["workers"])
+    write_report(out / "report.md", table, doc, seconds["steps"], seconds["wall"], seconds["workers"])
     return doc
 
 

@@ -41,9 +41,9 @@ def retrieval_grid(split, ranking, path, title: str = "", rows: int = 6, top: in
     return path
 
 
-def write_report(path, table: str, results: dict, timings: dict, wall: float, quick: bool, workers: int = 1) -> Path:
+def write_report(path, table: str, results: dict, timings: dict, wall: float, workers: int = 1) -> Path:
     lines = [
-        f"# cirlab demo ({'quick' if quick else 'default'}, seed {results['seed']})",
+        f"# cirlab demo ({results.get('profile', 'default')} profile, seed {results['seed']})",
         "",
         f"Synthetic world, split {results['split']}; metrics in percent (CIRR protocol: the reference is removed",
         "from its own ranking; Rsubset ranks the img_set members other than the reference).",
@@ -65,6 +65,7 @@ def write_report(path, table: str, results: dict, timings: dict, wall: float, qu
         *([f"Machine: {machine_line(results['machine'])}; another CPU rounds the matrix products in another order "
            "and trains to other figures."] if results.get("machine") else []),
         *_cpu_lines(results.get("seconds", {}).get("cpu")),
+        *_speed_lines(results.get("seconds", {}).get("core_gflops")),
         "",
     ]
     path = Path(path)
@@ -79,6 +80,14 @@ def _cpu_lines(cpu: dict | None) -> list:
     lanes = "; ".join(f"{name} {v:.0f}" for name, v in cpu["lanes"].items())
     return [f"CPU: {cpu['total']:.0f} core-seconds, {cpu['busy_pct']:.0f}% of wall time x {cpu['cores']} cores "
             f"({cpu['before_lanes']:.0f} before the lanes; {lanes})."]
+
+
+def _speed_lines(speed: dict | None) -> list:
+    """The host's one-core matrix-product rate before and after the run (a shared host's speed drifts)."""
+    if not speed:
+        return []
+    return [f"One core's fp32 matrix products: {speed['before']:.0f} GFLOP/s before the run, {speed['after']:.0f} "
+            "after (compare wall times only between runs at like speeds)."]
 
 
 def _interval_lines(intervals: dict, names: dict) -> list:
