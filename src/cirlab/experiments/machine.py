@@ -55,23 +55,16 @@ def one_line(machine: dict) -> str:
 
 
 def core_gflops(n: int = 1024, repeats: int = 20) -> float:
-    """One core's fp32 matrix-product rate now: the best of `repeats` timed n x n products on one thread, in
-    GFLOP/s (about a third of a second). A shared host's speed drifts by 20% within an hour (measured: 168 then 147
-    GFLOP/s on the same VM), so a run that is timed records this before and after itself."""
-    import time
-
+    """One core's fp32 matrix-product rate now: `bench.matmul_peak_gflops` on one thread (about a third of a
+    second). A shared host's speed drifts by 20% within an hour (measured: 168 then 147 GFLOP/s on the same VM), so
+    a run that is timed records this before and after itself."""
     import torch
+
+    from cirlab.experiments.bench import matmul_peak_gflops
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
+        return matmul_peak_gflops(n, repeats)
     finally:
         torch.set_num_threads(threads)
-    return round(2 * n ** 3 / best / 1e9, 1)
