@@ -33,6 +33,7 @@ import torch
 
 from cirlab import allocator
 from cirlab.experiments import machine
+from cirlab.experiments.machine import matmul_peak_gflops
 
 SIZES = {"quick": {"steps": 20, "warmup": 3, "batch": 32, "eval_images": 512, "index_images": 1024},
          "full": {"steps": 50, "warmup": 5, "batch": 64, "eval_images": 2048, "index_images": 4096}}
@@ -68,20 +69,6 @@ def _source(model, data, zero_shot: bool):
         names = sorted(n for n in data.gallery if n in data.captions)
         return PairSource(names, data.captions, store)
     return TripletSource(data, store, model.target_captions)
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """The best of `repeats` timed fp32 n x n matrix products, in GFLOP/s (2 n^3 FLOPs each)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return round(2 * n ** 3 / best / 1e9, 1)
 
 
 def step_flops(model, source, size: dict, device: str) -> int:

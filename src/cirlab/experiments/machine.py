@@ -54,13 +54,29 @@ def one_line(machine: dict) -> str:
             f"({machine['kernels']} kernels{cbwr})")
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """The best of `repeats` timed fp32 n x n matrix products, in GFLOP/s (2 n^3 FLOPs each)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return round(2 * n ** 3 / best / 1e9, 1)
+
+
 def core_gflops(n: int = 1024, repeats: int = 20) -> float:
-    """One core's fp32 matrix-product rate now: `bench.matmul_peak_gflops` on one thread (about a third of a
+    """One core's fp32 matrix-product rate now: `matmul_peak_gflops` on one thread (about a third of a
     second). A shared host's speed drifts by 20% within an hour (measured: 168 then 147 GFLOP/s on the same VM), so
     a run that is timed records this before and after itself."""
     import torch
-
-    from cirlab.experiments.bench import matmul_peak_gflops
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
