@@ -153,8 +153,8 @@ def add_research_parsers(sub) -> None:
     p.add_argument("--with", dest="with_methods", metavar="METHODS",
                    help="comma-separated registered methods to run besides the default ones")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes that train the lanes (one per backbone, and one per method with a stage 1 of its "
-                        "own) side by side; default: one per lane")
+                   help="processes that train the lanes (a method each, with its stage 1 if it has one; a backbone "
+                        "pretrained for some of them) side by side; default: one per core")
     p.add_argument("--device", default="cpu", help="torch device every lane trains and evaluates on (cuda: bf16 "
                    "autocast, as training does there)")
     p.add_argument("--no-progress", action="store_true")

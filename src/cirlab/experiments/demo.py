@@ -104,23 +104,75 @@ def shared_backbones(methods: list, registry, profile: DemoProfile) -> list:
 
 
 def _lanes(methods: list, registry, profile: DemoProfile) -> list:
-    """The methods in lanes, the longest first, as the lane workers take them: a method with a stage 1 of its own
-    (tmcir: pseudo-targets, intent alignment, stage 2), then one lane per backbone pretrained inside it (BLIP-2:
-    Q-Former pretraining, then csmcir), then the methods on a backbone pretrained before the lanes (CLIP), one
-    lane each: those trained on triplets, then the zero-shot ones, then those with no training. With as many
-    workers as cores (two lanes at a time on 2 cores) the longest lanes start first and the short ones fill in.
+    """The lanes the workers run, each {"name", "kind", "methods", "after": the names of lanes it waits for,
+    optional "stage1"}: a method with a stage 1 of its own (tmcir: pseudo-targets, intent alignment, stage 2) is one
+    lane; a backbone pretrained inside the lanes (BLIP-2's Q-Former, on CLIP's ViT) is a lane of its own that the
+    methods on it wait for; every other method is a lane. In structural order (stage-1 lanes, backbones, then the
+    methods trained on triplets, the zero-shot ones, those with no training); `_order` decides the running order.
     """
     from cirlab.methods import TrainingKind
 
     shared = set(shared_backbones(methods, registry, profile))
-    own = [{"kind": registry[n].backbone_kind, "methods": [n], "stage1": n} for n in methods if n in profile.stage1]
-    rest = [n for n in methods if n not in profile.stage1]
-    grouped = sorted({registry[n].backbone_kind for n in rest} - shared)
-    lanes = own + [{"kind": k, "methods": [n for n in rest if registry[n].backbone_kind == k]} for k in grouped]
+    own = sorted({registry[n].backbone_kind for n in methods} - shared)
+
+    def lane(n: str, **extra) -> dict:
+        kind = registry[n].backbone_kind
+        return {"name": n, "kind": kind, "methods": [n], "after": [f"pretrain {kind}"] if kind in own else [],
+                **extra}
+
     order = (TrainingKind.TRIPLETS, TrainingKind.ZERO_SHOT)
-    single = [n for n in rest if registry[n].backbone_kind in shared]
-    single.sort(key=lambda n: order.index(registry[n].training) if registry[n].training in order else len(order))
-    return lanes + [{"kind": registry[n].backbone_kind, "methods": [n]} for n in single]
+    rest = sorted((n for n in methods if n not in profile.stage1),
+                  key=lambda n: order.index(registry[n].training) if registry[n].training in order else len(order))
+    return ([lane(n, stage1=n) for n in methods if n in profile.stage1]
+            + [{"name": f"pretrain {k}", "kind": k, "methods": [], "after": []} for k in own]
+            + [lane(n) for n in rest])
+
+
+def _first_ready(pending: list, done) -> dict | None:
+    """The first pending lane whose `after` lanes have all ended, or None."""
+    return next((lane for lane in pending if all(a in done for a in lane["after"])), None)
+
+
+def _simulated_wall(order: list, workers: int, cost: dict) -> float:
+    """The wall time of running `order` as the workers do (each free worker takes the first ready lane), with
+    each lane taking `cost[name]` seconds."""
+    pending, running, done, now = list(order), [], set(), 0.0
+    while pending or running:
+        while len(running) < workers and (lane := _first_ready(pending, done)) is not None:
+            pending.remove(lane)
+            running.append((now + cost[lane["name"]], lane["name"]))
+        running.sort()
+        now, name = running.pop(0)
+        done.add(name)
+    return now
+
+
+def _order(lanes: list, workers: int, seconds: dict) -> list:
+    """The lanes in the order the workers take them: the order whose simulated wall time (`_simulated_wall`) is
+    least, found by swapping pairs, starting from the longest first, while a swap shortens it. A lane's cost is the
+    sum of its steps' estimated seconds (the profile's `seconds`, measured in a demo); a step with no estimate
+    counts as the longest estimated one (unknown work starts early), and with no estimates every lane counts the
+    same. The order only decides when lanes run, never what they compute."""
+    import itertools
+
+    longest = max(seconds.values(), default=1.0)
+
+    def steps(lane: dict) -> list:
+        if not lane["methods"]:
+            return [lane["name"]]
+        return ([f"stage 1 {lane['stage1']}"] if "stage1" in lane else []) + lane["methods"]
+
+    cost = {lane["name"]: sum(seconds.get(step, longest) for step in steps(lane)) for lane in lanes}
+    best = sorted(lanes, key=lambda lane: -cost[lane["name"]])
+    wall, improved = _simulated_wall(best, workers, cost), True
+    while improved:
+        improved = False
+        for i, j in itertools.combinations(range(len(best)), 2):
+            trial = list(best)
+            trial[i], trial[j] = trial[j], trial[i]
+            if (w := _simulated_wall(trial, workers, cost)) < wall - 1e-9:
+                best, wall, improved = trial, w, True
+    return best
 
 
 def _run_lane(lane: dict, out: Path, seed: int, profile_name: str, progress: bool, t0: float, threads: int,
@@ -158,8 +210,9 @@ def _run_lane(lane: dict, out: Path, seed: int, profile_name: str, progress: boo
         backbone = ensure_intent_backbone(backbone, ckpts / f"{name}-stage1", data, profile.stage1[name], seed,
                                           progress, log, device)
         timings[f"stage 1 {name}"] = round(time.time() - t, 1)
-    test = read_split("synth", data, "test1")
-    queries = [q for q in test.queries if q.targets]
+    if lane["methods"]:
+        test = read_split("synth", data, "test1")
+        queries = [q for q in test.queries if q.targets]
     for name in lane["methods"]:
         t = time.time()
         metrics, ranking = _train_and_evaluate(name, data, backbone, ckpts / name, profile, seed, progress, test,
@@ -219,7 +272,7 @@ def cpu_seconds() -> float:
 def _cpu_record(before_lanes: float, lanes: list, done: list, wall: float, cores: int) -> dict:
     """Where the cores' time went: the CPU seconds before the lanes (world, shared backbones), each lane's, and
     their sum as a share of wall time x cores."""
-    per_lane = {"+".join(lane["methods"]): ran["cpu"] for lane, ran in zip(lanes, done)}
+    per_lane = {lane["name"]: ran["cpu"] for lane, ran in zip(lanes, done)}
     total = before_lanes + sum(per_lane.values())
     return {"before_lanes": round(before_lanes, 1), "lanes": per_lane, "total": round(total, 1), "cores": cores,
             "busy_pct": round(100 * total / (wall * cores), 1)}
@@ -256,13 +309,14 @@ def run_demo(out, seed: int = 0, profile_name: str = "default", progress: bool =
 
     After the world and the backbones other backbones start from (CLIP), the methods run in lanes (`_lanes`), in
     `workers` processes side by side (default: one per core, at most one per lane; each gets cores // workers
-    threads, at least one), each taking the next lane when its own ends. The tiny models' small matrix products keep
-    two cores only 1.2-1.7x busier than one (measured on combiner and CLIP pretraining steps), while two one-thread
-    processes run at twice one's rate, so one-thread lanes side by side finish sooner than the same work on two
-    threads in turn; and two processes on one core each spent 8.6% more CPU time a combiner step than one alone
-    (one thread, batch 64: 268 against 247 ms; each evicts the other's data from the core's caches), so on 2 cores
-    two workers beat one per lane. Each lane's figures depend on its thread count only through float summation
-    order: with the same threads per lane on the same machine a run repeats exactly, however many workers.
+    threads, at least one), each taking the next ready lane in `_order`'s order when its own ends. The tiny
+    models' small matrix products keep two cores only 1.2-1.7x busier than one (measured on combiner and CLIP
+    pretraining steps), while two one-thread processes run at twice one's rate, so one-thread lanes side by side
+    finish sooner than the same work on two threads in turn; and two processes on one core each spent 8.6% more CPU
+    time a combiner step than one alone (one thread, batch 64: 268 against 247 ms; each evicts the other's data from
+    the core's caches), so on 2 cores two workers beat one per lane. Each lane's figures depend on its thread count
+    only through float summation order: with the same threads per lane on the same machine a run repeats exactly,
+    however many workers and in whatever order.
     """
     from cirlab.methods import REGISTRY
 
@@ -281,10 +335,7 @@ def run_demo(out, seed: int = 0, profile_name: str = "default", progress: bool =
     malloc = {"main": allocator.prepare()}
     data, ckpts = out / "data", out / "checkpoints"
     ensure_world(data, seed, profile.world, progress, log)
-    unknown = [n for n in extra if n not in REGISTRY]
-    if unknown:
-        raise CirlabError(f"unknown method(s) for --with: {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
-    methods = sorted(set(profile.methods) | set(extra))
+    methods = _methods(profile, extra, REGISTRY)
     lanes = _lanes(methods, REGISTRY, profile)
     timings = {}
     for kind in shared_backbones(methods, REGISTRY, profile):  # pretrained first, with every core
@@ -293,20 +344,12 @@ def run_demo(out, seed: int = 0, profile_name: str = "default", progress: bool =
         timings[f"pretrain {kind}"] = round(time.time() - t, 1)
     cores, before_lanes = machine.cores(), cpu_seconds()
     workers = max(1, min(workers or cores, len(lanes)))
-    grid = _grid_method(REGISTRY)
-    if workers == 1:
-        done = [_run_lane(lane, out, seed, profile_name, progress, t0, 0, grid, device) for lane in lanes]
-    else:
-        threads = max(1, cores // workers)
-        log(f"{len(lanes)} lanes ({', '.join('+'.join(lane['methods']) for lane in lanes)}) in {workers} "
-            f"processes, {threads} thread(s) each")
-        done = _run_lanes_in_processes(lanes, workers, (out, seed, profile_name, False, t0, threads, grid, device))
-    results, malloc["lanes"] = {}, sorted({lane["allocator"] for lane in done})
-    for lane in done:
-        results.update(lane["results"])
-        for k, v in lane["timings"].items():
-            timings[k] = timings.get(k, 0.0) + v
-    results = {n: results[n] for n in methods}
+    lanes, grid = _order(lanes, workers, profile.seconds), _grid_method(REGISTRY)
+    threads = max(1, cores // workers) if workers > 1 else 0
+    log(f"{len(lanes)} lanes ({', '.join(lane['name'] for lane in lanes)}) in {workers} process(es), "
+        f"{threads or cores} thread(s) each")
+    done = _run_lanes(lanes, workers, (out, seed, profile_name, progress and workers == 1, t0, threads, grid, device))
+    results, malloc["lanes"] = _merge_lanes(done, methods, timings)
     wall = time.time() - t0
     speed["after"] = machine.core_gflops()
     seconds = {"wall": round(wall, 1), "workers": workers, "steps": timings, "allocator": malloc,
@@ -314,6 +357,25 @@ def run_demo(out, seed: int = 0, profile_name: str = "default", progress: bool =
     doc = _write_results(out, methods, results, profile_name, seed, seconds, device)
     log(f"done in {wall:.0f} s: {out / 'results.json'}, {out / 'report.md'}, {out / 'retrievals.png'}")
     return doc
+
+
+def _methods(profile: DemoProfile, extra: tuple, registry) -> list:
+    """The profile's methods and those named by --with, sorted; an unregistered name is refused."""
+    unknown = [n for n in extra if n not in registry]
+    if unknown:
+        raise CirlabError(f"unknown method(s) for --with: {', '.join(unknown)}; registered: {', '.join(registry)}")
+    return sorted(set(profile.methods) | set(extra))
+
+
+def _merge_lanes(done: list, methods: list, timings: dict) -> tuple[dict, list]:
+    """The finished lanes' results in `methods` order and the allocators they ran under; adds their step times
+    to `timings`."""
+    results = {}
+    for lane in done:
+        results.update(lane["results"])
+        for k, v in lane["timings"].items():
+            timings[k] = timings.get(k, 0.0) + v
+    return {n: results[n] for n in methods}, sorted({lane["allocator"] for lane in done})
 
 
 def _write_results(out: Path, methods: list, results: dict, profile_name: str, seed: int, seconds: dict,
@@ -382,25 +444,39 @@ def closest_intervals(per_query: Path, methods: list, closest: dict, metric: str
     return out
 
 
-def _run_lanes_in_processes(lanes: list, workers: int, args: tuple) -> list:
-    """`_run_lane(lane, *args)` for each lane in a pool of `workers` spawned processes that die with this one;
-    a failed lane or Ctrl-C stops the others too, then the error is raised."""
+def _run_lanes(lanes: list, workers: int, args: tuple) -> list:
+    """`_run_lane(lane, *args)` for each lane, the results in `lanes` order: each free worker takes the first
+    lane in `lanes` whose `after` lanes have ended. One worker runs them in this process; more are a pool of
+    spawned processes that die with this one, where a failed lane or Ctrl-C stops the others too, then the error
+    is raised."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    pending, done = list(lanes), {}
+    if workers == 1:
+        while (lane := _first_ready(pending, done)) is not None:
+            pending.remove(lane)
+            done[lane["name"]] = _run_lane(lane, *args)
+        return [done[lane["name"]] for lane in lanes]
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_die_with_parent)
+    running = {}
     try:
         with allocator.for_children():  # the pool spawns a worker at each submit
-            futures = [pool.submit(_run_lane, lane, *args) for lane in lanes]
-        done = [f.result() for f in futures]
+            while pending or running:
+                while len(running) < workers and (lane := _first_ready(pending, done)) is not None:
+                    pending.remove(lane)
+                    running[pool.submit(_run_lane, lane, *args)] = lane["name"]
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done[running.pop(future)] = future.result()
     except BaseException:
         for proc in list(getattr(pool, "_processes", {}).values()):
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-    return done
+    return [done[lane["name"]] for lane in lanes]
 
 
 def _grid_method(registry) -> str:

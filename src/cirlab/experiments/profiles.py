@@ -31,9 +31,18 @@ class DemoProfile:
     # seed method -> the baseline its R@1 difference (with a paired interval over queries) is reported against
     closest: dict = field(default_factory=lambda: dict(CLOSEST_BASELINE))
     methods: tuple = ()  # the methods the demo trains and evaluates (registered names)
+    # step -> estimated seconds with two lanes side by side on 2 cores (keys as in results.json's seconds.steps):
+    # only the order in which the lanes run depends on them (demo._order), never what they compute
+    seconds: dict = field(default_factory=dict)
 
 
 DEMO_METHODS = ("image_only", "text_only", "sum", "combiner", "pic2word", "csmcir", "tmcir", "mapcompose")
+# the default demo's seconds.steps, seed 0, Intel Xeon, 2 lanes on 2 cores (docs/results/demo_default_profile_s0.json)
+DEFAULT_SECONDS = {"stage 1 tmcir": 60, "tmcir": 166, "pretrain blip2": 60, "csmcir": 148, "combiner": 169,
+                   "mapcompose": 67, "pic2word": 27, "image_only": 3, "sum": 3, "text_only": 3}
+# the full profile's longer stages scaled by their epochs: the Q-Former's 2 (1), stage I's 2 (1: 36 of mapcompose's
+# 67 s, 24 of pic2word's 27)
+FULL_SECONDS = DEFAULT_SECONDS | {"pretrain blip2": 120, "mapcompose": 103, "pic2word": 51}
 CLOSEST_BASELINE = {"csmcir": "combiner", "tmcir": "combiner", "mapcompose": "pic2word"}
 ZERO_SHOT = {"mapcompose": {"stage1": {"epochs": 2, "batch_size": 128, "lr": 1e-3, "warmup_steps": 20},
                              "stage2": {"epochs": 10, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10},
@@ -56,7 +65,7 @@ PROFILES = {
         method_train={"csmcir": {"epochs": 3, "batch_size": 16, "group_by_reference": True, "backbone_lr": 1e-3}},
         stage1={"tmcir": {"imperfection": 0.1, "n": 1, "unfreeze": "all",
                           "train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup_steps": 20}}},
-        zero_shot=ZERO_SHOT),
+        zero_shot=ZERO_SHOT, seconds=FULL_SECONDS),
     "quick": DemoProfile(
         # a smoke test: the test suite's own tiny CLIP and Q-Former (tests/conftest.py builds them through this
         # profile, so that the demo's test starts from them)
@@ -83,5 +92,6 @@ PROFILES = {"default": replace(
     _FULL,
     backbones={"clip": _FULL.backbones["clip"] | {"pretrain": _FULL.backbones["clip"]["pretrain"] | {"epochs": 2}},
                "blip2": _FULL.backbones["blip2"] | {"pretrain": _FULL.backbones["blip2"]["pretrain"] | {"epochs": 1}}},
-    zero_shot={name: spec | {"stage1": spec["stage1"] | {"epochs": 1}} for name, spec in ZERO_SHOT.items()}),
+    zero_shot={name: spec | {"stage1": spec["stage1"] | {"epochs": 1}} for name, spec in ZERO_SHOT.items()},
+    seconds=DEFAULT_SECONDS),
     **PROFILES}
