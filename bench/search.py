@@ -8,7 +8,10 @@ kinds (8-bit scalar codes, product-quantised codes) rescored exactly from float 
 Per row: p50 and p99 of single-query latency, queries/s in batches of 64, recall@10 against exact search on the
 evaluation queries, bytes a vector in memory (the FAISS index's serialised size over the rows; the float rows a
 quantised kind rescores from stay in the memory-mapped file, in the page cache, not in the process), build time,
-and the speed-up of the p50 over brute force's single-query p50.
+and the speed-up of the p50 over brute force's single-query p50. The IVF kinds add what a query reads: the rows
+of its probed cells (`scanned_rows`, `scanned_mb` of codes) and the coarse centroids (`centroid_mb`); over the p50
+that is `read_gb_per_s`, which brute force's row gives for its whole matrix: when the two are alike, the speed-up
+is the ratio of bytes read, and only reading fewer (fewer, smaller or better-placed rows) raises it.
 
 Vectors: `clusters` Gaussian centres, each point a centre plus `spread` times Gaussian noise, L2-normalised
 (scored by inner product, as cirlab's features are). Tuning queries and evaluation queries are drawn separately
@@ -63,6 +66,19 @@ def index_bytes(backend) -> int:
     import faiss
 
     return int(faiss.serialize_index(backend.index).nbytes)
+
+
+def scanned(backend, queries: np.ndarray, p50_ms: float | None = None) -> dict:
+    """What one IVF query reads, averaged over `queries`: the rows in its `nprobe` probed cells, their codes' bytes,
+    and the coarse quantizer's centroids (all of them: a flat quantizer scores each); over `p50_ms` these give the
+    bytes a second the search streams, to set against brute force's (which reads every row)."""
+    index = backend.index
+    sizes = np.array([index.invlists.list_size(c) for c in range(index.nlist)])
+    _, cells = index.quantizer.search(np.ascontiguousarray(queries, np.float32), index.nprobe)
+    rows = float(sizes[cells].sum(1).mean())
+    codes, centroids = rows * index.code_size / 1e6, index.nlist * index.d * 4 / 1e6
+    out = {"scanned_rows": round(rows), "scanned_mb": round(codes, 4), "centroid_mb": round(centroids, 4)}
+    return out | ({"read_gb_per_s": round((codes + centroids) / p50_ms, 2)} if p50_ms else {})
 
 
 def build(kind: str, x: np.ndarray, **params) -> tuple:
@@ -120,7 +136,8 @@ def main(argv=None) -> int:
     truth = {name: exact.search(q, 10)[1] for name, q in (("tune", tune_q), ("eval", eval_q))}
     brute = measure(exact, eval_q, truth["eval"])
     report({"backend": "brute force (torch matmul)", "build_s": round(exact_build, 2), **brute,
-            "bytes_per_vector": 4 * args.dim, "speedup_vs_brute_p50": 1.0})
+            "bytes_per_vector": 4 * args.dim, "speedup_vs_brute_p50": 1.0,
+            "read_gb_per_s": round(4 * args.dim * args.n / 1e6 / brute["p50_ms"], 1)})
     del exact
 
     def tuned_rows(label: str, backend, build_s: float, extra: dict) -> None:
@@ -128,6 +145,8 @@ def main(argv=None) -> int:
         for target in targets:
             found = calibrate(backend, tune_q, [list(r) for r in truth["tune"]], target)
             m = measure(backend, eval_q, truth["eval"])
+            if hasattr(backend.index, "nprobe"):
+                m |= scanned(backend, eval_q, m["p50_ms"])
             report({"backend": label, "target_recall": target, found["knob"]: found["value"],
                     "tune_recall": round(found["recall"], 4), "build_s": round(build_s, 2), **m,
                     "bytes_per_vector": round(size, 1), "speedup_vs_brute_p50": round(brute["p50_ms"] / m["p50_ms"], 1),

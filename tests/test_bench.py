@@ -62,3 +62,41 @@ def test_step_flops_counts_a_known_step_and_the_peak_is_measured():
             return type("Out", (), {"loss": (batch.x @ self.w).sum()})()
     assert step_flops(Linear(), Source(), {"batch": 8}, "cpu") == 2 * 2 * 8 * 16 * 4
     assert matmul_peak_gflops(256, 2) > 0
+
+
+def test_search_bench_counts_what_an_ivf_query_reads_and_tunes_to_its_targets(tmp_path):
+    """bench/search.py at a small size: the rows an IVF query scans are its probed cells' sizes (every row when it
+    probes every cell; the best cell's size, found by hand, with one probe), and the tuned rows reach their target."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from cirlab.index.backends import FaissBackend
+
+    spec = importlib.util.spec_from_file_location("search_bench", Path(__file__).parents[1] / "bench" / "search.py")
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    rng = np.random.default_rng(1)
+    x = search.sample(rng.normal(size=(8, 16)).astype(np.float32), 2000, rng)
+    q = search.sample(rng.normal(size=(8, 16)).astype(np.float32), 5, rng)
+    backend = FaissBackend(x, "ivf", nlist=20, nprobe=20)
+    assert search.scanned(backend, q)["scanned_rows"] == 2000
+    backend.set_search(nprobe=1)
+    centroids = backend.index.quantizer.reconstruct_n(0, 20)
+    sizes = [backend.index.invlists.list_size(c) for c in range(20)]
+    expected = np.mean([sizes[int(np.argmax(centroids @ v))] for v in q])
+    got = search.scanned(backend, q)
+    assert got["scanned_rows"] == round(expected) and got["scanned_mb"] == round(expected * 16 * 4 / 1e6, 4)
+    assert got["centroid_mb"] == round(20 * 16 * 4 / 1e6, 4) and "read_gb_per_s" not in got
+    assert search.scanned(backend, q, 0.5)["read_gb_per_s"] == round((expected * 64 + 20 * 64) / 1e6 / 0.5, 2)
+
+    out = tmp_path / "rows.json"
+    assert search.main(["--n", "3000", "--dim", "16", "--queries", "40", "--clusters", "8", "--targets", "0.9",
+                        "--skip", "hnsw,ivf_pq", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"].split(" (")[0] for r in rows] == ["brute force", "faiss flat", "faiss ivf", "faiss ivf_sq8"]
+    assert rows[1]["recall_at_10"] == 1.0
+    for row in rows[2:]:
+        assert row["tune_recall"] >= 0.9 and 0 < row["scanned_rows"] <= 3000 and row["read_gb_per_s"] > 0
