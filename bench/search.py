@@ -70,13 +70,19 @@ def index_bytes(backend) -> int:
 
 def scanned(backend, queries: np.ndarray, p50_ms: float | None = None) -> dict:
     """What one IVF query reads, averaged over `queries`: the rows in its `nprobe` probed cells, their codes' bytes,
-    and the coarse quantizer's centroids (all of them: a flat quantizer scores each); over `p50_ms` these give the
-    bytes a second the search streams, to set against brute force's (which reads every row)."""
+    and the coarse quantizer's centroids (all of them for a flat quantizer; for an HNSW graph over them, those whose
+    distance its search computed); over `p50_ms` these give the bytes a second the search streams, to set against
+    brute force's (which reads every row)."""
+    import faiss
+
     index = backend.index
     sizes = np.array([index.invlists.list_size(c) for c in range(index.nlist)])
+    faiss.cvar.hnsw_stats.reset()
     _, cells = index.quantizer.search(np.ascontiguousarray(queries, np.float32), index.nprobe)
     rows = float(sizes[cells].sum(1).mean())
-    codes, centroids = rows * index.code_size / 1e6, index.nlist * index.d * 4 / 1e6
+    graph = hasattr(faiss.downcast_index(index.quantizer), "hnsw")
+    visited = faiss.cvar.hnsw_stats.ndis / len(queries) if graph else index.nlist
+    codes, centroids = rows * index.code_size / 1e6, visited * index.d * 4 / 1e6
     out = {"scanned_rows": round(rows), "scanned_mb": round(codes, 4), "centroid_mb": round(centroids, 4)}
     return out | ({"read_gb_per_s": round((codes + centroids) / p50_ms, 2)} if p50_ms else {})
 
@@ -113,6 +119,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--pq-m", type=int, default=32)
     ap.add_argument("--rescore", default="sq8:4,pq:16", help="candidates per result rescored, per quantised kind")
+    ap.add_argument("--coarse", default="flat,hnsw", help="the IVF kinds' coarse quantizers to run: flat (every "
+                    "centroid scored), hnsw (a graph over the centroids)")
     ap.add_argument("--skip", default="", help="comma-separated kinds to leave out (e.g. hnsw: 5 min to build)")
     ap.add_argument("--out", help="write the rows as JSON here")
     return ap.parse_args(argv)
@@ -158,17 +166,20 @@ def main(argv=None) -> int:
                 "bytes_per_vector": round(index_bytes(backend) / args.n, 1)})
         rows[-1]["speedup_vs_brute_p50"] = round(brute["p50_ms"] / rows[-1]["p50_ms"], 1)
         del backend
-    if "ivf" not in skip:
-        backend, s = build("ivf", x)
-        tuned_rows(f"faiss ivf (nlist {backend.index.nlist})", backend, s, {})
-        del backend
-    for kind, name in (("ivf_sq8", "sq8"), ("ivf_pq", "pq")):
-        if kind in skip:
-            continue
-        backend, s = build(kind, x, rescore=int(rescore[name]), pq_m=args.pq_m)
-        label = f"faiss {kind} (nlist {backend.index.nlist}) + rescoring {rescore[name]}x from disk"
-        tuned_rows(label, backend, s, {"rescore": int(rescore[name]), "code_bytes": backend.actual["code_bytes"]})
-        del backend
+    for coarse in args.coarse.split(","):
+        graph = ", HNSW coarse quantizer" if coarse == "hnsw" else ""
+        if "ivf" not in skip:
+            backend, s = build("ivf", x, coarse=coarse)
+            tuned_rows(f"faiss ivf (nlist {backend.index.nlist}{graph})", backend, s, {"coarse": coarse})
+            del backend
+        for kind, name in (("ivf_sq8", "sq8"), ("ivf_pq", "pq")):
+            if kind in skip or (coarse != "flat" and kind == "ivf_pq"):  # PQ's rows are about its codes, not cells
+                continue
+            backend, s = build(kind, x, rescore=int(rescore[name]), pq_m=args.pq_m, coarse=coarse)
+            label = f"faiss {kind} (nlist {backend.index.nlist}{graph}) + rescoring {rescore[name]}x from disk"
+            tuned_rows(label, backend, s, {"rescore": int(rescore[name]), "code_bytes": backend.actual["code_bytes"],
+                                           "coarse": coarse})
+            del backend
     if "hnsw" not in skip:
         backend, s = build("hnsw", x, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         tuned_rows(f"faiss hnsw (M {args.hnsw_m})", backend, s, {})

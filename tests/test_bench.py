@@ -96,7 +96,11 @@ def test_search_bench_counts_what_an_ivf_query_reads_and_tunes_to_its_targets(tm
     assert search.main(["--n", "3000", "--dim", "16", "--queries", "40", "--clusters", "8", "--targets", "0.9",
                         "--skip", "hnsw,ivf_pq", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["backend"].split(" (")[0] for r in rows] == ["brute force", "faiss flat", "faiss ivf", "faiss ivf_sq8"]
+    assert [r["backend"].split(" (")[0] for r in rows] == ["brute force", "faiss flat"] + 2 * ["faiss ivf",
+                                                                                            "faiss ivf_sq8"]
+    assert [r.get("coarse") for r in rows[2:]] == ["flat", "flat", "hnsw", "hnsw"]
     assert rows[1]["recall_at_10"] == 1.0
     for row in rows[2:]:
         assert row["tune_recall"] >= 0.9 and 0 < row["scanned_rows"] <= 3000 and row["read_gb_per_s"] > 0
+    # the graph computes distances to some centroids; the flat quantizer to all of them (nlist 4 sqrt(3000) = 76)
+    assert 0 < rows[4]["centroid_mb"] and rows[2]["centroid_mb"] == round(76 * 16 * 4 / 1e6, 4)

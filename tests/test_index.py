@@ -75,11 +75,12 @@ def token_vectors(seed: int, n_queries: int) -> tuple:
 
 
 BACKENDS = [("exact", {}), ("faiss", {"kind": "flat"}), ("faiss", {"kind": "ivf", "nlist": 8, "nprobe": 8}),
-            ("faiss", {"kind": "hnsw"}), ("milvus", {})]
+            ("faiss", {"kind": "ivf", "nlist": 8, "nprobe": 8, "coarse": "hnsw"}), ("faiss", {"kind": "hnsw"}),
+            ("milvus", {})]
 QUANTISED = [("exact", {"dtype": "float16"}), ("faiss", {"kind": "ivf_sq8", "nlist": 8, "nprobe": 8}),
              ("faiss", {"kind": "ivf_pq", "nlist": 8, "nprobe": 8, "pq_m": 4, "rescore": 8})]
-BACKEND_IDS = ["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "milvus", "exact-float16", "faiss-ivf-sq8",
-               "faiss-ivf-pq"]
+PLAIN_IDS = ["exact", "faiss-flat", "faiss-ivf", "faiss-ivf-hnsw-coarse", "faiss-hnsw", "milvus"]
+BACKEND_IDS = PLAIN_IDS + ["exact-float16", "faiss-ivf-sq8", "faiss-ivf-pq"]
 
 
 @pytest.mark.parametrize("backend,params", BACKENDS + QUANTISED, ids=BACKEND_IDS)
@@ -126,7 +127,14 @@ def test_every_backend_agrees_with_exact_search_through_build_add_remove_and_reo
     assert m["backend"] == backend and m["generation"] == 3 and m["count"] == len(live)
     assert "max over its 3 token vectors" in m["scoring"]
     if params.get("kind") == "ivf":
-        assert m["actual"] == {"kind": "ivf", "nlist": 8, "nprobe": 8}
+        import faiss
+
+        coarse = params.get("coarse", "flat")
+        assert m["actual"] == {"kind": "ivf", "nlist": 8, "nprobe": 8, "coarse": coarse}
+        quantizer = faiss.downcast_index(again.snapshot.backend.index.quantizer)  # as read back from its file
+        assert type(quantizer).__name__ == {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat"}[coarse]
+        if coarse == "hnsw":
+            assert quantizer.hnsw.efSearch == 64 and quantizer.ntotal == 8  # max(64, 2 nprobe), one node a cell
     if params.get("kind") == "hnsw":
         assert m["actual"]["hnsw_m"] == 32 and m["actual"]["ef_search"] == 64
     if params.get("kind") in ("ivf_sq8", "ivf_pq"):  # codes of D or pq_m bytes a vector, rescored from disk
@@ -247,6 +255,9 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
         "--no-progress")
     cli("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery, "--out", tmp_path / "fx",
         "--backend", "faiss", "--faiss", "flat", "--no-progress")
+    cli("index", "build", "--checkpoint", sum_checkpoint, "--images", gallery, "--out", tmp_path / "hx",
+        "--backend", "faiss", "--faiss", "ivf", "--nlist", "1", "--coarse", "hnsw", "--no-progress")  # one cell: exact
+    assert json.loads(cli("index", "info", tmp_path / "hx").stdout)["actual"]["coarse"] == "hnsw"
     manifest = json.loads(cli("index", "info", tmp_path / "ix").stdout)
     assert manifest["count"] == 80 and manifest["method"] == "sum" and manifest["dim"] == 64
     model = cirlab.load(sum_checkpoint)
@@ -264,7 +275,7 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
     scores = (query @ targets.t())[0]
     scores[3] = float("-inf")  # an indexed reference is left out of its own results
     expected = [ids[i] for i in scores.argsort(descending=True)[:5]]
-    for ix in ("ix", "fx"):
+    for ix in ("ix", "fx", "hx"):
         out = json.loads(cli("search", "--index", tmp_path / ix, "--image-id", ids[3], "--text",
                              "make the circle red", "-k", "5", "--json").stdout)
         assert [h["id"] for h in out["hits"]] == expected
@@ -349,7 +360,7 @@ def test_milvus_backend_on_milvus_lite_agrees_with_exact_search(sum_checkpoint, 
     assert ids[5] not in [h.id for h in index.search(index.snapshot.vectors[:, 0], 80)[0]]
 
 
-@pytest.mark.parametrize("backend,params", BACKENDS, ids=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "milvus"])
+@pytest.mark.parametrize("backend,params", BACKENDS, ids=PLAIN_IDS)
 def test_filtered_search_on_every_backend_agrees_with_filtered_brute_force(backend, params, tmp_path):
     """Metadata filters applied inside each backend (a mask, FAISS's id selector, Milvus's boolean expression):
     only passing items come back, k of them whenever k pass (all of them when fewer do), in brute force's order on
@@ -390,8 +401,9 @@ def test_filtered_search_on_every_backend_agrees_with_filtered_brute_force(backe
 
 
 @pytest.mark.parametrize("params,knob", [({"kind": "ivf", "nlist": 32, "nprobe": 1}, "nprobe"),
+                                         ({"kind": "ivf", "nlist": 32, "nprobe": 1, "coarse": "hnsw"}, "nprobe"),
                                          ({"kind": "hnsw", "ef_search": 8, "hnsw_m": 4}, "ef_search")],
-                         ids=["ivf", "hnsw"])
+                         ids=["ivf", "ivf-hnsw-coarse", "hnsw"])
 def test_tuning_reaches_the_target_recall_and_is_kept_on_reopening(params, knob, tmp_path, cli):
     """`tune` raises nprobe (or efSearch) until recall@10 on noisy indexed vectors reaches the target; the value
     goes to the manifest, a reopened index searches with it, and fresh queries see about the recall measured."""

@@ -38,7 +38,7 @@ def _backend_params(args) -> dict:
     if args.dtype:
         raise CirlabError("--dtype goes with --backend exact (FAISS's quantised kinds: --faiss ivf_sq8 or ivf_pq)")
     params = {"kind": args.faiss or "flat"}
-    for name in ("nlist", "nprobe", "hnsw_m", "ef_search", "pq_m", "rescore"):
+    for name in ("nlist", "nprobe", "hnsw_m", "ef_search", "pq_m", "rescore", "coarse"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
@@ -320,6 +320,8 @@ def _add_index_parsers(sub) -> None:
     b.add_argument("--nprobe", type=int, help="ivf: cells searched per query (default 16)")
     b.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
     b.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    b.add_argument("--coarse", choices=("flat", "hnsw"), help="ivf kinds: find the probed cells by scoring every "
+                   "centroid (flat, the default) or through an HNSW graph over them (cheaper at many cells)")
     b.add_argument("--pq-m", type=int, help="ivf_pq: bytes of code per vector (default 32; must divide the dimension)")
     b.add_argument("--rescore", type=int, help="ivf_sq8 and ivf_pq: candidates per result rescored exactly from the "
                                                "float vectors on disk (default 4; 0: quantised scores)")

@@ -34,9 +34,12 @@ BACKENDS = ("exact", "faiss", "milvus")
 FAISS_KINDS = ("flat", "ivf", "hnsw", "ivf_sq8", "ivf_pq")
 QUANTISED = ("ivf_sq8", "ivf_pq")  # codes in memory, float rows rescored from the store's memory-mapped file
 # pq_m: PQ sub-quantisers (bytes a vector, 8 bits each); rescore: candidates fetched per result and rescored
-# exactly from the float rows (0: the quantised scores as they are); train_size: rows the quantisers train on
+# exactly from the float rows (0: the quantised scores as they are); train_size: rows the quantisers train on;
+# coarse: how the IVF kinds find a query's nprobe cells, "flat" (every centroid scored) or "hnsw" (a graph of
+# `hnsw_m` links over the centroids, searched with efSearch max(64, 2 nprobe): a choice, not FAISS's default)
 FAISS_DEFAULTS = {"nlist": 0, "nprobe": 16, "hnsw_m": 32, "ef_construction": 80, "ef_search": 64, "pq_m": 32,
-                  "rescore": 4, "train_size": 100_000}
+                  "rescore": 4, "train_size": 100_000, "coarse": "flat"}
+COARSE = ("flat", "hnsw")
 EXACT_DTYPES = ("float32", "float16")
 
 
@@ -127,7 +130,8 @@ class ExactBackend(VectorBackend):
 
 class FaissBackend(VectorBackend):
     """FAISS inner-product index: `flat` (exact), `ivf` (IVF-Flat: `nlist` cells, 0 = about 4 sqrt(M), `nprobe`
-    searched), `hnsw` (`hnsw_m` links, `ef_construction`, `ef_search`), or the quantised `ivf_sq8` (IVF with 8-bit
+    searched; `coarse` "hnsw" finds the cells through a graph over the centroids instead of scoring all of them),
+    `hnsw` (`hnsw_m` links, `ef_construction`, `ef_search`), or the quantised `ivf_sq8` (IVF with 8-bit
     scalar codes: D bytes a vector) and `ivf_pq` (IVF with product-quantised codes: `pq_m` bytes a vector). The
     quantised kinds keep only codes in memory; with `rescore` R > 0 each search fetches R * k candidates by their
     codes and rescores them exactly from the float rows, which the index store keeps in its memory-mapped vectors
@@ -147,6 +151,8 @@ class FaissBackend(VectorBackend):
         if unknown:
             raise CirlabError(f"unknown faiss parameter(s) {sorted(unknown)}; known: {', '.join(FAISS_DEFAULTS)}")
         self.kind, self.params = kind, FAISS_DEFAULTS | params
+        if self.params["coarse"] not in COARSE:
+            raise CirlabError(f"unknown coarse quantizer {self.params['coarse']!r}; choose one of {', '.join(COARSE)}")
         x = vectors  # rows are copied to float32 a block at a time (a memory-mapped file stays on disk)
         n, d = x.shape
         p = self.params
@@ -165,7 +171,7 @@ class FaissBackend(VectorBackend):
         self.rescore_rows = vectors if kind in QUANTISED and int(p["rescore"]) > 0 else None
         self.rescore = int(p["rescore"]) if kind in QUANTISED else 0
         self.actual = {"kind": kind} | (
-            {"nlist": index.nlist, "nprobe": index.nprobe} if kind.startswith("ivf") else
+            {"nlist": index.nlist, "nprobe": index.nprobe, "coarse": p["coarse"]} if kind.startswith("ivf") else
             {"hnsw_m": int(p["hnsw_m"]), "ef_construction": index.hnsw.efConstruction,
              "ef_search": index.hnsw.efSearch} if kind == "hnsw" else {}) | (
             {"rescore": self.rescore, "code_bytes": int(index.code_size)} if kind in QUANTISED else {}) | (
@@ -177,6 +183,9 @@ class FaissBackend(VectorBackend):
         nlist = int(p["nlist"]) or max(1, int(4 * np.sqrt(max(n, 1))))
         nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))  # FAISS wants about 39 points per cell
         quantizer = faiss.IndexFlatIP(d)
+        if p["coarse"] == "hnsw":
+            quantizer = faiss.IndexHNSWFlat(d, int(p["hnsw_m"]), faiss.METRIC_INNER_PRODUCT)
+            quantizer.hnsw.efConstruction = int(p["ef_construction"])
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         elif kind == "ivf_sq8":
@@ -189,12 +198,15 @@ class FaissBackend(VectorBackend):
                     raise CirlabError(f"pq_m {m} must divide the vectors' dimension {d}")
                 m = 1  # a settings check on no rows: the dimension is not known yet
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        self._quantizer = quantizer  # the IVF index does not own it
+        if p["coarse"] == "hnsw":  # k-means assigns with exact search; the graph is built over its centroids
+            self._clustering = index.clustering_index = faiss.IndexFlatIP(d)
+        index.nprobe = min(int(p["nprobe"]), nlist)
+        _coarse_ef(index)  # before the rows are added: they are assigned to cells through the same graph
         if n:
             take = min(n, max(int(p["train_size"]), 39 * nlist))
             picks = np.sort(np.random.default_rng(0).choice(n, size=take, replace=False)) if take < n else slice(None)
             index.train(np.ascontiguousarray(x[picks], dtype=np.float32))
-        index.nprobe = min(int(p["nprobe"]), nlist)
-        self._quantizer = quantizer  # the IVF index does not own it
         return index
 
     @classmethod
@@ -232,6 +244,7 @@ class FaissBackend(VectorBackend):
     def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         if nprobe is not None and hasattr(self.index, "nprobe"):
             self.index.nprobe = max(1, min(int(nprobe), self.index.nlist))
+            _coarse_ef(self.index)
         if ef_search is not None and hasattr(self.index, "hnsw"):
             self.index.hnsw.efSearch = max(1, int(ef_search))
 
@@ -403,6 +416,15 @@ class MilvusBackend(VectorBackend):
 
 
 REGISTRY = {cls.name: cls for cls in (ExactBackend, FaissBackend, MilvusBackend)}
+
+
+def _coarse_ef(index) -> None:
+    """An IVF index whose coarse quantizer is an HNSW graph searches it with efSearch max(64, 2 nprobe)."""
+    import faiss
+
+    quantizer = faiss.downcast_index(index.quantizer)
+    if hasattr(quantizer, "hnsw"):
+        quantizer.hnsw.efSearch = max(64, 2 * int(index.nprobe))
 
 
 def backend_class(name: str) -> type:
