@@ -105,6 +105,24 @@ def make_data(args) -> tuple:
             sample(centres, args.queries, rng, args.spread))
 
 
+def ivf_rows(args, x: np.ndarray, skip: set, rescore: dict, tuned_rows) -> None:
+    """The IVF kinds, each with every coarse quantizer asked for, built one at a time and handed to `tuned_rows`."""
+    for coarse in args.coarse.split(","):
+        graph = ", HNSW coarse quantizer" if coarse == "hnsw" else ""
+        if "ivf" not in skip:
+            backend, s = build("ivf", x, coarse=coarse)
+            tuned_rows(f"faiss ivf (nlist {backend.index.nlist}{graph})", backend, s, {"coarse": coarse})
+            del backend
+        for kind, name in (("ivf_sq8", "sq8"), ("ivf_pq", "pq")):
+            if kind in skip or (coarse != "flat" and kind == "ivf_pq"):  # PQ's rows are about its codes, not cells
+                continue
+            backend, s = build(kind, x, rescore=int(rescore[name]), pq_m=args.pq_m, coarse=coarse)
+            label = f"faiss {kind} (nlist {backend.index.nlist}{graph}) + rescoring {rescore[name]}x from disk"
+            tuned_rows(label, backend, s, {"rescore": int(rescore[name]), "code_bytes": backend.actual["code_bytes"],
+                                           "coarse": coarse})
+            del backend
+
+
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -165,20 +183,7 @@ def main(argv=None) -> int:
                 "bytes_per_vector": round(index_bytes(backend) / args.n, 1)})
         rows[-1]["speedup_vs_brute_p50"] = round(brute["p50_ms"] / rows[-1]["p50_ms"], 1)
         del backend
-    for coarse in args.coarse.split(","):
-        graph = ", HNSW coarse quantizer" if coarse == "hnsw" else ""
-        if "ivf" not in skip:
-            backend, s = build("ivf", x, coarse=coarse)
-            tuned_rows(f"faiss ivf (nlist {backend.index.nlist}{graph})", backend, s, {"coarse": coarse})
-            del backend
-        for kind, name in (("ivf_sq8", "sq8"), ("ivf_pq", "pq")):
-            if kind in skip or (coarse != "flat" and kind == "ivf_pq"):  # PQ's rows are about its codes, not cells
-                continue
-            backend, s = build(kind, x, rescore=int(rescore[name]), pq_m=args.pq_m, coarse=coarse)
-            label = f"faiss {kind} (nlist {backend.index.nlist}{graph}) + rescoring {rescore[name]}x from disk"
-            tuned_rows(label, backend, s, {"rescore": int(rescore[name]), "code_bytes": backend.actual["code_bytes"],
-                                           "coarse": coarse})
-            del backend
+    ivf_rows(args, x, skip, rescore, tuned_rows)
     if "hnsw" not in skip:
         backend, s = build("hnsw", x, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         tuned_rows(f"faiss hnsw (M {args.hnsw_m})", backend, s, {})
