@@ -302,7 +302,7 @@ def _add_captioner_options(p, cache: bool = True) -> None:
 
 
 def _add_index_parsers(sub) -> None:
-    from cirlab.index import BACKENDS, FAISS_KINDS
+    from cirlab.index import BACKENDS, COARSE, FAISS_KINDS
 
     p = sub.add_parser("index", help="build and edit a persistent index of your own images")
     isub = p.add_subparsers(dest="index_command", required=True)
@@ -320,7 +320,7 @@ def _add_index_parsers(sub) -> None:
     b.add_argument("--nprobe", type=int, help="ivf: cells searched per query (default 16)")
     b.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
     b.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
-    b.add_argument("--coarse", choices=("flat", "hnsw"), help="ivf kinds: find the probed cells by scoring every "
+    b.add_argument("--coarse", choices=COARSE, help="ivf kinds: find the probed cells by scoring every "
                    "centroid (flat, the default) or through an HNSW graph over them (cheaper at many cells)")
     b.add_argument("--pq-m", type=int, help="ivf_pq: bytes of code per vector (default 32; must divide the dimension)")
     b.add_argument("--rescore", type=int, help="ivf_sq8 and ivf_pq: candidates per result rescored exactly from the "
