@@ -116,7 +116,8 @@ def ivf_rows(args, x: np.ndarray, skip: set, rescore: dict, tuned_rows) -> None:
         for kind, name in (("ivf_sq8", "sq8"), ("ivf_pq", "pq")):
             if kind in skip or (coarse != "flat" and kind == "ivf_pq"):  # PQ's rows are about its codes, not cells
                 continue
-            backend, s = build(kind, x, rescore=int(rescore[name]), pq_m=args.pq_m, coarse=coarse)
+            pq = {"pq_m": args.pq_m} if kind == "ivf_pq" else {}
+            backend, s = build(kind, x, rescore=int(rescore[name]), coarse=coarse, **pq)
             label = f"faiss {kind} (nlist {backend.index.nlist}{graph}) + rescoring {rescore[name]}x from disk"
             tuned_rows(label, backend, s, {"rescore": int(rescore[name]), "code_bytes": backend.actual["code_bytes"],
                                            "coarse": coarse})

@@ -46,6 +46,15 @@ def test_faiss_backends_agree_with_exact_search():
         assert np.allclose(np.concatenate([s for s, _ in one]), approx_scores, atol=1e-6)
     with pytest.raises(CirlabError, match="unknown faiss"):
         make_backend("faiss", x, "lsh")
+    for kind, params, acts_on in (("hnsw", {"coarse": "hnsw"}, "ivf, ivf_sq8, ivf_pq"), ("flat", {"nprobe": 4}, "ivf"),
+                                  ("ivf", {"hnsw_m": 16}, "hnsw .and an IVF kind with coarse hnsw"),
+                                  ("ivf_sq8", {"pq_m": 8}, "ivf_pq"), ("ivf", {"rescore": 2}, "ivf_sq8, ivf_pq")):
+        with pytest.raises(CirlabError, match=f"{next(iter(params))} does not apply to kind '{kind}'.*{acts_on}"):
+            make_backend("faiss", x, kind, **params)  # refused, not silently ignored
+    import faiss
+
+    ivf = make_backend("faiss", x, "ivf", nlist=4, coarse="hnsw", hnsw_m=8)  # keeps the quantizer it owns alive
+    assert faiss.downcast_index(ivf.index.quantizer).hnsw.nb_neighbors(1) == 8
 
 
 def test_multi_token_items_score_by_their_best_token(tmp_path):

@@ -40,6 +40,12 @@ QUANTISED = ("ivf_sq8", "ivf_pq")  # codes in memory, float rows rescored from t
 FAISS_DEFAULTS = {"nlist": 0, "nprobe": 16, "hnsw_m": 32, "ef_construction": 80, "ef_search": 64, "pq_m": 32,
                   "rescore": 4, "train_size": 100_000, "coarse": "flat"}
 COARSE = ("flat", "hnsw")
+IVF_KINDS = ("ivf", "ivf_sq8", "ivf_pq")
+# the kinds each parameter acts on (hnsw_m and ef_construction also build an IVF kind's graph with coarse hnsw);
+# one given to any other kind is refused rather than silently ignored
+FAISS_PARAM_KINDS = {"nlist": IVF_KINDS, "nprobe": IVF_KINDS, "train_size": IVF_KINDS, "coarse": IVF_KINDS,
+                     "hnsw_m": ("hnsw",), "ef_construction": ("hnsw",), "ef_search": ("hnsw",),
+                     "pq_m": ("ivf_pq",), "rescore": QUANTISED}
 EXACT_DTYPES = ("float32", "float16")
 
 
@@ -153,6 +159,7 @@ class FaissBackend(VectorBackend):
         self.kind, self.params = kind, FAISS_DEFAULTS | params
         if self.params["coarse"] not in COARSE:
             raise CirlabError(f"unknown coarse quantizer {self.params['coarse']!r}; choose one of {', '.join(COARSE)}")
+        _check_kind_params(kind, params)
         x = vectors  # rows are copied to float32 a block at a time (a memory-mapped file stays on disk)
         n, d = x.shape
         p = self.params
@@ -416,6 +423,18 @@ class MilvusBackend(VectorBackend):
 
 
 REGISTRY = {cls.name: cls for cls in (ExactBackend, FaissBackend, MilvusBackend)}
+
+
+def _check_kind_params(kind: str, params: dict) -> None:
+    """Refuses a parameter the faiss `kind` would ignore (say --coarse hnsw with kind hnsw), naming the kinds it
+    acts on."""
+    graph = kind in IVF_KINDS and params.get("coarse") == "hnsw"
+    for name in params:
+        kinds = FAISS_PARAM_KINDS[name] + (IVF_KINDS if graph and name in ("hnsw_m", "ef_construction") else ())
+        if kind not in kinds:
+            extra = " (and an IVF kind with coarse hnsw)" if name in ("hnsw_m", "ef_construction") else ""
+            raise CirlabError(f"faiss parameter {name} does not apply to kind {kind!r}: it acts on "
+                              f"{', '.join(FAISS_PARAM_KINDS[name])}{extra}")
 
 
 def _coarse_ef(index) -> None:
