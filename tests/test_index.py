@@ -57,6 +57,15 @@ def test_faiss_backends_agree_with_exact_search():
     assert faiss.downcast_index(ivf.index.quantizer).hnsw.nb_neighbors(1) == 8
 
 
+def test_index_build_refuses_bad_backend_settings_before_reading_a_checkpoint_or_an_image(tmp_path):
+    from cirlab.serving.engine import build_index
+
+    with pytest.raises(CirlabError, match="coarse does not apply to kind 'hnsw'"):
+        build_index(tmp_path / "no-checkpoint", tmp_path / "no-images", tmp_path / "ix", "faiss",
+                    {"kind": "hnsw", "coarse": "hnsw"})
+    assert not (tmp_path / "ix").exists()
+
+
 def test_multi_token_items_score_by_their_best_token(tmp_path):
     rng = np.random.default_rng(0)
     v = rng.normal(size=(30, 4, 16)).astype(np.float32)

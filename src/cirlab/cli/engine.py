@@ -78,8 +78,11 @@ def cmd_init(args) -> None:
 def cmd_index_build(args) -> None:
     from cirlab.serving.engine import build_index
 
+    from cirlab.index import check_settings
+
     if (args.checkpoint is None) == (args.method is None):
         raise CirlabError("give --checkpoint, or --method with --backbone (a method that needs no training)")
+    check_settings(args.backend, _backend_params(args))  # before --method writes its checkpoint
     checkpoint = args.checkpoint
     if args.method:
         if not args.backbone:
@@ -301,19 +304,10 @@ def _add_captioner_options(p, cache: bool = True) -> None:
     p.add_argument("--caption-base-url", help="the OpenAI-compatible server of --captioner openai")
 
 
-def _add_index_parsers(sub) -> None:
+def _add_backend_options(b) -> None:
+    """index build's choice of backend and its parameters (a FAISS one the kind does not use is refused)."""
     from cirlab.index import BACKENDS, COARSE, FAISS_KINDS
 
-    p = sub.add_parser("index", help="build and edit a persistent index of your own images")
-    isub = p.add_subparsers(dest="index_command", required=True)
-    b = isub.add_parser("build", help="embed every image under a folder (recursively) into a new index")
-    b.add_argument("--checkpoint", help="a trained or initialised checkpoint (or give --method and --backbone)")
-    b.add_argument("--method", help="a method that needs no training (image_only, text_only, sum, "
-                                    "caption_compose): its checkpoint is written to OUT/checkpoint")
-    b.add_argument("--backbone", help="with --method: a CLIP's Hugging Face id or folder")
-    b.add_argument("--config", help="with --method: the method's config as JSON (inline or a file)")
-    b.add_argument("--images", required=True)
-    b.add_argument("--out", required=True)
     b.add_argument("--backend", choices=BACKENDS, default="exact")
     b.add_argument("--faiss", choices=FAISS_KINDS, help="the FAISS index type (default flat)")
     b.add_argument("--nlist", type=int, help="ivf: number of cells (default about 4 sqrt(N))")
@@ -330,6 +324,20 @@ def _add_index_parsers(sub) -> None:
                                         "the index folder)")
     b.add_argument("--target-recall", type=float, help="faiss ivf and hnsw: calibrate nprobe or ef_search so that "
                                                          "recall@10 against exact search reaches this (e.g. 0.99)")
+
+
+def _add_index_parsers(sub) -> None:
+    p = sub.add_parser("index", help="build and edit a persistent index of your own images")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="embed every image under a folder (recursively) into a new index")
+    b.add_argument("--checkpoint", help="a trained or initialised checkpoint (or give --method and --backbone)")
+    b.add_argument("--method", help="a method that needs no training (image_only, text_only, sum, "
+                                    "caption_compose): its checkpoint is written to OUT/checkpoint")
+    b.add_argument("--backbone", help="with --method: a CLIP's Hugging Face id or folder")
+    b.add_argument("--config", help="with --method: the method's config as JSON (inline or a file)")
+    b.add_argument("--images", required=True)
+    b.add_argument("--out", required=True)
+    _add_backend_options(b)
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--limit", type=int, help="index only the first N images (by id: their paths in name order)")
     b.add_argument("--metadata", metavar="FILE", help='JSONL lines {"id" or "path": ..., KEY: VALUE, ...}: each '

@@ -452,6 +452,14 @@ def backend_class(name: str) -> type:
     return REGISTRY[name]
 
 
+def check_settings(name: str, params: dict | None) -> None:
+    """Refuses an unknown backend or bad parameters before anything is embedded or written (the exact and FAISS
+    backends; Milvus's, which need its server or file, are checked when the index is created)."""
+    cls = backend_class(name)
+    if name != "milvus":
+        cls.settings(Path("."), dict(params or {}))
+
+
 def make_backend(name: str, vectors: np.ndarray, kind: str = "flat", **params):
     """An in-process backend over `vectors`, kept in memory (Milvus collections are built by the index store,
     which names them)."""

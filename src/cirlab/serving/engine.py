@@ -26,7 +26,7 @@ from tqdm import tqdm
 from cirlab.data.images import open_image
 from cirlab.data.split import read_caption_records
 from cirlab.errors import CirlabError
-from cirlab.index import ImageIndex, check_id
+from cirlab.index import ImageIndex, check_id, check_settings
 from cirlab.types import Reference, SearchHit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -152,6 +152,7 @@ def build_index(checkpoint, images, out, backend: str = "exact", params: dict | 
     import cirlab
     from cirlab.methods import checkpoint_identity
 
+    check_settings(backend, params)  # before a single image is embedded
     items = scan_images(images)[:limit]
     metas = read_metadata(metadata, items) if metadata else None
     model = cirlab.load(checkpoint)
