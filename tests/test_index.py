@@ -184,7 +184,8 @@ def test_index_writes_validate_and_persist(tmp_path):
         ImageIndex.create(tmp_path / "ix", checkpoint="c", checkpoint_id="i", method="m", ids=[], paths=[],
                           vectors=np.zeros((0, 8)))
     files = sorted(p.name for p in (tmp_path / "ix").iterdir())
-    assert files == [".lock", "faiss-3.index", "items-3.jsonl", "manifest.json", "vectors-3.npy"]  # create, add, remove: no leftovers
+    # create, add, remove: no leftovers
+    assert files == [".lock", "faiss-3.index", "items-3.jsonl", "manifest.json", "vectors-3.npy"]
 
 
 WRITER = """
@@ -311,6 +312,18 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
                        + json.dumps({"image": str(paths[3]), "text": "make the circle red", "k": 1}) + "\n")
     lines = [json.loads(x) for x in cli("search", "--index", tmp_path / "ix", "--queries", queries).stdout.splitlines()]
     assert [h["id"] for h in lines[0]["hits"]] == expected and lines[1]["line"] == 3 and len(lines[1]["hits"]) == 1
+    _search_with_filters(cli, sum_checkpoint, gallery, ids, tmp_path)
+    queries.write_text(json.dumps({"text": "no image"}) + "\n")
+    assert "line 1 needs exactly one" in cli("search", "--index", tmp_path / "ix", "--queries", queries,
+                                             ok=False).stderr
+    by_file = json.loads(cli("search", "--index", tmp_path / "ix", "--image", paths[3], "--text",
+                             "make the circle red", "-k", "1", "--json").stdout)
+    assert by_file["hits"][0]["id"] == ids[3]  # the file itself is not excluded: it is its own nearest image
+    _edit(cli, paths, ids, tmp_path)
+
+
+def _search_with_filters(cli, sum_checkpoint, gallery, ids: list, tmp_path) -> None:
+    """An index built with a metadata sidecar answers filtered searches; an unknown condition is refused."""
     sidecar = tmp_path / "meta.jsonl"
     sidecar.write_text("".join(json.dumps({"id": i, "half": "first" if n < 40 else "second", "n": n}) + "\n"
                                for n, i in enumerate(sorted(ids))))
@@ -322,12 +335,11 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
     assert sorted(h["id"] for h in filtered) == sorted(ids)[40:43]  # fewer pass than k: all of them, no more
     assert "unknown condition" in cli("search", "--index", tmp_path / "mx", "--image-id", ids[3], "--text", "x",
                                       "--filter", '{"n": {"near": 3}}', ok=False).stderr
-    queries.write_text(json.dumps({"text": "no image"}) + "\n")
-    assert "line 1 needs exactly one" in cli("search", "--index", tmp_path / "ix", "--queries", queries,
-                                             ok=False).stderr
-    by_file = json.loads(cli("search", "--index", tmp_path / "ix", "--image", paths[3], "--text",
-                             "make the circle red", "-k", "1", "--json").stdout)
-    assert by_file["hits"][0]["id"] == ids[3]  # the file itself is not excluded: it is its own nearest image
+
+
+def _edit(cli, paths: list, ids: list, tmp_path) -> None:
+    """index add and remove change the count; unknown ids, duplicates, missing indexes and FAISS options the kind
+    ignores are refused."""
     extra = tmp_path / "extra"
     extra.mkdir()
     shutil.copy(paths[0], extra / "copy0.png")
@@ -338,6 +350,14 @@ def test_cli_builds_searches_and_edits_an_index_as_brute_force_would(sum_checkpo
     assert "already" in cli("index", "add", tmp_path / "ix", extra / "copy0.png", ok=False).stderr
     assert "no index" in cli("search", "--index", tmp_path / "none", "--image-id", "x", "--text", "t",
                              ok=False).stderr
+
+    def refused(*options) -> str:  # refused before the (missing) checkpoint or any image is read
+        return cli("index", "build", "--checkpoint", tmp_path / "none", "--images", tmp_path, "--out",
+                   tmp_path / "bad", *options, ok=False).stderr
+
+    assert "coarse does not apply to kind 'hnsw'" in refused("--backend", "faiss", "--faiss", "hnsw", "--coarse",
+                                                               "hnsw")
+    assert "--nprobe needs --backend faiss" in refused("--nprobe", "4")  # not ignored by the exact backend
 
 
 def test_kill_9_during_index_add_keeps_a_loadable_index(sum_checkpoint, gallery, world, tmp_path, cli):

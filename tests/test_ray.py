@@ -51,7 +51,7 @@ def test_ray_engine_matches_the_in_process_engine(local_ray, world, clip_dir, tm
     for name, engine in (("local", "local"), ("ray", "ray")):
         edit_split("synth", world, "train", editor(), tmp_path / f"edit-{name}", n=2, batch_size=4, progress=False,
                    limit=6, engine=engine, editor_factory=editor, concurrency=2)
-    local, remote = records(tmp_path / "edit-local" / "manifest.jsonl"), records(tmp_path / "edit-ray" / "manifest.jsonl")
+    local, remote = (records(tmp_path / f"edit-{name}" / "manifest.jsonl") for name in ("local", "ray"))
     assert local == remote and len(local) == 12
     for r in local.values():  # the same pixels, written by this process from the actors' images
         assert (tmp_path / "edit-local" / r["file"]).read_bytes() == (tmp_path / "edit-ray" / r["file"]).read_bytes()

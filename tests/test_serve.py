@@ -347,48 +347,8 @@ def test_the_web_page_converses_from_the_keyboard_in_a_real_browser(server, tmp_
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no horizontal scroll at 390 px
         assert page.locator("#reference").is_hidden() and page.locator("#no-reference").is_visible()
 
-        def tab_to(test: str, back: bool = False) -> str:
-            for _ in range(250):
-                page.keyboard.press("Shift+Tab" if back else "Tab")
-                if page.evaluate(f"(() => {{ const e = document.activeElement; return !!e && ({test}); }})()"):
-                    return page.evaluate("document.activeElement.dataset.id || document.activeElement.id")
-            raise AssertionError(f"the keyboard never reached {test}")
-
-        first = tab_to("e.classList.contains('cell') && !!e.closest('#gallery')")
-        page.keyboard.press("Enter")
-        assert page.locator("#reference").is_visible() and "is the reference" in page.locator("#status").inner_text()
-        tab_to("e.id === 'text'", back=True)
-        page.keyboard.type("make the circle red")
-        page.keyboard.press("Enter")
-        page.wait_for_selector("#turns li")
-        assert page.locator("#turns li").nth(0).inner_text().startswith(f"1. from {first}")
-        pick = tab_to("e.classList.contains('cell') && !!e.closest('#results')")
-        page.keyboard.press("Enter")
-        tab_to("e.id === 'text'", back=True)
-        page.keyboard.press("Control+A")
-        page.keyboard.type("now make it larger")
-        page.keyboard.press("Enter")
-        page.locator("#turns li").nth(1).wait_for()  # no wait_for_function: the page's CSP forbids eval
-        assert page.locator("#turns li").nth(1).inner_text().startswith(f"2. from {pick}")
-        assert "Turn 2" in page.locator("#status").inner_text()  # announced (aria-live)
-
-        liked = page.locator("#results .cell").nth(1)
-        liked_id = liked.get_attribute("data-id")
-        liked.locator("button.more").click()
-        assert liked.locator("button.more").get_attribute("aria-pressed") == "true"
-        page.locator("#results .cell").nth(0).click()
-        page.fill("#text", "and make it blue")
-        page.click("#search")
-        page.locator("#turns li").nth(2).wait_for()
-        assert liked_id not in [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
-
-        page.select_option("#filter-row", label="even")
-        page.locator("#gallery .cell").nth(5).click()
-        page.fill("#text", "make the circle red")
-        page.click("#search")
-        page.locator("#turns li").nth(3).wait_for()
-        shown = [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
-        assert shown and set(shown) <= even  # only items whose metadata passes the filter
+        _two_turns_from_the_keyboard(page)
+        _feedback_and_a_filter_with_the_mouse(page, even)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         assert not failed, failed  # favicon, images, sessions: nothing the page asked for failed
 
@@ -398,6 +358,56 @@ def test_the_web_page_converses_from_the_keyboard_in_a_real_browser(server, tmp_
         assert page.locator("#error").get_attribute("role") == "alert"
         assert "say what to change" in page.locator("#error").inner_text()
         browser.close()
+
+
+def _two_turns_from_the_keyboard(page) -> None:
+    """Tab to a gallery image, Enter to choose it, type a change, Enter; then a result as the next reference."""
+
+    def tab_to(test: str, back: bool = False) -> str:
+        for _ in range(250):
+            page.keyboard.press("Shift+Tab" if back else "Tab")
+            if page.evaluate(f"(() => {{ const e = document.activeElement; return !!e && ({test}); }})()"):
+                return page.evaluate("document.activeElement.dataset.id || document.activeElement.id")
+        raise AssertionError(f"the keyboard never reached {test}")
+
+    first = tab_to("e.classList.contains('cell') && !!e.closest('#gallery')")
+    page.keyboard.press("Enter")
+    assert page.locator("#reference").is_visible() and "is the reference" in page.locator("#status").inner_text()
+    tab_to("e.id === 'text'", back=True)
+    page.keyboard.type("make the circle red")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#turns li")
+    assert page.locator("#turns li").nth(0).inner_text().startswith(f"1. from {first}")
+    pick = tab_to("e.classList.contains('cell') && !!e.closest('#results')")
+    page.keyboard.press("Enter")
+    tab_to("e.id === 'text'", back=True)
+    page.keyboard.press("Control+A")
+    page.keyboard.type("now make it larger")
+    page.keyboard.press("Enter")
+    page.locator("#turns li").nth(1).wait_for()  # no wait_for_function: the page's CSP forbids eval
+    assert page.locator("#turns li").nth(1).inner_text().startswith(f"2. from {pick}")
+    assert "Turn 2" in page.locator("#status").inner_text()  # announced (aria-live)
+
+
+def _feedback_and_a_filter_with_the_mouse(page, even: set) -> None:
+    """A result marked "more like this" stays out of the next turn; a metadata filter keeps out what fails it."""
+    liked = page.locator("#results .cell").nth(1)
+    liked_id = liked.get_attribute("data-id")
+    liked.locator("button.more").click()
+    assert liked.locator("button.more").get_attribute("aria-pressed") == "true"
+    page.locator("#results .cell").nth(0).click()
+    page.fill("#text", "and make it blue")
+    page.click("#search")
+    page.locator("#turns li").nth(2).wait_for()
+    assert liked_id not in [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
+
+    page.select_option("#filter-row", label="even")
+    page.locator("#gallery .cell").nth(5).click()
+    page.fill("#text", "make the circle red")
+    page.click("#search")
+    page.locator("#turns li").nth(3).wait_for()
+    shown = [c.get_attribute("data-id") for c in page.locator("#results .cell").all()]
+    assert shown and set(shown) <= even  # only items whose metadata passes the filter
 
 
 def test_commits_by_another_process_reach_the_service_and_broken_references_get_json(server, index_dir):

@@ -29,7 +29,7 @@ def pixel_key(img: Image.Image) -> str:
     return hashlib.sha1(np.asarray(img.convert("RGB")).tobytes()).hexdigest()
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--port", type=int, default=0)
@@ -40,18 +40,16 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--api-key")
     ap.add_argument("--folder", action="append", help="image folders of the world to recognise (default: dev)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def make_handler(args, graphs: dict, by_pixels: dict) -> type:
+    """The request handler: recognises the image by its pixels and answers with its oracle captions (or fails as
+    the options ask: the first requests, malformed or prose answers, a wrong key)."""
     from cirlab.data.synth.world import graph_to_scene, oracle_captions
 
-    root = Path(args.data_root)
-    graphs = json.loads((root / "synth" / "scenes.json").read_text())
-    by_pixels = {}
-    for split in args.folder or ["dev"]:
-        for png in sorted((root / split).glob("*.png")):
-            by_pixels[pixel_key(Image.open(png))] = png.stem
     lock = threading.Lock()
-    state = {"requests": 0, "malformed_done": set()}
+    state = {"requests": 0}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -94,14 +92,24 @@ def main() -> None:
                              "choices": [{"index": 0, "finish_reason": "stop",
                                           "message": {"role": "assistant", "content": text}}]})
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    return Handler
+
+
+def main() -> None:
+    args = parse()
+    root = Path(args.data_root)
+    graphs = json.loads((root / "synth" / "scenes.json").read_text())
+    by_pixels = {}
+    for split in args.folder or ["dev"]:
+        for png in sorted((root / split).glob("*.png")):
+            by_pixels[pixel_key(Image.open(png))] = png.stem
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args, graphs, by_pixels))
     print(f"ready {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     sys.exit(0)
-
 
 if __name__ == "__main__":
     main()

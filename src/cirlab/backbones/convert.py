@@ -24,7 +24,8 @@ def _fold_pre_layernorm(clip_vision, blip_embeddings, calib_pixels: torch.Tensor
     centre = torch.eye(d) - torch.full((d, d), 1.0 / d)  # x -> x - mean(x)
     g, b = ln.weight / std, ln.bias
     w = emb.patch_embedding.weight.flatten(1)  # (D, 3*p*p); CLIP's patch conv has no bias
-    blip_embeddings.patch_embedding.weight.copy_((g[:, None] * (centre @ w)).view_as(blip_embeddings.patch_embedding.weight))
+    conv = blip_embeddings.patch_embedding.weight
+    conv.copy_((g[:, None] * (centre @ w)).view_as(conv))
     blip_embeddings.patch_embedding.bias.copy_(b)
     pos = emb.position_embedding.weight  # (1+P, D)
     new_pos = g * (pos @ centre.t())  # patch positions: the linear part; the bias b sits in the conv

@@ -26,23 +26,22 @@ def _captioner(args):
     return factory() if factory else None
 
 
+FAISS_OPTIONS = ("faiss", "nlist", "nprobe", "hnsw_m", "ef_search", "pq_m", "rescore", "coarse")
+
+
 def _backend_params(args) -> dict:
+    given = [name for name in FAISS_OPTIONS if getattr(args, name) is not None]
+    if args.backend != "faiss" and given:
+        raise CirlabError(f"--{given[0].replace('_', '-')} needs --backend faiss")
     if args.backend == "milvus":
         return {"uri": args.milvus_uri} if args.milvus_uri else {}
     if args.milvus_uri:
         raise CirlabError("--milvus-uri needs --backend milvus")
     if args.backend != "faiss":
-        if args.faiss is not None:
-            raise CirlabError("--faiss needs --backend faiss")
         return {"dtype": args.dtype} if args.dtype else {}
     if args.dtype:
         raise CirlabError("--dtype goes with --backend exact (FAISS's quantised kinds: --faiss ivf_sq8 or ivf_pq)")
-    params = {"kind": args.faiss or "flat"}
-    for name in ("nlist", "nprobe", "hnsw_m", "ef_search", "pq_m", "rescore", "coarse"):
-        value = getattr(args, name)
-        if value is not None:
-            params[name] = value
-    return params
+    return {"kind": args.faiss or "flat"} | {name: getattr(args, name) for name in given if name != "faiss"}
 
 
 def _method_config(args) -> dict:

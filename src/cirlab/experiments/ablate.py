@@ -50,8 +50,8 @@ def _quick_profile():
     base = PROFILES["full"]
     return DemoProfile(
         world="small",
-        backbones={"clip": base.backbones["clip"] | {"pretrain": base.backbones["clip"]["pretrain"] | {"epochs": 4}},
-                   "blip2": base.backbones["blip2"] | {"pretrain": base.backbones["blip2"]["pretrain"] | {"epochs": 3}}},
+        backbones={name: base.backbones[name] | {"pretrain": base.backbones[name]["pretrain"] | {"epochs": epochs}}
+                   for name, epochs in (("clip", 4), ("blip2", 3))},
         train=base.train, method_train=base.method_train | {"tmcir": {"epochs": 2}},
         method_config=base.method_config, stage1=base.stage1, zero_shot=base.zero_shot)
 COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1")

@@ -230,8 +230,9 @@ class FaissBackend(VectorBackend):
 
         backend = cls(vectors, **params)
         backend.files = {"faiss": f"faiss-{generation}.index"}
+        # streamed to the file: serialising to memory first held the index two or three times over at once
         write_atomic(Path(folder) / backend.files["faiss"],
-                     lambda f: f.write(faiss.serialize_index(backend.index).tobytes()))
+                     lambda f: faiss.write_index(backend.index, faiss.PyCallbackIOWriter(f.write)))
         return backend
 
     @classmethod

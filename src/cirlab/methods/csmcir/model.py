@@ -5,7 +5,8 @@ reference image's ViT patches; the hidden state at the first text position, proj
 Target (`target_tower="symmetric"`): the same Q-Former, same parameters, runs on the target image's patches with
 that image's caption (the MCoT `final_caption`). Loss: InfoNCE over the batch plus, when it is on, negatives from
 the memory bank (layers/memory_bank.py; off by default since no reading of it helped over 3 seeds, see
-BANK_DEFAULTS and docs/seed-claims.md). The ViT is frozen; the Q-Former, its embeddings, query tokens and projections train.
+BANK_DEFAULTS and docs/seed-claims.md). The ViT is frozen; the Q-Former, its embeddings, query tokens and projections
+train.
 
 Interpretation (the full paper is not available), each a config field:
 - `target_tokens="multi"`: the target is its Q query-token outputs (N, Q, D) and the similarity is the maximum over
