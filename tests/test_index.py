@@ -53,8 +53,13 @@ def test_faiss_backends_agree_with_exact_search():
             make_backend("faiss", x, kind, **params)  # refused, not silently ignored
     import faiss
 
-    ivf = make_backend("faiss", x, "ivf", nlist=4, coarse="hnsw", hnsw_m=8)  # keeps the quantizer it owns alive
+    ivf = make_backend("faiss", x, "ivf", nlist=64, coarse="hnsw", hnsw_m=8)  # keeps the quantizer it owns alive
     assert faiss.downcast_index(ivf.index.quantizer).hnsw.nb_neighbors(1) == 8
+    centroids, lists = ivf.index.quantizer.reconstruct_n(0, 64), ivf.index.invlists
+    rows = [faiss.rev_swig_ptr(lists.get_ids(c), lists.list_size(c)).copy() for c in range(64)]
+    assert sorted(np.concatenate(rows)) == list(range(len(x)))  # every row once, under its own id
+    for c, ids in enumerate(rows):  # the graph finds cells for queries; rows go to their nearest centroid exactly
+        assert (np.argmax(x[ids] @ centroids.T, axis=1) == c).all()
 
 
 def test_index_build_refuses_bad_backend_settings_before_reading_a_checkpoint_or_an_image(tmp_path):

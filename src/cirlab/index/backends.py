@@ -172,8 +172,14 @@ class FaissBackend(VectorBackend):
         else:
             index = self._ivf(faiss, kind, x, p)
         if n:
+            cells = _exact_cells(faiss, index) if kind in IVF_KINDS and p["coarse"] == "hnsw" else None
             for lo in range(0, n, 200_000):  # added in blocks: a memory-mapped input is read a block at a time
-                index.add(np.ascontiguousarray(x[lo:lo + 200_000], dtype=np.float32))
+                block = np.ascontiguousarray(x[lo:lo + 200_000], dtype=np.float32)
+                if cells is None:
+                    index.add(block)
+                else:  # each row to its nearest centroid, found exactly (one product), not through the graph
+                    nearest = np.ascontiguousarray(cells.search(block, 1)[1].ravel())
+                    index.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(nearest))
         self.index, self.dim = index, d
         self.rescore_rows = vectors if kind in QUANTISED and int(p["rescore"]) > 0 else None
         self.rescore = int(p["rescore"]) if kind in QUANTISED else 0
@@ -209,7 +215,7 @@ class FaissBackend(VectorBackend):
         if p["coarse"] == "hnsw":  # k-means assigns with exact search; the graph is built over its centroids
             self._clustering = index.clustering_index = faiss.IndexFlatIP(d)
         index.nprobe = min(int(p["nprobe"]), nlist)
-        _coarse_ef(index)  # before the rows are added: they are assigned to cells through the same graph
+        _coarse_ef(index)  # the graph's search breadth follows nprobe
         if n:
             take = min(n, max(int(p["train_size"]), 39 * nlist))
             picks = np.sort(np.random.default_rng(0).choice(n, size=take, replace=False)) if take < n else slice(None)
@@ -436,6 +442,15 @@ def _check_kind_params(kind: str, params: dict) -> None:
             extra = " (and an IVF kind with coarse hnsw)" if name in ("hnsw_m", "ef_construction") else ""
             raise CirlabError(f"faiss parameter {name} does not apply to kind {kind!r}: it acts on "
                               f"{', '.join(FAISS_PARAM_KINDS[name])}{extra}")
+
+
+def _exact_cells(faiss, index):
+    """A flat index over the IVF index's centroids: rows are assigned to cells through it, so an HNSW coarse
+    quantizer serves searches only. Assigning through the graph was approximate and, at 10M rows on 2 cores,
+    slower than this one matrix product a block (720 s against 482 s for the flat quantizer's build)."""
+    flat = faiss.IndexFlatIP(index.d)
+    flat.add(index.quantizer.reconstruct_n(0, index.nlist))
+    return flat
 
 
 def _coarse_ef(index) -> None:
