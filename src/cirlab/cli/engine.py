@@ -75,9 +75,8 @@ def cmd_init(args) -> None:
 
 
 def cmd_index_build(args) -> None:
-    from cirlab.serving.engine import build_index
-
     from cirlab.index import check_settings
+    from cirlab.serving.engine import build_index
 
     if (args.checkpoint is None) == (args.method is None):
         raise CirlabError("give --checkpoint, or --method with --backbone (a method that needs no training)")
