@@ -80,7 +80,8 @@ def cmd_index_build(args) -> None:
 
     if (args.checkpoint is None) == (args.method is None):
         raise CirlabError("give --checkpoint, or --method with --backbone (a method that needs no training)")
-    check_settings(args.backend, _backend_params(args))  # before --method writes its checkpoint
+    params = _backend_params(args)
+    check_settings(args.backend, params)  # before --method writes its checkpoint
     checkpoint = args.checkpoint
     if args.method:
         if not args.backbone:
@@ -88,7 +89,7 @@ def cmd_index_build(args) -> None:
         checkpoint = init_checkpoint(args.method, args.backbone, Path(args.out) / "checkpoint", _method_config(args))
     elif args.backbone or args.config:
         raise CirlabError("--backbone and --config go with --method, not --checkpoint")
-    index = build_index(checkpoint, args.images, args.out, args.backend, _backend_params(args), args.captions,
+    index = build_index(checkpoint, args.images, args.out, args.backend, params, args.captions,
                         _captioner(args), args.batch_size, progress=not args.no_progress, engine=args.engine,
                         address=args.ray_address, concurrency=args.concurrency_ray, limit=args.limit,
                         captioner_factory=_captioner_factory(args), metadata=args.metadata)

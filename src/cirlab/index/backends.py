@@ -65,6 +65,12 @@ class VectorBackend:
         return {}
 
     @classmethod
+    def check(cls, params: dict) -> None:
+        """Refuses bad parameters with no side effect, before anything is embedded or written (by default what
+        `settings` refuses; a backend whose settings reach a server or a file checks less here)."""
+        cls.settings(Path("."), dict(params))
+
+    @classmethod
     def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "VectorBackend":
         return cls(vectors)
 
@@ -184,7 +190,7 @@ class FaissBackend(VectorBackend):
         self.rescore_rows = vectors if kind in QUANTISED and int(p["rescore"]) > 0 else None
         self.rescore = int(p["rescore"]) if kind in QUANTISED else 0
         self.actual = {"kind": kind} | (
-            {"nlist": index.nlist, "nprobe": index.nprobe, "coarse": p["coarse"]} if kind.startswith("ivf") else
+            {"nlist": index.nlist, "nprobe": index.nprobe, "coarse": p["coarse"]} if kind in IVF_KINDS else
             {"hnsw_m": int(p["hnsw_m"]), "ef_construction": index.hnsw.efConstruction,
              "ef_search": index.hnsw.efSearch} if kind == "hnsw" else {}) | (
             {"rescore": self.rescore, "code_bytes": int(index.code_size)} if kind in QUANTISED else {}) | (
@@ -355,6 +361,10 @@ class MilvusBackend(VectorBackend):
         return params
 
     @classmethod
+    def check(cls, params: dict) -> None:
+        """Nothing to check without connecting: `settings` connects when the index is created."""
+
+    @classmethod
     def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "MilvusBackend":
         backend = cls.create(vectors, params["uri"], f"{params['collection']}_g{generation}",
                              params.get("index_type", "FLAT"))
@@ -469,11 +479,8 @@ def backend_class(name: str) -> type:
 
 
 def check_settings(name: str, params: dict | None) -> None:
-    """Refuses an unknown backend or bad parameters before anything is embedded or written (the exact and FAISS
-    backends; Milvus's, which need its server or file, are checked when the index is created)."""
-    cls = backend_class(name)
-    if name != "milvus":
-        cls.settings(Path("."), dict(params or {}))
+    """Refuses an unknown backend or bad parameters before anything is embedded or written (`VectorBackend.check`)."""
+    backend_class(name).check(dict(params or {}))
 
 
 def make_backend(name: str, vectors: np.ndarray, kind: str = "flat", **params):
