@@ -117,7 +117,6 @@ def test_caption_compose_reads_the_captions_stored_at_ingest(clip_dir, world, tm
 
     import cirlab
     from cirlab.data.images import open_image
-    from cirlab.serving.service import SearchService, ServiceError
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -147,11 +146,21 @@ def test_caption_compose_reads_the_captions_stored_at_ingest(clip_dir, world, tm
     ranked = [ids[j] for j in scores[0].argsort(descending=True).tolist() if ids[j] != q.reference]
     assert [h["id"] for h in hits] == ranked[:10]
     assert q.targets[0] in ranked[:5]
-    err = cli("search", "--index", tmp_path / "ix", "--image", photos / "test1-00001.png", "--text", q.text,
-              ok=False).stderr
+    _an_upload_is_described_by_the_captioner(tmp_path / "ix", photos / "test1-00001.png", q.text, model)
+
+
+def _an_upload_is_described_by_the_captioner(ix, upload, text: str, model) -> None:
+    """An image that is not in the index needs a captioner (a clear CLI error, a 422 from the service); with one,
+    its description and the text are composed."""
+    import torch
+
+    from cirlab.data.images import open_image
+    from cirlab.serving.service import SearchService, ServiceError
+
+    err = cli("search", "--index", ix, "--image", upload, "--text", text, ok=False).stderr
     assert "needs a captioner" in err
     with pytest.raises(ServiceError) as e:
-        SearchService(tmp_path / "ix").search(q.text, image=(photos / "test1-00001.png").read_bytes())
+        SearchService(ix).search(text, image=upload.read_bytes())
     assert e.value.status == 422
 
     class Fixed:
@@ -165,14 +174,13 @@ def test_caption_compose_reads_the_captions_stored_at_ingest(clip_dir, world, tm
 
     from cirlab.serving.engine import Engine
 
-    engine = Engine(tmp_path / "ix", captioner=Fixed())
-    vector = engine.query_vector(open_image(photos / "test1-00001.png"), "make it blue")
+    engine = Engine(ix, captioner=Fixed())
+    vector = engine.query_vector(open_image(upload), "make it blue")
     assert len(Fixed.seen) == 1 and engine.model.stats.failed == 1  # an upload is no query the oracle knows
     with torch.no_grad():  # so its description falls back to the captioner's description and the text
         expected = model.text_feature(["a red circle make it blue"])[0]
     assert np.allclose(vector, expected.numpy(), atol=1e-5)
-    hits = SearchService(tmp_path / "ix", captioner=Fixed()).search("make it blue",
-                                                                    image=(photos / "test1-00001.png").read_bytes())
+    hits = SearchService(ix, captioner=Fixed()).search("make it blue", image=upload.read_bytes())
     assert len(hits["hits"]) == 10
 
 
