@@ -135,5 +135,7 @@ def test_fast_layers_match_transformers_layers(tmp_path):
     torch.testing.assert_close(img, img0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(txt, txt0, atol=1e-5, rtol=1e-5)
     assert grads.keys() == grads0.keys() and any("patch_embedding" in n for n in grads)
+    # gradients sum more terms in another order: on an AMD EPYC with one thread (AVX2 kernels) one element of the
+    # token table's 1.6 M differed by 2.2e-5; the features above stay at 1e-5, where silu(1.70 x) / 1.70 fails
     for name, g in grads0.items():
-        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
