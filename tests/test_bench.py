@@ -98,11 +98,12 @@ def test_search_bench_counts_what_an_ivf_query_reads_and_tunes_to_its_targets(tm
     doc = json.loads(out.read_text())
     rows = doc["rows"]  # glibc's malloc left as it was in this (the test's) process
     assert doc["malloc_mmap_threshold"] is None and all(r["rss_anon_gb"] > 0 for r in rows if "target_recall" in r)
-    assert [r["backend"].split(" (")[0] for r in rows] == ["brute force", "faiss flat"] + 2 * ["faiss ivf",
-                                                                                            "faiss ivf_sq8"]
-    assert [r.get("coarse") for r in rows[2:]] == ["flat", "flat", "hnsw", "hnsw"]
-    assert rows[1]["recall_at_10"] == 1.0
-    for row in rows[2:]:
+    assert [r["backend"] for r in rows[:3]] == ["brute force (torch matmul)", "brute force (numpy matmul)",
+                                                "faiss flat"]
+    assert [r["backend"].split(" (")[0] for r in rows[3:]] == 2 * ["faiss ivf", "faiss ivf_sq8"]
+    assert [r.get("coarse") for r in rows[3:]] == ["flat", "flat", "hnsw", "hnsw"]
+    assert rows[1]["recall_at_10"] == rows[2]["recall_at_10"] == 1.0
+    for row in rows[3:]:
         assert row["tune_recall"] >= 0.9 and 0 < row["scanned_rows"] <= 3000 and row["read_gb_per_s"] > 0
     # the graph computes distances to some centroids; the flat quantizer to all of them (nlist 4 sqrt(3000) = 76)
-    assert 0 < rows[4]["centroid_mb"] and rows[2]["centroid_mb"] == round(76 * 16 * 4 / 1e6, 4)
+    assert 0 < rows[5]["centroid_mb"] and rows[3]["centroid_mb"] == round(76 * 16 * 4 / 1e6, 4)
