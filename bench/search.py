@@ -78,6 +78,35 @@ class NumpyBrute:
         return np.take_along_axis(scores, rows, 1), rows
 
 
+def brute_row(label: str, backend, build_s: float, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+              baseline_p50: float | None = None) -> dict:
+    """A brute-force row: every query reads all of `x`, so its read rate is x's bytes over the p50; the speed-up is
+    against `baseline_p50` (None: this row is the baseline)."""
+    m = measure(backend, queries, truth)
+    return {"backend": label, "build_s": round(build_s, 2), **m, "bytes_per_vector": 4 * x.shape[1],
+            "speedup_vs_brute_p50": round((baseline_p50 or m["p50_ms"]) / m["p50_ms"], 1),
+            "read_gb_per_s": round(x.nbytes / 1e6 / m["p50_ms"], 1), "rss_anon_gb": round(anon_gb(), 2)}
+
+
+def brute_rows(x: np.ndarray, tune_q: np.ndarray, eval_q: np.ndarray, skip: set, report) -> tuple:
+    """Exact search on torch (the baseline; it also gives the true top 10 of both query sets) and on numpy, each
+    handed to `report` and freed before the next: ({"tune", "eval"} -> true rows, torch's row)."""
+    t = time.perf_counter()
+    exact = ExactBackend(x)
+    exact_build = time.perf_counter() - t
+    truth = {name: np.concatenate([exact.search(q[lo:lo + 64], 10)[1] for lo in range(0, len(q), 64)])
+             for name, q in (("tune", tune_q), ("eval", eval_q))}  # 64 at a time: 200 x 10M scores are 8 GB
+    brute = brute_row("brute force (torch matmul)", exact, exact_build, x, eval_q, truth["eval"])
+    report(brute)
+    del exact
+    if "numpy" not in skip:
+        t = time.perf_counter()
+        plain = NumpyBrute(x)
+        report(brute_row("brute force (numpy matmul)", plain, time.perf_counter() - t, x, eval_q, truth["eval"],
+                         brute["p50_ms"]))
+    return truth, brute
+
+
 def index_bytes(backend) -> int:
     """The index's size as FAISS writes it, streamed to a temporary file: serialising to memory holds up to three
     copies of the index at once (a doubling buffer, then the array), which killed a 10M x 256 run at 24 GB."""
@@ -206,27 +235,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
-    t = time.perf_counter()
-    exact = ExactBackend(x)
-    exact_build = time.perf_counter() - t
-    truth = {name: np.concatenate([exact.search(q[lo:lo + 64], 10)[1] for lo in range(0, len(q), 64)])
-             for name, q in (("tune", tune_q), ("eval", eval_q))}  # 64 at a time: 200 x 10M scores are 8 GB
-    brute = measure(exact, eval_q, truth["eval"])
-    report({"backend": "brute force (torch matmul)", "build_s": round(exact_build, 2), **brute,
-            "bytes_per_vector": 4 * args.dim, "speedup_vs_brute_p50": 1.0,
-            "read_gb_per_s": round(4 * args.dim * args.n / 1e6 / brute["p50_ms"], 1),
-            "rss_anon_gb": round(anon_gb(), 2)})
-    del exact
-    if "numpy" not in skip:
-        t = time.perf_counter()
-        plain = NumpyBrute(x)
-        numpy_build = time.perf_counter() - t
-        m = measure(plain, eval_q, truth["eval"])
-        report({"backend": "brute force (numpy matmul)", "build_s": round(numpy_build, 2), **m,
-                "bytes_per_vector": 4 * args.dim, "speedup_vs_brute_p50": round(brute["p50_ms"] / m["p50_ms"], 1),
-                "read_gb_per_s": round(4 * args.dim * args.n / 1e6 / m["p50_ms"], 1),
-                "rss_anon_gb": round(anon_gb(), 2)})
-        del plain
+    truth, brute = brute_rows(x, tune_q, eval_q, skip, report)
 
     def tuned_rows(label: str, backend, build_s: float, extra: dict) -> None:
         size = index_bytes(backend) / args.n
