@@ -50,7 +50,10 @@ def cmd_synth(args) -> None:
 
     if args.chains < 0:
         raise CirlabError(f"--chains must be at least 0, got {args.chains}")
-    root = write_world(args.out, seed=args.seed, size=args.size, progress=not args.no_progress, chains=args.chains)
+    if args.workers is not None and args.workers < 1:
+        raise CirlabError(f"--workers must be at least 1, got {args.workers}")
+    root = write_world(args.out, seed=args.seed, size=args.size, progress=not args.no_progress, chains=args.chains,
+                       workers=args.workers)
     extra = f", with {args.chains} multi-turn chains" if args.chains else ""
     print(f"wrote the synthetic world (seed {args.seed}, size {args.size}{extra}) to {root}")
 
@@ -451,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("small", "default"), default="default")
     p.add_argument("--chains", type=int, default=0, help="also write N multi-turn chains (2 and 3 edits, each "
                                                          "turn's target in the gallery): `cirlab eval --split chains`")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that render the images (default: one per core); the files are the same")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synth)
 

@@ -60,12 +60,17 @@ def open_image(path) -> Image.Image:
 
 
 class PixelStore:
-    """Decoded, resized uint8 pixels of a set of named images, loaded once and kept in memory."""
+    """Decoded, resized uint8 pixels of a set of named images, loaded once and kept in memory; or, when the
+    `CIRLAB_PIXEL_CACHE` folder holds a cache of exactly these files at this size (data/pixel_cache.py), read from
+    it memory-mapped, with nothing decoded."""
 
     def __init__(self, paths: dict, preprocess: Preprocess):
+        from cirlab.data import pixel_cache
+
         self.paths, self.preprocess = paths, preprocess
         self._index: dict = {}
         self._rows: list = []
+        self._cache = pixel_cache.lookup(paths, preprocess.size)
 
     def _load(self, name: str) -> int:
         if name not in self._index:
@@ -76,6 +81,12 @@ class PixelStore:
         return self._index[name]
 
     def uint8(self, names) -> torch.Tensor:
+        if self._cache is not None:
+            rows, pixels = self._cache
+            try:
+                return torch.from_numpy(pixels[[rows[n] for n in names]])  # (B, 3, S, S), a copy
+            except KeyError as e:
+                raise CirlabError(f"image id {e.args[0]!r} is not in the split's image list") from None
         return torch.stack([self._rows[self._load(n)] for n in names])  # (B, 3, S, S)
 
     def pixels(self, names) -> torch.Tensor:

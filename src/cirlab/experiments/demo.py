@@ -6,8 +6,10 @@ every registered method on test1, and write results.json, report.md and a PNG gr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -333,8 +335,45 @@ def run_demo(out, seed: int = 0, profile_name: str = "default", progress: bool =
 
     check_device(device)
     malloc = {"main": allocator.prepare()}
-    data, ckpts = out / "data", out / "checkpoints"
+    data = out / "data"
     ensure_world(data, seed, profile.world, progress, log)
+    with pixel_caches(data, out / "cache" / "pixels", log):
+        return _run_after_world(out, data, seed, profile_name, profile, progress, extra, workers, device, t0, log,
+                                speed, malloc)
+
+
+@contextlib.contextmanager
+def pixel_caches(data: Path, root: Path, log):
+    """Decode the train and test1 galleries once (data/pixel_cache.py, one process per core) and point
+    `CIRLAB_PIXEL_CACHE` at them for this process and the lanes it starts; the variable is restored after."""
+    from cirlab.data import pixel_cache
+    from cirlab.data.readers import read_split
+
+    size = json.loads((data / "synth" / "world.json").read_text())["image_size"]
+    t, n = time.time(), 0
+    for split in ("train", "test1"):
+        gallery = read_split("synth", data, split).gallery
+        pixel_cache.build(gallery, size, root, workers=machine.cores())
+        n += len(gallery)
+    log(f"pixels: {n} images decoded once into {root} ({time.time() - t:.1f} s)")
+    before = os.environ.get(pixel_cache.ENV)
+    os.environ[pixel_cache.ENV] = str(root)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(pixel_cache.ENV, None)
+        else:
+            os.environ[pixel_cache.ENV] = before
+
+
+def _run_after_world(out: Path, data: Path, seed: int, profile_name: str, profile: DemoProfile, progress: bool,
+                     extra: tuple, workers: int | None, device: str, t0: float, log, speed: dict,
+                     malloc: dict) -> dict:
+    """The demo from its backbones on: pretraining, the lanes, the results."""
+    from cirlab.methods import REGISTRY
+
+    ckpts = out / "checkpoints"
     methods = _methods(profile, extra, REGISTRY)
     lanes = _lanes(methods, REGISTRY, profile)
     timings = {}

@@ -93,6 +93,11 @@ PROFILES = {"default": replace(
     _FULL,
     backbones={"clip": _FULL.backbones["clip"] | {"pretrain": _FULL.backbones["clip"]["pretrain"] | {"epochs": 2}},
                "blip2": _FULL.backbones["blip2"] | {"pretrain": _FULL.backbones["blip2"]["pretrain"] | {"epochs": 1}}},
-    zero_shot={name: spec | {"stage1": spec["stage1"] | {"epochs": 1}} for name, spec in ZERO_SHOT.items()},
+    train=_FULL.train | {"epochs": 2, "steps_per_epoch": 190},
+    method_train={"csmcir": _FULL.method_train["csmcir"] | {"epochs": 2, "steps_per_epoch": 760}},
+    stage1={"tmcir": _FULL.stage1["tmcir"] | {"limit": 8000}},
+    zero_shot={name: spec | {"stage1": spec["stage1"] | {"epochs": 1}}
+               | ({"stage2": spec["stage2"] | {"epochs": 5}} if spec["stage2"] else {})
+               for name, spec in ZERO_SHOT.items()},
     seconds=DEFAULT_SECONDS),
     **PROFILES}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from cirlab.data.synth.world import (CELLS, COLOURS, HELD_OUT_PAIRS, HELD_OUT_TE
                                      random_scene, render, scene_allowed, scene_key, scene_to_graph)
 
 WORLD_VERSION = "synth-v1"
+RENDER_CHUNK = 256  # scenes a render worker takes at a time
 ORACLE_MODEL = "cirlab-oracle"
 ORACLE_PROMPT_VERSION = "oracle-v1"
 
@@ -242,18 +245,50 @@ def generate_chains(seed: int, n: int, size: WorldSize, max_turns: int = 3) -> t
     return chains, pool
 
 
+def _render_chunk(jobs: list, image_size: int) -> int:
+    """Render and write (target path, scene) jobs; a worker process's unit of work."""
+    for target, scene in jobs:
+        _write_bytes(target, _png_bytes(scene, image_size))
+    return len(jobs)
+
+
 def _write_pool(root: Path, folder: str, pool: ImagePool, desc: str, name_to_file=None,
-                progress: bool = True) -> dict:
-    """Render every scene of the pool to PNG; returns name -> relative path."""
-    paths = {}
+                progress: bool = True, renders: list | None = None) -> dict:
+    """Render every scene of the pool to PNG; returns name -> relative path. With `renders` (a `Renders`) the
+    scenes are handed to its worker processes and rendered while the caller goes on; each image is a function of
+    its scene alone, so the files are the same."""
+    paths, jobs = {}, []
     (root / folder).mkdir(parents=True, exist_ok=True)
-    for name, scene in tqdm(sorted(pool.scenes.items()), desc=desc, leave=False, mininterval=1.0,
-                            disable=not progress):
+    for name, scene in sorted(pool.scenes.items()):
         fname = name_to_file(name) if name_to_file else f"{name}.png"
-        target = root / folder / fname
-        _write_bytes(target, _png_bytes(scene, pool.image_size))
+        jobs.append((root / folder / fname, scene))
         paths[name] = f"./{folder}/{fname}"
+    if renders is not None:
+        renders.submit(jobs, pool.image_size)
+        return paths
+    for job in tqdm(jobs, desc=desc, leave=False, mininterval=1.0, disable=not progress):
+        _render_chunk([job], pool.image_size)
     return paths
+
+
+class Renders:
+    """Images rendered by worker processes while the world's next split is generated; `wait` blocks until every
+    submitted image is on disk (and re-raises a worker's error)."""
+
+    def __init__(self, executor, progress: bool):
+        self.executor, self.progress, self.futures = executor, progress, []
+
+    def submit(self, jobs: list, image_size: int) -> None:
+        for i in range(0, len(jobs), RENDER_CHUNK):
+            self.futures.append(self.executor.submit(_render_chunk, jobs[i:i + RENDER_CHUNK], image_size))
+
+    def wait(self) -> int:
+        from concurrent.futures import as_completed
+
+        total = sum(f.result() for f in tqdm(as_completed(self.futures), total=len(self.futures), desc="render",
+                                             leave=False, mininterval=1.0, disable=not self.progress))
+        self.futures = []
+        return total
 
 
 def _oracle_record(name: str, scene) -> dict:
@@ -263,23 +298,37 @@ def _oracle_record(name: str, scene) -> dict:
 
 
 def write_world(out: str | Path, seed: int = 0, size: str = "default", progress: bool = True,
-                chains: int = 0) -> Path:
-    """Generate and write the whole world; the same seed and size give byte-identical files. `chains` > 0 adds
-    that many multi-turn chains (`generate_chains`): their images under chains/, listed by
-    image_splits/split.rc2.chains.json, the chains in synth/chains.json, their scenes and oracle captions with the
-    others'; every other file stays as it is without them."""
+                chains: int = 0, workers: int | None = None) -> Path:
+    """Generate and write the whole world; the same seed and size give byte-identical files, whatever `workers`
+    (the processes that render the images; default one per CPU). `chains` > 0 adds that many multi-turn chains
+    (`generate_chains`): their images under chains/, listed by image_splits/split.rc2.chains.json, the chains in
+    synth/chains.json, their scenes and oracle captions with the others'; every other file stays as it is without
+    them."""
     if size not in SIZES:
         from cirlab.errors import CirlabError
         raise CirlabError(f"unknown world size {size!r}; choose one of {', '.join(SIZES)}")
     cfg = SIZES[size]
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    from cirlab.experiments.machine import cores
+
+    workers = max(1, workers or cores())
+    if workers == 1:
+        return _write_world(root, seed, cfg, size, progress, chains, None)
+    # spawned, not forked: the caller may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
+        return _write_world(root, seed, cfg, size, progress, chains, Renders(executor, progress))
+
+
+def _write_world(root: Path, seed: int, cfg: WorldSize, size: str, progress: bool, chains: int,
+                 renders: Renders | None) -> Path:
     graphs, oracle = {}, []
     pairid = 0
     for split in ("train", "val", "test1"):
         rows, edits, pool = generate_cirr_split(split, seed, cfg, pairid)
         pairid += len(rows)
-        paths = _write_pool(root, SPLIT_PREFIX[split], pool, f"render {split}", progress=progress)
+        paths = _write_pool(root, SPLIT_PREFIX[split], pool, f"render {split}", progress=progress,
+                            renders=renders)
         _write_json(root / "image_splits" / f"split.rc2.{split}.json", paths)
         _write_json(root / "captions" / f"cap.rc2.{split}.json", rows)
         _write_json(root / "synth" / f"edits.{split}.json", edits)
@@ -288,16 +337,18 @@ def write_world(out: str | Path, seed: int = 0, size: str = "default", progress:
             oracle.append(_oracle_record(name, scene))
     if chains:
         chain_list, pool = generate_chains(seed, chains, cfg)
-        paths = _write_pool(root, "chains", pool, "render chains", progress=progress)
+        paths = _write_pool(root, "chains", pool, "render chains", progress=progress, renders=renders)
         _write_json(root / "image_splits" / "split.rc2.chains.json", paths)
         _write_json(root / "synth" / "chains.json", chain_list)
         for name, scene in pool.scenes.items():
             graphs[name] = scene_to_graph(scene)
             oracle.append(_oracle_record(name, scene))
-    circo_graphs = write_circo(root / "circo", seed, cfg, progress)
+    circo_graphs = write_circo(root / "circo", seed, cfg, progress, renders)
     _write_json(root / "synth" / "scenes.json", graphs)
     _write_json(root / "circo" / "synth_scenes.json", circo_graphs)
     oracle.sort(key=lambda r: r["image"])
+    if renders is not None:
+        renders.wait()  # every image on disk before the files that mark the world complete
     _write_bytes(root / "synth" / "captions.jsonl",
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in oracle).encode())
     _write_json(root / "synth" / "world.json", {
@@ -346,7 +397,8 @@ def _circo_query(rng):
         return ref, text, gts, [n for n in negs if n is not None]
 
 
-def write_circo(root: Path, seed: int, cfg: WorldSize, progress: bool = True) -> dict:
+def write_circo(root: Path, seed: int, cfg: WorldSize, progress: bool = True,
+                renders: Renders | None = None) -> dict:
     rng = np.random.default_rng([seed, 99])
     pool = ImagePool("circo", cfg.image_size)
     ann = {}
@@ -364,7 +416,8 @@ def write_circo(root: Path, seed: int, cfg: WorldSize, progress: bool = True) ->
                          "relative_caption": text, "shared_concept": oracle_captions(ref)["global"]})
         ann[split] = rows
     paths = _write_pool(root, "unlabeled2017", pool, "render circo",
-                        name_to_file=lambda n: f"{int(n.split('-')[1]):012d}.png", progress=progress)
+                        name_to_file=lambda n: f"{int(n.split('-')[1]):012d}.png", progress=progress,
+                        renders=renders)
     for split, rows in ann.items():
         _write_json(root / "annotations" / f"{split}.json", rows)
     images = [{"id": int(n.split("-")[1]), "file_name": Path(p).name} for n, p in sorted(paths.items())]
