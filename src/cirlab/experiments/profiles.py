@@ -94,7 +94,7 @@ PROFILES = {"default": replace(
     backbones={"clip": _FULL.backbones["clip"] | {"pretrain": _FULL.backbones["clip"]["pretrain"] | {"epochs": 2}},
                "blip2": _FULL.backbones["blip2"] | {"pretrain": _FULL.backbones["blip2"]["pretrain"] | {"epochs": 1}}},
     train=_FULL.train | {"epochs": 2, "steps_per_epoch": 190},
-    method_train={"csmcir": _FULL.method_train["csmcir"] | {"epochs": 2, "steps_per_epoch": 760}},
+    method_train={"csmcir": _FULL.method_train["csmcir"] | {"epochs": 2, "steps_per_epoch": 167}},
     stage1={"tmcir": _FULL.stage1["tmcir"] | {"limit": 8000}},
     zero_shot={name: spec | {"stage1": spec["stage1"] | {"epochs": 1}}
                | ({"stage2": spec["stage2"] | {"epochs": 5}} if spec["stage2"] else {})
