@@ -50,9 +50,9 @@ def _decode_rows(out: str, size: int, jobs: list) -> int:
     return len(jobs)
 
 
-def build(paths: dict, size: int, root, workers: int = 1) -> Path:
-    """Decode every image of `paths` (name -> file) at `size` into `root/<key>/` with `workers` processes, unless
-    that folder exists; returns it."""
+def build(paths: dict, size: int, root, workers: int = 1, pool=None) -> Path:
+    """Decode every image of `paths` (name -> file) at `size` into `root/<key>/` with `workers` processes (or in
+    `pool`, a process pool the caller keeps for several galleries), unless that folder exists; returns it."""
     folder = Path(root) / cache_key(paths, size)
     if (folder / "names.json").exists():
         return folder
@@ -64,12 +64,13 @@ def build(paths: dict, size: int, root, workers: int = 1) -> Path:
     np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(names), 3, size, size)).flush()
     jobs = [(i, str(paths[n])) for i, n in enumerate(names)]
     chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
-    if workers <= 1 or len(chunks) == 1:
+    if pool is not None:
+        list(pool.map(_decode_rows, [out] * len(chunks), [size] * len(chunks), chunks))
+    elif workers <= 1 or len(chunks) == 1:
         for chunk in chunks:
             _decode_rows(out, size, chunk)
     else:
-        # spawned, not forked: the caller may hold torch's thread pools, which a forked child must not inherit
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with decoders(workers) as pool:
             list(pool.map(_decode_rows, [out] * len(chunks), [size] * len(chunks), chunks))
     (tmp / "names.json").write_text(json.dumps(names))
     try:
@@ -77,6 +78,12 @@ def build(paths: dict, size: int, root, workers: int = 1) -> Path:
     except OSError:  # another process put the same cache in place first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def decoders(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` decoding processes, spawned, not forked: the caller may hold torch's thread pools, which
+    a forked child must not inherit."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def lookup(paths: dict, size: int, root=None):

@@ -351,13 +351,14 @@ def pixel_caches(data: Path, root: Path, log):
 
     size = json.loads((data / "synth" / "world.json").read_text())["image_size"]
     t, n = time.time(), 0
-    for split in ("train", "test1"):
-        gallery = read_split("synth", data, split).gallery
-        pixel_cache.build(gallery, size, root, workers=machine.cores())
-        n += len(gallery)
+    with pixel_cache.decoders(machine.cores()) as pool:
+        for split in ("train", "test1"):
+            gallery = read_split("synth", data, split).gallery
+            pixel_cache.build(gallery, size, root, pool=pool)
+            n += len(gallery)
     log(f"pixels: {n} images decoded once into {root} ({time.time() - t:.1f} s)")
     before = os.environ.get(pixel_cache.ENV)
-    os.environ[pixel_cache.ENV] = str(root)
+    os.environ[pixel_cache.ENV] = str(root.resolve())
     try:
         yield
     finally:

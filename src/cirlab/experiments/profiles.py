@@ -7,6 +7,12 @@ s; 657 s on an AMD EPYC, whose products are slower): CLIP pretraining 2 epochs (
 own schedule: the triplet methods 3 whole epochs each, TMCIR's stage 1 on 16,000 pseudo-targets, mapcompose's stage
 II 10 epochs. A shared stage shortened changes every method's starting point alike; the comparisons it changes are
 measured over seeds (docs/results.md).
+
+On the AMD EPYC the 8 minutes need the triplet schedules cut, and that changes the ranking: 2 epochs of 76% of the
+triplets each (csmcir 167 of its 220 groups an epoch, the others 190 of 250 batches), TMCIR's stage 1 on the first
+8,000 triplets and mapcompose's stage II 5 epochs took 461 s from a fresh clone there, but over seeds 0-2 TMCIR fell
+below the combiner (R@1 -3.56 [-6.50, -0.61], R@10 -9.17, Rsubset@1 -8.56; a tie with the schedules whole), so it is
+not the default (docs/results/demo_schedule_trials/, trial H).
 """
 from __future__ import annotations
 
@@ -93,11 +99,6 @@ PROFILES = {"default": replace(
     _FULL,
     backbones={"clip": _FULL.backbones["clip"] | {"pretrain": _FULL.backbones["clip"]["pretrain"] | {"epochs": 2}},
                "blip2": _FULL.backbones["blip2"] | {"pretrain": _FULL.backbones["blip2"]["pretrain"] | {"epochs": 1}}},
-    train=_FULL.train | {"epochs": 2, "steps_per_epoch": 190},
-    method_train={"csmcir": _FULL.method_train["csmcir"] | {"epochs": 2, "steps_per_epoch": 167}},
-    stage1={"tmcir": _FULL.stage1["tmcir"] | {"limit": 8000}},
-    zero_shot={name: spec | {"stage1": spec["stage1"] | {"epochs": 1}}
-               | ({"stage2": spec["stage2"] | {"epochs": 5}} if spec["stage2"] else {})
-               for name, spec in ZERO_SHOT.items()},
+    zero_shot={name: spec | {"stage1": spec["stage1"] | {"epochs": 1}} for name, spec in ZERO_SHOT.items()},
     seconds=DEFAULT_SECONDS),
     **PROFILES}
