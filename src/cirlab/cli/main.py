@@ -47,13 +47,14 @@ def _add_train_options(p, epochs: int, batch_size: int, lr: float):
 
 def cmd_synth(args) -> None:
     from cirlab.data.synth.generate import write_world
+    from cirlab.experiments import machine
 
     if args.chains < 0:
         raise CirlabError(f"--chains must be at least 0, got {args.chains}")
     if args.workers is not None and args.workers < 1:
         raise CirlabError(f"--workers must be at least 1, got {args.workers}")
     root = write_world(args.out, seed=args.seed, size=args.size, progress=not args.no_progress, chains=args.chains,
-                       workers=args.workers)
+                       workers=args.workers or machine.cores())
     extra = f", with {args.chains} multi-turn chains" if args.chains else ""
     print(f"wrote the synthetic world (seed {args.seed}, size {args.size}{extra}) to {root}")
 

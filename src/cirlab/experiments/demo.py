@@ -32,7 +32,7 @@ def ensure_world(data: Path, seed: int, size: str, progress: bool, log) -> None:
             log(f"world: reusing {data} (seed {seed}, size {size})")
             return
     log(f"world: writing {data} (seed {seed}, size {size})")
-    write_world(data, seed=seed, size=size, progress=progress)
+    write_world(data, seed=seed, size=size, progress=progress, workers=machine.cores())
 
 
 def ensure_backbone(kind: str, ckpts: Path, data: Path, profile: DemoProfile, seed: int, progress: bool,
@@ -235,8 +235,7 @@ def _train_and_evaluate(name: str, data: Path, backbone: Path, folder: Path, pro
     """Train `name` on the world's train split with the profile's schedule (or save it, if zero-shot), then
     evaluate it on test1: (metrics, ranking)."""
     from cirlab.evaluation.protocols import evaluate
-    from cirlab.methods import checkpoint_identity
-    from cirlab.methods import REGISTRY, TrainingKind, load_model
+    from cirlab.methods import REGISTRY, TrainingKind, checkpoint_identity, load_model
     from cirlab.training.loop import TrainConfig
     from cirlab.training.train import train
 
@@ -320,8 +319,6 @@ def run_demo(out, seed: int = 0, profile_name: str = "default", progress: bool =
     only through float summation order: with the same threads per lane on the same machine a run repeats exactly,
     however many workers and in whatever order.
     """
-    from cirlab.methods import REGISTRY
-
     speed = {"before": machine.core_gflops()}  # the host's speed, outside the timed run
     t0 = time.time()
     if profile_name not in PROFILES:

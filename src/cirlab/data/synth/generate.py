@@ -298,11 +298,12 @@ def _oracle_record(name: str, scene) -> dict:
 
 
 def write_world(out: str | Path, seed: int = 0, size: str = "default", progress: bool = True,
-                chains: int = 0, workers: int | None = None) -> Path:
+                chains: int = 0, workers: int = 1) -> Path:
     """Generate and write the whole world; the same seed and size give byte-identical files, whatever `workers`
-    (the processes that render the images; default one per CPU). `chains` > 0 adds that many multi-turn chains
-    (`generate_chains`): their images under chains/, listed by image_splits/split.rc2.chains.json, the chains in
-    synth/chains.json, their scenes and oracle captions with the others'; every other file stays as it is without
+    (processes that render the images while this one generates the next split; they are spawned, so a script that
+    asks for more than one calls this under `if __name__ == "__main__":`). `chains` > 0 adds that many multi-turn
+    chains (`generate_chains`): their images under chains/, listed by image_splits/split.rc2.chains.json, the chains
+    in synth/chains.json, their scenes and oracle captions with the others'; every other file stays as it is without
     them."""
     if size not in SIZES:
         from cirlab.errors import CirlabError
@@ -310,10 +311,7 @@ def write_world(out: str | Path, seed: int = 0, size: str = "default", progress:
     cfg = SIZES[size]
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    from cirlab.experiments.machine import cores
-
-    workers = max(1, workers or cores())
-    if workers == 1:
+    if workers <= 1:
         return _write_world(root, seed, cfg, size, progress, chains, None)
     # spawned, not forked: the caller may hold torch's thread pools, which a forked child must not inherit
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
