@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cirlab.data import pixel_cache
-    from cirlab.data.images import PixelStore, Preprocess
+    from cirlab.data.images import PixelStore, Preprocess, decode_uint8
     from cirlab.data.readers import read_split
     from cirlab.data.synth.generate import write_world
     from cirlab.experiments import machine
@@ -49,7 +49,7 @@ def main() -> None:
     os.environ.pop(pixel_cache.ENV, None)
     doc["decode_train_one_process_s"] = read_all()
     t = time.perf_counter()
-    pixel_cache.build(gallery, size, out / "cache", workers=cores)
+    pixel_cache.build(gallery, size, out / "cache", decode_uint8, workers=cores)
     doc[f"cache_build_train_{cores}_workers_s"] = round(time.perf_counter() - t, 2)
     os.environ[pixel_cache.ENV] = str(out / "cache")
     doc["cached_read_train_s"] = read_all()

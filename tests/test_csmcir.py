@@ -249,8 +249,49 @@ def test_a_real_blip2_layout_goes_through_the_same_code(tmp_path):
                           atol=1e-5)
 
 
+def _check_ablation_rows(saved: dict, root) -> None:
+    """Each row: its metrics the mean of its seeds', each seed's figures those of its per-query file, intervals
+    around their differences (the reference row's at zero), and `compare_files` repeating the second row's."""
+    from cirlab.evaluation.compare import compare_files
+    from cirlab.evaluation.per_query import metrics_from_records, read_records
+
+    for row in saved["rows"]:
+        assert set(row["metrics"]) >= {"R@1", "R@10"} and 0 <= row["metrics"]["R@1"] <= row["metrics"]["R@10"]
+        assert len(row["val_curve"]) == 2 and row["epochs_to_best"] in (1, 2) and row["train_seconds"] > 0
+        assert [r["seed"] for r in row["per_seed"]] == [0, 1]  # each seed trained, the mean reported
+        for c in ("R@1", "R@10"):
+            assert abs(row["metrics"][c] - sum(r["metrics"][c] for r in row["per_seed"]) / 2) < 0.011
+        for r in row["per_seed"]:  # each seed's per-query file gives its figures
+            recs = read_records(root / row["per_query"] / f"seed-{r['seed']}.jsonl")
+            assert round(metrics_from_records(recs, ["R@10"])["R@10"], 2) == r["metrics"]["R@10"]
+        assert set(row["ci"]) == {"R@1", "R@10", "Rsubset@1"}
+        assert all(ci["ci"][0] <= ci["diff"] <= ci["ci"][1] for ci in row["ci"].values())
+    first, second = saved["rows"]
+    assert first["reference"] and first["ci"]["R@10"]["ci"] == [0.0, 0.0]
+    again = compare_files(sorted((root / first["per_query"]).glob("*.jsonl")),
+                          sorted((root / second["per_query"]).glob("*.jsonl")), ["R@10"], 2000)
+    assert again["R@10"]["diff"] == pytest.approx(second["ci"]["R@10"]["diff"])
+
+
+def _check_tsne(checkpoint, world, png) -> None:
+    """`cirlab viz tsne` on a checkpoint draws a figure and writes its query-to-target statistics."""
+    from PIL import Image
+
+    done = run_cli("viz", "tsne", "--checkpoint", checkpoint, "--data-root", world, "--split", "val", "--n", "40",
+                   "--out", png)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(png).size[0] > 300
+    stats = json.loads(png.with_suffix(".json").read_text())["stats"]
+    assert set(stats) == {f"{m}(query, {v})" for m in ("cos", "centroid distance")
+                          for v in ("target", "target image", "target caption")}
+    assert all(-1 <= stats[f"cos(query, {v})"] <= 1 for v in ("target", "target image", "target caption"))
+
+
 def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
-    """`run_ablation` with a tiny profile and two rows; then `cirlab viz tsne` on one of its checkpoints."""
+    """`run_ablation` with a tiny profile and two rows (a second run reuses every row); then `cirlab viz tsne` on
+    one of its checkpoints."""
+    import contextlib
+    import io
 
     from cirlab.experiments.ablate import run_ablation
     from cirlab.experiments.demo import DemoProfile
@@ -269,46 +310,14 @@ def test_ablate_writes_the_table_and_viz_draws_the_views(world, tmp_path):
     first, second = saved["rows"]
     assert first["variant"] == {"target_tower": "symmetric", "captions": "mcot", "memory_bank": "off"}
     assert second["variant"] == {"target_tower": "image_only", "captions": "mcot", "memory_bank": "entropy"}
-    from cirlab.evaluation.compare import compare_files
-    from cirlab.evaluation.per_query import metrics_from_records, read_records
-
-    for row in saved["rows"]:
-        assert set(row["metrics"]) >= {"R@1", "R@10"} and 0 <= row["metrics"]["R@1"] <= row["metrics"]["R@10"]
-        assert len(row["val_curve"]) == 2 and row["epochs_to_best"] in (1, 2) and row["train_seconds"] > 0
-        assert [r["seed"] for r in row["per_seed"]] == [0, 1]  # each seed trained, the mean reported
-        for c in ("R@1", "R@10"):
-            assert abs(row["metrics"][c] - sum(r["metrics"][c] for r in row["per_seed"]) / 2) < 0.011
-        for r in row["per_seed"]:  # each seed's per-query file gives its figures
-            recs = read_records(tmp_path / "abl" / row["per_query"] / f"seed-{r['seed']}.jsonl")
-            assert round(metrics_from_records(recs, ["R@10"])["R@10"], 2) == r["metrics"]["R@10"]
-        assert set(row["ci"]) == {"R@1", "R@10", "Rsubset@1"}
-        assert all(ci["ci"][0] <= ci["diff"] <= ci["ci"][1] for ci in row["ci"].values())
-    assert first["reference"] and first["ci"]["R@10"]["ci"] == [0.0, 0.0]
-    again = compare_files(sorted((tmp_path / "abl" / first["per_query"]).glob("*.jsonl")),
-                          sorted((tmp_path / "abl" / second["per_query"]).glob("*.jsonl")), ["R@10"], 2000)
-    assert again["R@10"]["diff"] == pytest.approx(second["ci"]["R@10"]["diff"])
+    _check_ablation_rows(saved, tmp_path / "abl")
     md = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| symmetric | mcot | off |" in md and "| image_only | mcot | entropy |" in md and "ΔR@1 [95%]" in md
-    # a second run finds every row finished and trains nothing
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()) as out:
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # a second run finds every row finished
         run_ablation("csmcir", tmp_path / "abl", profile=profile, data=world, progress=False, rows=rows,
                      seeds=[0, 1], resamples=2000)
     assert out.getvalue().count("seed 0: reusing") == 2 and out.getvalue().count("seed 1: reusing") == 2
-
-    png = tmp_path / "tsne.png"
-    done = run_cli("viz", "tsne", "--checkpoint", tmp_path / "abl" / "checkpoints" / "csmcir-0-s0", "--data-root",
-                   world, "--split", "val", "--n", "40", "--out", png)
-    assert done.returncode == 0, done.stderr
-    from PIL import Image
-
-    assert Image.open(png).size[0] > 300
-    stats = json.loads(png.with_suffix(".json").read_text())["stats"]
-    assert set(stats) == {f"{m}(query, {v})" for m in ("cos", "centroid distance")
-                          for v in ("target", "target image", "target caption")}
-    assert all(-1 <= stats[f"cos(query, {v})"] <= 1 for v in ("target", "target image", "target caption"))
+    _check_tsne(tmp_path / "abl" / "checkpoints" / "csmcir-0-s0", world, tmp_path / "tsne.png")
 
 
 def test_training_raises_recall(world, qformer_dir, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cirlab.data import pixel_cache
-from cirlab.data.images import PixelStore, Preprocess
+from cirlab.data.images import PixelStore, Preprocess, decode_uint8
 from cirlab.data.readers import read_split
 from cirlab.errors import CirlabError
 
@@ -34,7 +34,7 @@ def test_cached_store_reads_the_decoded_pixels(gallery, tmp_path, monkeypatch):
     names = sorted(gallery)[::-1]  # an order other than the cache's rows
     monkeypatch.setattr(pixel_cache, "CHUNK", 16)  # three chunks, shared out to the two processes
     for size in (64, 48):
-        pixel_cache.build(gallery, size, root, workers=2)
+        pixel_cache.build(gallery, size, root, decode_uint8, workers=2)
         monkeypatch.delenv(pixel_cache.ENV, raising=False)
         decoded = PixelStore(gallery, Preprocess(size))
         assert decoded._cache is None
@@ -53,7 +53,7 @@ def test_changed_file_or_size_misses_the_cache(gallery, tmp_path):
     """A file rewritten (another size and mtime), an image added, or another size: another key, so the cache
     is not used, and a rebuild decodes the new pixels."""
     root = tmp_path / "cache"
-    pixel_cache.build(gallery, 64, root)
+    pixel_cache.build(gallery, 64, root, decode_uint8)
     assert pixel_cache.lookup(gallery, 64, root) is not None
     assert pixel_cache.lookup(gallery, 32, root) is None
     fewer = dict(list(gallery.items())[1:])
@@ -63,7 +63,7 @@ def test_changed_file_or_size_misses_the_cache(gallery, tmp_path):
     st = os.stat(gallery[first])
     os.utime(gallery[first], ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert pixel_cache.lookup(gallery, 64, root) is None
-    rows, pixels = pixel_cache.lookup(gallery, 64, pixel_cache.build(gallery, 64, root).parent)
+    rows, pixels = pixel_cache.lookup(gallery, 64, pixel_cache.build(gallery, 64, root, decode_uint8).parent)
     assert np.array_equal(pixels[rows[first]], pixels[rows[second]])
 
 
@@ -74,18 +74,18 @@ def test_killed_build_leaves_no_cache(gallery, tmp_path, monkeypatch):
     real = pixel_cache._decode_rows
     calls = []
 
-    def dying(out, size, jobs):
+    def dying(out, size, jobs, decode):
         calls.append(len(jobs))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(out, size, jobs)
+        return real(out, size, jobs, decode)
 
     monkeypatch.setattr(pixel_cache, "CHUNK", 16)
     monkeypatch.setattr(pixel_cache, "_decode_rows", dying)
     with pytest.raises(KeyboardInterrupt):
-        pixel_cache.build(gallery, 64, root)
+        pixel_cache.build(gallery, 64, root, decode_uint8)
     assert pixel_cache.lookup(gallery, 64, root) is None
     monkeypatch.setattr(pixel_cache, "_decode_rows", real)
-    folder = pixel_cache.build(gallery, 64, root)
+    folder = pixel_cache.build(gallery, 64, root, decode_uint8)
     rows, pixels = pixel_cache.lookup(gallery, 64, root)
     assert folder.is_dir() and len(rows) == len(gallery) and pixels.shape == (len(gallery), 3, 64, 64)

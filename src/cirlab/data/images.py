@@ -59,6 +59,11 @@ def open_image(path) -> Image.Image:
     return img
 
 
+def decode_uint8(path, size: int) -> np.ndarray:
+    """One image file as PixelStore keeps it at `size`: uint8 (3, size, size)."""
+    return Preprocess(size).to_uint8(open_image(path))
+
+
 class PixelStore:
     """Decoded, resized uint8 pixels of a set of named images, loaded once and kept in memory; or, when the
     `CIRLAB_PIXEL_CACHE` folder holds a cache of exactly these files at this size (data/pixel_cache.py), read from

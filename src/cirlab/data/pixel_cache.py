@@ -2,8 +2,9 @@
 
 `PixelStore` decodes an image (PNG or JPEG, then resize and centre crop) the first time a process asks for it. The
 demo's lanes each decoded the same 24,282 training images again: about 6 s a process on one core (240 us an
-image), some 40 core-seconds a demo. `build(paths, size, root)` decodes a gallery once, in parallel, into
-`root/<key>/pixels.npy` (uint8, (N, 3, size, size), rows in the order of `names.json`); a `PixelStore` whose
+image), some 40 core-seconds a demo. `build(paths, size, root, decode)` decodes a gallery once, in parallel, into
+`root/<key>/pixels.npy` (uint8, (N, 3, size, size), rows in the order of `names.json`; this module decodes
+nothing itself: `build` is handed `images.decode_uint8`); a `PixelStore` whose
 `CIRLAB_PIXEL_CACHE` environment variable names `root` then memory-maps it and decodes nothing.
 
 The key hashes the pixel size, the decoding's version and every image's name, path, byte size and modification
@@ -38,21 +39,19 @@ def cache_key(paths: dict, size: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _decode_rows(out: str, size: int, jobs: list) -> int:
+def _decode_rows(out: str, size: int, jobs: list, decode) -> int:
     """Decode (row, path) jobs into the memory-mapped array `out` (a worker's unit of work)."""
-    from cirlab.data.images import Preprocess, open_image
-
     arr = np.load(out, mmap_mode="r+")
-    pre = Preprocess(size)
     for row, path in jobs:
-        arr[row] = pre.to_uint8(open_image(path))
+        arr[row] = decode(path, size)
     arr.flush()
     return len(jobs)
 
 
-def build(paths: dict, size: int, root, workers: int = 1, pool=None) -> Path:
-    """Decode every image of `paths` (name -> file) at `size` into `root/<key>/` with `workers` processes (or in
-    `pool`, a process pool the caller keeps for several galleries), unless that folder exists; returns it."""
+def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> Path:
+    """Decode every image of `paths` (name -> file) at `size` with `decode(path, size)` (a module-level function,
+    `images.decode_uint8`, so that worker processes can import it) into `root/<key>/` with `workers` processes (or
+    in `pool`, a process pool the caller keeps for several galleries), unless that folder exists; returns it."""
     folder = Path(root) / cache_key(paths, size)
     if (folder / "names.json").exists():
         return folder
@@ -64,14 +63,15 @@ def build(paths: dict, size: int, root, workers: int = 1, pool=None) -> Path:
     np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(names), 3, size, size)).flush()
     jobs = [(i, str(paths[n])) for i, n in enumerate(names)]
     chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+    n = len(chunks)
     if pool is not None:
-        list(pool.map(_decode_rows, [out] * len(chunks), [size] * len(chunks), chunks))
-    elif workers <= 1 or len(chunks) == 1:
+        list(pool.map(_decode_rows, [out] * n, [size] * n, chunks, [decode] * n))
+    elif workers <= 1 or n == 1:
         for chunk in chunks:
-            _decode_rows(out, size, chunk)
+            _decode_rows(out, size, chunk, decode)
     else:
         with decoders(workers) as pool:
-            list(pool.map(_decode_rows, [out] * len(chunks), [size] * len(chunks), chunks))
+            list(pool.map(_decode_rows, [out] * n, [size] * n, chunks, [decode] * n))
     (tmp / "names.json").write_text(json.dumps(names))
     try:
         os.replace(tmp, folder)

@@ -344,6 +344,7 @@ def pixel_caches(data: Path, root: Path, log):
     """Decode the train and test1 galleries once (data/pixel_cache.py, one process per core) and point
     `CIRLAB_PIXEL_CACHE` at them for this process and the lanes it starts; the variable is restored after."""
     from cirlab.data import pixel_cache
+    from cirlab.data.images import decode_uint8
     from cirlab.data.readers import read_split
 
     size = json.loads((data / "synth" / "world.json").read_text())["image_size"]
@@ -351,7 +352,7 @@ def pixel_caches(data: Path, root: Path, log):
     with pixel_cache.decoders(machine.cores()) as pool:
         for split in ("train", "test1"):
             gallery = read_split("synth", data, split).gallery
-            pixel_cache.build(gallery, size, root, pool=pool)
+            pixel_cache.build(gallery, size, root, decode_uint8, pool=pool)
             n += len(gallery)
     log(f"pixels: {n} images decoded once into {root} ({time.time() - t:.1f} s)")
     before = os.environ.get(pixel_cache.ENV)

@@ -71,11 +71,11 @@ class VectorBackend:
         cls.settings(Path("."), dict(params))
 
     @classmethod
-    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "VectorBackend":
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> VectorBackend:
         return cls(vectors)
 
     @classmethod
-    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "VectorBackend":
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> VectorBackend:
         return cls(vectors)
 
     def retire(self, folder: Path, params: dict) -> None:
@@ -113,11 +113,11 @@ class ExactBackend(VectorBackend):
         return dict(params)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "ExactBackend":
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> ExactBackend:
         return cls(vectors, **params)
 
     @classmethod
-    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "ExactBackend":
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> ExactBackend:
         return cls(vectors, **params)
 
     def __len__(self) -> int:
@@ -235,7 +235,7 @@ class FaissBackend(VectorBackend):
         return params
 
     @classmethod
-    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "FaissBackend":
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> FaissBackend:
         import faiss
 
         from cirlab.atomic import write_atomic
@@ -248,7 +248,7 @@ class FaissBackend(VectorBackend):
         return backend
 
     @classmethod
-    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "FaissBackend":
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> FaissBackend:
         backend = cls.read(Path(folder) / files["faiss"])
         backend.files = {"faiss": files["faiss"]}
         if params.get("kind") in QUANTISED and int(params.get("rescore", FAISS_DEFAULTS["rescore"])) > 0:
@@ -274,7 +274,7 @@ class FaissBackend(VectorBackend):
                 old.unlink(missing_ok=True)
 
     @classmethod
-    def read(cls, path) -> "FaissBackend":
+    def read(cls, path) -> FaissBackend:
         """A backend over an index saved with `faiss.write_index` (or serialised bytes written to a file)."""
         import faiss
 
@@ -365,14 +365,14 @@ class MilvusBackend(VectorBackend):
         """Nothing to check without connecting: `settings` connects when the index is created."""
 
     @classmethod
-    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> "MilvusBackend":
+    def build(cls, vectors: np.ndarray, folder: Path, generation: int, params: dict) -> MilvusBackend:
         backend = cls.create(vectors, params["uri"], f"{params['collection']}_g{generation}",
                              params.get("index_type", "FLAT"))
         backend.actual = {"index_type": params.get("index_type", "FLAT"), "metric_type": "IP"}
         return backend
 
     @classmethod
-    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> "MilvusBackend":
+    def open(cls, folder: Path, files: dict, params: dict, vectors: np.ndarray) -> MilvusBackend:
         return cls.load(params["uri"], files["milvus_collection"])
 
     def retire(self, folder: Path, params: dict) -> None:
@@ -396,7 +396,7 @@ class MilvusBackend(VectorBackend):
             raise CirlabError(f"cannot open Milvus at {uri}: {type(e).__name__}: {str(e)[:300]}{busy}") from None
 
     @classmethod
-    def create(cls, vectors: np.ndarray, uri: str, collection: str, index_type: str = "FLAT") -> "MilvusBackend":
+    def create(cls, vectors: np.ndarray, uri: str, collection: str, index_type: str = "FLAT") -> MilvusBackend:
         client = cls.connect(uri)
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         if client.has_collection(collection):
@@ -412,7 +412,7 @@ class MilvusBackend(VectorBackend):
         return cls(client, collection)
 
     @classmethod
-    def load(cls, uri: str, collection: str) -> "MilvusBackend":
+    def load(cls, uri: str, collection: str) -> MilvusBackend:
         client = cls.connect(uri)
         if not client.has_collection(collection):
             raise CirlabError(f"Milvus at {uri} has no collection {collection!r}; rebuild the index")
@@ -492,7 +492,7 @@ def make_backend(name: str, vectors: np.ndarray, kind: str = "flat", **params):
     return cls(vectors, kind, **params) if cls is FaissBackend else cls(vectors, **params)
 
 
-def calibrate(backend: "FaissBackend", queries: np.ndarray, truth: list, target: float, k: int = 10,
+def calibrate(backend: FaissBackend, queries: np.ndarray, truth: list, target: float, k: int = 10,
               tokens: int = 1) -> dict:
     """The smallest search knob (IVF's nprobe, HNSW's efSearch) whose recall@k of `queries` against `truth` (each
     query's true top-k items) reaches `target`: doubled from 1 (IVF) or 8 (HNSW) until it does, then bisected
