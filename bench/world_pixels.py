@@ -24,7 +24,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from cirlab.data import pixel_cache
-    from cirlab.data.images import PixelStore, Preprocess, decode_uint8
+    from cirlab.data.decode import decode_uint8
+    from cirlab.data.images import PixelStore, Preprocess
     from cirlab.data.readers import read_split
     from cirlab.data.synth.generate import write_world
     from cirlab.experiments import machine

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cirlab.data import pixel_cache
-from cirlab.data.images import PixelStore, Preprocess, decode_uint8
+from cirlab.data.decode import decode_uint8
+from cirlab.data.images import PixelStore, Preprocess
 from cirlab.data.readers import read_split
 from cirlab.errors import CirlabError
 

@@ -1,13 +1,14 @@
-"""Image loading and preprocessing with PIL and numpy (no torchvision), plus an in-memory pixel store."""
+"""Image preprocessing with PIL and numpy (no torchvision; decoding in data/decode.py), plus an in-memory pixel
+store."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from cirlab.data.decode import open_image, to_uint8  # noqa: F401 (open_image: imported from here too)
 from cirlab.errors import CirlabError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,16 +26,7 @@ class Preprocess:
         return f"rs{self.size}-m{','.join(f'{m:.4f}' for m in self.mean)}-s{','.join(f'{s:.4f}' for s in self.std)}"
 
     def to_uint8(self, img: Image.Image) -> np.ndarray:
-        img = img.convert("RGB")
-        w, h = img.size
-        if (w, h) != (self.size, self.size):
-            scale = self.size / min(w, h)
-            img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                             Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
+        return to_uint8(img, self.size)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) -> float (B, 3, S, S)."""
@@ -44,24 +36,6 @@ class Preprocess:
 
     def __call__(self, images) -> torch.Tensor:
         return self.normalise(torch.from_numpy(np.stack([self.to_uint8(i) for i in images])))
-
-
-def open_image(path) -> Image.Image:
-    """Open an image, with a clear error for a missing or unreadable file."""
-    p = Path(path)
-    if not p.exists():
-        raise CirlabError(f"image not found: {p}")
-    try:
-        img = Image.open(p)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise CirlabError(f"cannot read image {p}: {e}") from None
-    return img
-
-
-def decode_uint8(path, size: int) -> np.ndarray:
-    """One image file as PixelStore keeps it at `size`: uint8 (3, size, size)."""
-    return Preprocess(size).to_uint8(open_image(path))
 
 
 class PixelStore:

@@ -4,8 +4,8 @@
 demo's lanes each decoded the same 24,282 training images again: about 6 s a process on one core (240 us an
 image), some 40 core-seconds a demo. `build(paths, size, root, decode)` decodes a gallery once, in parallel, into
 `root/<key>/pixels.npy` (uint8, (N, 3, size, size), rows in the order of `names.json`; this module decodes
-nothing itself: `build` is handed `images.decode_uint8`); a `PixelStore` whose
-`CIRLAB_PIXEL_CACHE` environment variable names `root` then memory-maps it and decodes nothing.
+nothing itself: `build` is handed `decode.decode_uint8`, torch-free, so its workers start quickly); a `PixelStore`
+whose `CIRLAB_PIXEL_CACHE` environment variable names `root` then memory-maps it and decodes nothing.
 
 The key hashes the pixel size, the decoding's version and every image's name, path, byte size and modification
 time, so a changed, added or removed file (or another size) gives another key: a cache is never stale, only
@@ -50,7 +50,7 @@ def _decode_rows(out: str, size: int, jobs: list, decode) -> int:
 
 def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> Path:
     """Decode every image of `paths` (name -> file) at `size` with `decode(path, size)` (a module-level function,
-    `images.decode_uint8`, so that worker processes can import it) into `root/<key>/` with `workers` processes (or
+    `decode.decode_uint8`, which worker processes import without torch) into `root/<key>/` with `workers` processes (or
     in `pool`, a process pool the caller keeps for several galleries), unless that folder exists; returns it."""
     folder = Path(root) / cache_key(paths, size)
     if (folder / "names.json").exists():

@@ -344,7 +344,7 @@ def pixel_caches(data: Path, root: Path, log):
     """Decode the train and test1 galleries once (data/pixel_cache.py, one process per core) and point
     `CIRLAB_PIXEL_CACHE` at them for this process and the lanes it starts; the variable is restored after."""
     from cirlab.data import pixel_cache
-    from cirlab.data.images import decode_uint8
+    from cirlab.data.decode import decode_uint8
     from cirlab.data.readers import read_split
 
     size = json.loads((data / "synth" / "world.json").read_text())["image_size"]
