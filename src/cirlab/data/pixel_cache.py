@@ -9,7 +9,7 @@ whose `CIRLAB_PIXEL_CACHE` environment variable names `root` then memory-maps it
 
 The key hashes the pixel size, the decoding's version and every image's name, path, byte size and modification
 time, so a changed, added or removed file (or another size) gives another key: a cache is never stale, only
-unused. `Preprocess.to_uint8` depends on the size alone (normalisation comes later), so the CLIP and the BLIP-2 of
+unused. `decode.to_uint8` depends on the size alone (normalisation comes later), so the CLIP and the BLIP-2 of
 one size share a cache. A cache folder is written under a temporary name and renamed into place whole: a kill
 leaves no cache or a complete one.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ENV = "CIRLAB_PIXEL_CACHE"
-VERSION = "pixels-v1"  # bump when Preprocess.to_uint8 changes
+VERSION = "pixels-v1"  # bump when decode.to_uint8 changes
 CHUNK = 512  # images a decoding worker takes at a time
 
 
@@ -50,8 +50,9 @@ def _decode_rows(out: str, size: int, jobs: list, decode) -> int:
 
 def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> Path:
     """Decode every image of `paths` (name -> file) at `size` with `decode(path, size)` (a module-level function,
-    `decode.decode_uint8`, which worker processes import without torch) into `root/<key>/` with `workers` processes (or
-    in `pool`, a process pool the caller keeps for several galleries), unless that folder exists; returns it."""
+    `decode.decode_uint8`, which worker processes import without torch) into `root/<key>/` with `workers`
+    processes (or in `pool`, a process pool the caller keeps for several galleries), unless that folder exists;
+    returns it."""
     folder = Path(root) / cache_key(paths, size)
     if (folder / "names.json").exists():
         return folder

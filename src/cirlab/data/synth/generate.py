@@ -253,7 +253,7 @@ def _render_chunk(jobs: list, image_size: int) -> int:
 
 
 def _write_pool(root: Path, folder: str, pool: ImagePool, desc: str, name_to_file=None,
-                progress: bool = True, renders: list | None = None) -> dict:
+                progress: bool = True, renders: Renders | None = None) -> dict:
     """Render every scene of the pool to PNG; returns name -> relative path. With `renders` (a `Renders`) the
     scenes are handed to its worker processes and rendered while the caller goes on; each image is a function of
     its scene alone, so the files are the same."""
