@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from cirlab.data.spawn import spawn_pool
 
 ENV = "CIRLAB_PIXEL_CACHE"
 VERSION = "pixels-v1"  # bump when decode.to_uint8 changes
@@ -71,7 +71,7 @@ def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> 
         for chunk in chunks:
             _decode_rows(out, size, chunk, decode)
     else:
-        with decoders(workers) as pool:
+        with spawn_pool(workers) as pool:
             list(pool.map(_decode_rows, [out] * n, [size] * n, chunks, [decode] * n))
     (tmp / "names.json").write_text(json.dumps(names))
     try:
@@ -79,12 +79,6 @@ def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> 
     except OSError:  # another process put the same cache in place first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def decoders(workers: int) -> ProcessPoolExecutor:
-    """A pool of `workers` decoding processes, spawned, not forked: the caller may hold torch's thread pools, which
-    a forked child must not inherit."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def lookup(paths: dict, size: int, root=None):

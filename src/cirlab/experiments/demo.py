@@ -346,10 +346,11 @@ def pixel_caches(data: Path, root: Path, log):
     from cirlab.data import pixel_cache
     from cirlab.data.decode import decode_uint8
     from cirlab.data.readers import read_split
+    from cirlab.data.spawn import spawn_pool
 
     size = json.loads((data / "synth" / "world.json").read_text())["image_size"]
     t, n = time.time(), 0
-    with pixel_cache.decoders(machine.cores()) as pool:
+    with spawn_pool(machine.cores()) as pool:
         for split in ("train", "test1"):
             gallery = read_split("synth", data, split).gallery
             pixel_cache.build(gallery, size, root, decode_uint8, pool=pool)
@@ -487,8 +488,9 @@ def _run_lanes(lanes: list, workers: int, args: tuple) -> list:
     lane in `lanes` whose `after` lanes have ended. One worker runs them in this process; more are a pool of
     spawned processes that die with this one, where a failed lane or Ctrl-C stops the others too, then the error
     is raised."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from cirlab.data.spawn import spawn_pool
 
     pending, done = list(lanes), {}
     if workers == 1:
@@ -496,8 +498,7 @@ def _run_lanes(lanes: list, workers: int, args: tuple) -> list:
             pending.remove(lane)
             done[lane["name"]] = _run_lane(lane, *args)
         return [done[lane["name"]] for lane in lanes]
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_die_with_parent)
+    pool = spawn_pool(workers, initializer=_die_with_parent)
     running = {}
     try:
         with allocator.for_children():  # the pool spawns a worker at each submit

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from cirlab.data.spawn import spawn_pool
 from cirlab.data.synth.world import (CELLS, COLOURS, HELD_OUT_PAIRS, HELD_OUT_TEMPLATES, OPS, SHAPES, TEMPLATES,
                                      Op, apply_ops, candidate_ops, describe, edit_text, oracle_captions,
                                      random_scene, render, scene_allowed, scene_key, scene_to_graph)
@@ -282,13 +281,13 @@ class Renders:
         for i in range(0, len(jobs), RENDER_CHUNK):
             self.futures.append(self.executor.submit(_render_chunk, jobs[i:i + RENDER_CHUNK], image_size))
 
-    def wait(self) -> int:
+    def wait(self) -> None:
         from concurrent.futures import as_completed
 
-        total = sum(f.result() for f in tqdm(as_completed(self.futures), total=len(self.futures), desc="render",
-                                             leave=False, mininterval=1.0, disable=not self.progress))
+        for f in tqdm(as_completed(self.futures), total=len(self.futures), desc="render", leave=False,
+                      mininterval=1.0, disable=not self.progress):
+            f.result()
         self.futures = []
-        return total
 
 
 def _oracle_record(name: str, scene) -> dict:
@@ -313,8 +312,7 @@ def write_world(out: str | Path, seed: int = 0, size: str = "default", progress:
     root.mkdir(parents=True, exist_ok=True)
     if workers <= 1:
         return _write_world(root, seed, cfg, size, progress, chains, None)
-    # spawned, not forked: the caller may hold torch's thread pools, which a forked child must not inherit
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
+    with spawn_pool(workers) as executor:
         return _write_world(root, seed, cfg, size, progress, chains, Renders(executor, progress))
 
 
