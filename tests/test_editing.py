@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,58 @@ def test_killed_run_resumes_without_duplicates_or_losses(world, tmp_path):
     again = {(r["query"], r["sample"]): r for r in map(json.loads, (fresh / "manifest.jsonl").read_text().splitlines())}
     for r in lines:
         assert again[(r["query"], r["sample"])]["changes"] == r["changes"]
+
+
+def test_a_record_is_written_only_after_its_image_is_durable(world, tmp_path, monkeypatch):
+    """Images are synced in groups (one syncfs, not an fsync each); the manifest never names an image that was not
+    synced before its record was appended, and the pseudo-targets are those of one run without groups."""
+    import cirlab.atomic as atomic
+    import cirlab.editing.run as run
+
+    synced, order = set(), []
+    real = atomic.sync_written
+
+    def spy(paths, folder):
+        manifest = tmp_path / "edits" / "manifest.jsonl"
+        before = manifest.read_text().count("\n") if manifest.exists() else 0
+        real(paths, folder)
+        synced.update(Path(p).name for p in paths)
+        order.append((before, len(paths)))
+
+    monkeypatch.setattr(atomic, "sync_written", spy)
+    monkeypatch.setattr(run, "SYNC_EVERY", 25)
+    monkeypatch.setattr(run, "SYNC_SECONDS", 1e9)  # groups by count only, however slow this machine
+    edit_split("synth", world, "train", OracleEditor(world, imperfection=0.2, seed=3), tmp_path / "edits", n=2,
+               batch_size=10, progress=False, limit=40)
+    lines = [json.loads(line) for line in (tmp_path / "edits" / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 80 and {Path(r["file"]).name for r in lines} == synced
+    # groups of 30 (the first 3 batches of 10 to reach 25), each synced while the manifest held only earlier groups
+    assert order == [(0, 30), (30, 30), (60, 20)]
+    one = tmp_path / "one"
+    monkeypatch.setattr(run, "SYNC_EVERY", 1)
+    edit_split("synth", world, "train", OracleEditor(world, imperfection=0.2, seed=3), one, n=2, batch_size=10,
+               progress=False, limit=40)
+    assert (one / "manifest.jsonl").read_text() == (tmp_path / "edits" / "manifest.jsonl").read_text()
+    for r in lines:
+        assert (one / r["file"]).read_bytes() == (tmp_path / "edits" / r["file"]).read_bytes()
+
+
+def test_sync_written_falls_back_to_an_fsync_each_without_syncfs(tmp_path, monkeypatch):
+    import cirlab.atomic as atomic
+
+    files = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, f in enumerate(files):
+        atomic.write_atomic(f, lambda h, i=i: h.write(bytes([i]) * 10), sync=False)
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd)))
+    atomic.sync_written(files, tmp_path)
+    assert len(fsynced) == 1  # syncfs for the files, then the folder
+    fsynced.clear()
+    monkeypatch.setattr(atomic, "_syncfs", lambda folder: False)
+    atomic.sync_written(files, tmp_path)
+    assert len(fsynced) == 4  # each file, then the folder
+    assert [f.read_bytes() for f in files] == [bytes([i]) * 10 for i in range(3)]
 
 
 @pytest.fixture(scope="module")

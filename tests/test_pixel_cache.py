@@ -90,3 +90,28 @@ def test_killed_build_leaves_no_cache(gallery, tmp_path, monkeypatch):
     folder = pixel_cache.build(gallery, 64, root, decode_uint8)
     rows, pixels = pixel_cache.lookup(gallery, 64, root)
     assert folder.is_dir() and len(rows) == len(gallery) and pixels.shape == (len(gallery), 3, 64, 64)
+
+
+def test_a_build_deletes_what_dead_builds_left_only(gallery, tmp_path):
+    """Temporary folders of processes that are gone (killed mid-build) are deleted by the next build; one of a
+    process still running (a build under way) is kept."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "cache"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_tmp = root / f".abc.tmp-{int(gone.stdout)}"
+        live_tmp = root / f".def.tmp-{alive.pid}"
+        for tmp in (dead_tmp, live_tmp):
+            tmp.mkdir(parents=True)
+            (tmp / "pixels.npy").write_bytes(b"torn")
+        pixel_cache.build(gallery, 64, root, decode_uint8)
+        assert not dead_tmp.exists() and live_tmp.is_dir()
+        assert pixel_cache.lookup(gallery, 64, root) is not None
+    finally:
+        alive.kill()
+        alive.wait()
+    assert pixel_cache.remove_stale(root) == [live_tmp]
+    assert sorted(p.name for p in root.iterdir()) == [pixel_cache.cache_key(gallery, 64)]

@@ -10,8 +10,9 @@ whose `CIRLAB_PIXEL_CACHE` environment variable names `root` then memory-maps it
 The key hashes the pixel size, the decoding's version and every image's name, path, byte size and modification
 time, so a changed, added or removed file (or another size) gives another key: a cache is never stale, only
 unused. `decode.to_uint8` depends on the size alone (normalisation comes later), so the CLIP and the BLIP-2 of
-one size share a cache. A cache folder is written under a temporary name and renamed into place whole: a kill
-leaves no cache or a complete one.
+one size share a cache. A cache folder is written under a temporary name (`.<key>.tmp-<pid>`), synced, and
+renamed into place whole: a kill, or a crash of the machine, leaves no cache or a complete one. A later build
+deletes the temporary folders of processes that are no longer running.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cirlab.atomic import sync_written
 from cirlab.data.spawn import spawn_pool
 
 ENV = "CIRLAB_PIXEL_CACHE"
@@ -57,6 +59,7 @@ def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> 
     if (folder / "names.json").exists():
         return folder
     names = sorted(paths)
+    remove_stale(root)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -74,11 +77,36 @@ def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> 
         with spawn_pool(workers) as pool:
             list(pool.map(_decode_rows, [out] * n, [size] * n, chunks, [decode] * n))
     (tmp / "names.json").write_text(json.dumps(names))
+    sync_written([out, tmp / "names.json"], tmp)
     try:
         os.replace(tmp, folder)
     except OSError:  # another process put the same cache in place first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def remove_stale(root) -> list:
+    """Delete the temporary folders under `root` that processes no longer running left (killed mid-build);
+    returns their paths. A folder of a running process (a build under way) is kept."""
+    removed = []
+    for tmp in Path(root).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if tmp.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def lookup(paths: dict, size: int, root=None):
