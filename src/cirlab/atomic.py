@@ -37,13 +37,9 @@ def sync_written(paths, folder) -> None:
 def _syncfs(folder: Path) -> bool:
     """syncfs(2) on the file system that holds `folder`; False where the call is unavailable."""
     import ctypes
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
+    syncfs = _linux_libc("syncfs")
+    if syncfs is None:
         return False
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -53,6 +49,19 @@ def _syncfs(folder: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _linux_libc(name: str):
+    """The C library's function `name` (errno kept for ctypes.get_errno), or None off Linux or where it is missing."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def replace_folder(new, folder) -> None:
@@ -87,14 +96,9 @@ def resolve_folder(folder) -> Path:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the call is unavailable."""
     import ctypes
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    renameat2 = _linux_libc("renameat2")
+    if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:

@@ -5,11 +5,12 @@ whichever comes first (and at the end), the images written since are made durabl
 system, `atomic.sync_written`), then their manifest records are appended and synced: a record never outlives its
 image, even if the machine dies. A run killed at any moment resumes where the manifest ends (an image whose record
 was not yet written is simply made again, with the same seed, so the same pixels). An fsync for each image, as
-before, cost 2-3 ms an image on the 2-core test machine (16,000 pseudo-targets: about 20 s of the demo's TMCIR lane
-waiting on the disk).
+before, kept the demo's TMCIR lane waiting on the disk: 16,000 oracle pseudo-targets took 31.9-45.1 s that way
+against 11.2-12.6 s grouped on a 2-core AMD EPYC (`bench/edit_sync.py`, docs/results/edit_sync_amd_epyc.json).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,14 +58,11 @@ class _Pending:
     """Records whose images are written but not yet durable: `flush` syncs the images, then appends the records."""
 
     def __init__(self, manifest: EditManifest, folder: Path):
-        import time
-
-        self.manifest, self.folder, self.records, self.clock = manifest, folder, [], time.monotonic
-        self.since = self.clock()
+        self.manifest, self.folder, self.records, self.since = manifest, folder, [], time.monotonic()
 
     def add(self, records: list) -> None:
         self.records += records
-        if len(self.records) >= SYNC_EVERY or self.clock() - self.since >= SYNC_SECONDS:
+        if len(self.records) >= SYNC_EVERY or time.monotonic() - self.since >= SYNC_SECONDS:
             self.flush()
 
     def flush(self) -> None:
@@ -74,7 +72,7 @@ class _Pending:
             sync_written([self.manifest.path.parent / r["file"] for r in self.records], self.folder)
             self.manifest.append(self.records)
             self.records = []
-        self.since = self.clock()
+        self.since = time.monotonic()
 
 
 def safe_name(key: str) -> str:
