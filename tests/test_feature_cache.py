@@ -3,6 +3,8 @@ when the backbone or the preprocessing changes, and a kill-safe manifest."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,8 +71,12 @@ def test_a_torn_write_leaves_the_last_manifest(tmp_path):
     cache = FeatureCache(tmp_path, {"k": 1})
     cache.add(["a", "b"], torch.ones(2, 3))
     (cache.folder / "shard-00001.npy").write_bytes(b"half a shard")  # a writer killed before its manifest
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = cache.folder / f".shard-00002.npy.tmp-{int(gone.stdout)}"  # one killed inside write_atomic
+    killed.write_bytes(b"a quarter")
     reopened = FeatureCache(tmp_path, {"k": 1})
     assert len(reopened) == 2 and "c" not in reopened
+    assert not killed.exists()  # its temporary file is deleted on opening
     reopened.add(["c"], torch.zeros(1, 3))  # overwrites the torn shard, then names it
     assert torch.equal(FeatureCache(tmp_path, {"k": 1}).get(["c", "a"]), torch.tensor([[0.0] * 3, [1.0] * 3]))
     with pytest.raises(KeyError):

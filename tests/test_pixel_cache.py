@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cirlab.atomic import remove_stale_temps
 from cirlab.data import pixel_cache
 from cirlab.data.decode import decode_uint8
 from cirlab.data.images import PixelStore, Preprocess
@@ -113,5 +114,5 @@ def test_a_build_deletes_what_dead_builds_left_only(gallery, tmp_path):
     finally:
         alive.kill()
         alive.wait()
-    assert pixel_cache.remove_stale(root) == [live_tmp]
+    assert remove_stale_temps(root) == [live_tmp]
     assert sorted(p.name for p in root.iterdir()) == [pixel_cache.cache_key(gallery, 64)]

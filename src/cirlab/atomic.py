@@ -64,6 +64,36 @@ def _linux_libc(name: str):
         return None
 
 
+def remove_stale_temps(folder) -> list:
+    """Delete the temporary files and folders (`.<name>.tmp-<pid>`, as `write_atomic` and the caches name them)
+    directly under `folder` that processes no longer running left behind, killed mid-write; returns their paths.
+    One of a process still running (a write under way) is kept."""
+    import shutil
+
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def replace_folder(new, folder) -> None:
     """Put the complete folder `new` in the place of `folder` with no moment at which `folder` is missing or
     mixed: Linux's renameat2(RENAME_EXCHANGE) swaps the two in one step (the old contents end at `new`, then are

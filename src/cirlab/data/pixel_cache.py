@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cirlab.atomic import sync_written
+from cirlab.atomic import remove_stale_temps, sync_written
 from cirlab.data.spawn import spawn_pool
 
 ENV = "CIRLAB_PIXEL_CACHE"
@@ -59,7 +59,7 @@ def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> 
     if (folder / "names.json").exists():
         return folder
     names = sorted(paths)
-    remove_stale(root)
+    remove_stale_temps(root)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -83,30 +83,6 @@ def build(paths: dict, size: int, root, decode, workers: int = 1, pool=None) -> 
     except OSError:  # another process put the same cache in place first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def remove_stale(root) -> list:
-    """Delete the temporary folders under `root` that processes no longer running left (killed mid-build);
-    returns their paths. A folder of a running process (a build under way) is kept."""
-    removed = []
-    for tmp in Path(root).glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if tmp.is_dir() and pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def lookup(paths: dict, size: int, root=None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cirlab.atomic import write_atomic
+from cirlab.atomic import remove_stale_temps, write_atomic
 from cirlab.errors import CirlabError, check_choice
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -43,6 +43,7 @@ class FeatureCache:
         self.key = hashlib.sha1(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
         self.folder = Path(root) / self.key
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.folder)  # shards a killed run was writing
         self.key_parts, self.dtype = key_parts, dtype
         self.manifest = self._read_manifest()
         self._maps: dict = {}
