@@ -2,7 +2,7 @@
 demo` (`default`), `cirlab demo --profile full` and `cirlab demo --quick`; ablations start from `full`.
 
 `default` is `full` with shorter shared stages, so that the demo fits in 8 minutes on 2 cores of an Intel Xeon (459
-s; 624-715 s on an AMD EPYC, whose products are slower): CLIP pretraining 2 epochs (full: 3), the Q-Former's pretraining
+s; 624-801 s on an AMD EPYC, whose products are slower): CLIP pretraining 2 epochs (full: 3), the Q-Former's pretraining
 1 (full: 2), the zero-shot methods' stage I 1 (full: 2). Every method that the demo compares with another keeps its
 own schedule: the triplet methods 3 whole epochs each, TMCIR's stage 1 on 16,000 pseudo-targets, mapcompose's stage
 II 10 epochs. A shared stage shortened changes every method's starting point alike; the comparisons it changes are
