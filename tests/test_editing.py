@@ -174,6 +174,32 @@ def test_a_record_is_written_only_after_its_image_is_durable(world, tmp_path, mo
         assert (one / r["file"]).read_bytes() == (tmp_path / "edits" / r["file"]).read_bytes()
 
 
+def test_an_editor_that_fails_keeps_the_batches_before_it(world, tmp_path, monkeypatch):
+    """Records still waiting for their group's sync are written when the editor raises, so a rerun makes only
+    the rest."""
+    import cirlab.editing.run as run
+
+    monkeypatch.setattr(run, "SYNC_EVERY", 1000)
+    monkeypatch.setattr(run, "SYNC_SECONDS", 1e9)
+    editor = OracleEditor(world, imperfection=0.2, seed=3)
+    real, calls = editor.edit_batch, []
+
+    def failing(items, data=None):
+        calls.append(len(items))
+        if len(calls) == 3:
+            raise CirlabError("the editor failed on its third batch")
+        return real(items, data)
+
+    monkeypatch.setattr(editor, "edit_batch", failing)
+    with pytest.raises(CirlabError, match="third batch"):
+        edit_split("synth", world, "train", editor, tmp_path / "edits", n=1, batch_size=10, progress=False, limit=40)
+    assert len(EditManifest(tmp_path / "edits" / "manifest.jsonl")) == 20
+    monkeypatch.setattr(editor, "edit_batch", real)
+    stats = edit_split("synth", world, "train", editor, tmp_path / "edits", n=1, batch_size=10, progress=False,
+                       limit=40)
+    assert (stats.cached, stats.made) == (20, 20)
+
+
 def test_sync_written_falls_back_to_an_fsync_each_without_syncfs(tmp_path, monkeypatch):
     import cirlab.atomic as atomic
 

@@ -4,7 +4,8 @@ Each image is written to a temporary file and renamed. Every `SYNC_EVERY` images
 whichever comes first (and at the end), the images written since are made durable together (one syncfs of their file
 system, `atomic.sync_written`), then their manifest records are appended and synced: a record never outlives its
 image, even if the machine dies. A run killed at any moment resumes where the manifest ends (an image whose record
-was not yet written is simply made again, with the same seed, so the same pixels). An fsync for each image, as
+was not yet written is simply made again, with the same seed, so the same pixels); an editor that raises, or
+Ctrl-C, still has the records of the batches before it written. An fsync for each image, as
 before, kept the demo's TMCIR lane waiting on the disk: 16,000 oracle pseudo-targets took 31.9-45.1 s that way
 against 11.2-12.6 s grouped on a 2-core AMD EPYC (`bench/edit_sync.py`, docs/results/edit_sync_amd_epyc.json).
 """
@@ -132,18 +133,20 @@ def edit_split(dataset: str, data_root, split: str, editor, out, n: int = 1, bat
             factory = partial(_Editor, editor, data)
         bar = tqdm(total=len(todo), desc=f"edit ({editor.name})", disable=not progress, mininterval=1.0)
         pending = _Pending(manifest, out / "images")
-        for chunk, made in run_batches(todo, factory, batch_size, engine, address, concurrency):
-            records = []
-            for (q, k), (img, info) in zip(chunk, made):
-                rel = f"images/{safe_name(q.key)}-{k}.png"
-                _save_png(img, out / rel)
-                records.append({"query": q.key, "sample": k, "reference": q.reference, "text": q.text, "file": rel,
-                                **settings, **info})
-            pending.add(records)
-            stats.made += len(records)
-            bar.update(len(chunk))
-        pending.flush()
-        bar.close()
+        try:
+            for chunk, made in run_batches(todo, factory, batch_size, engine, address, concurrency):
+                records = []
+                for (q, k), (img, info) in zip(chunk, made):
+                    rel = f"images/{safe_name(q.key)}-{k}.png"
+                    _save_png(img, out / rel)
+                    records.append({"query": q.key, "sample": k, "reference": q.reference, "text": q.text,
+                                    "file": rel, **settings, **info})
+                pending.add(records)
+                stats.made += len(records)
+                bar.update(len(chunk))
+        finally:  # an editor that fails (or Ctrl-C) keeps the images of the batches before it
+            pending.flush()
+            bar.close()
     return stats
 
 
