@@ -156,7 +156,7 @@ def test_a_record_is_written_only_after_its_image_is_durable(world, tmp_path, mo
         synced.update(Path(p).name for p in paths)
         order.append((before, len(paths)))
 
-    monkeypatch.setattr(atomic, "sync_written", spy)
+    monkeypatch.setattr(run, "sync_written", spy)
     monkeypatch.setattr(run, "SYNC_EVERY", 25)
     monkeypatch.setattr(run, "SYNC_SECONDS", 1e9)  # groups by count only, however slow this machine
     edit_split("synth", world, "train", OracleEditor(world, imperfection=0.2, seed=3), tmp_path / "edits", n=2,

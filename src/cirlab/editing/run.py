@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cirlab.atomic import sync_written, write_atomic
 from cirlab.data.readers import read_split
 from cirlab.errors import CirlabError
 from cirlab.jsonl import JsonlRecords
@@ -50,8 +51,6 @@ class EditStats:
 
 def _save_png(img, path: Path) -> None:
     """Write the image under a temporary name and rename it (no fsync: `_Pending.flush` syncs a group at once)."""
-    from cirlab.atomic import write_atomic
-
     write_atomic(path, lambda f: img.save(f, format="PNG"), sync=False)
 
 
@@ -67,8 +66,6 @@ class _Pending:
             self.flush()
 
     def flush(self) -> None:
-        from cirlab.atomic import sync_written
-
         if self.records:
             sync_written([self.manifest.path.parent / r["file"] for r in self.records], self.folder)
             self.manifest.append(self.records)
